@@ -1,0 +1,43 @@
+# refimpl: `make test` is the only command a fresh machine needs.
+#
+# It creates a virtual environment in $(VENV) on first use, installs refimpl
+# with its test extras (and the CPU PyTorch used as the second oracle), and
+# runs the whole suite. The install is redone only when setup.py or this
+# Makefile change, so a second `make test` goes straight to the tests.
+
+PYTHON ?= python3
+VENV   ?= .venv
+# The CPU build of PyTorch, the independent oracle of the tests. A bare
+# `torch` from PyPI pulls a multi-GB CUDA build on Linux; set TORCH= to skip
+# it (the PyTorch comparisons are then skipped, not failed).
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.refimpl-installed
+PIP    := $(PY) -m pip --disable-pip-version-check --quiet
+
+.PHONY: install test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(if $(TORCH),$(PIP) install "$(TORCH)")
+	$(PIP) install -e ".[test,mpi,data]"
+	touch $(STAMP)
+
+# The whole suite: gradient checks, PyTorch parity, data tools, tutorials.
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Everything but the tests marked slow.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+# Side-by-side speed against PyTorch on this machine (prints JSON lines).
+bench: $(STAMP)
+	$(PY) benchmarks/bench_conv.py
+	$(PY) benchmarks/bench_resnet_step.py
+	$(PY) benchmarks/bench_augment.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

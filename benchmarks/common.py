@@ -1,0 +1,56 @@
+"""Shared benchmark plumbing: thread count, a median timer, JSON lines.
+
+Benchmarks run refimpl and PyTorch side by side in one process on the same
+machine and report ratios; absolute times on shared machines are noise.
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def set_threads(n):
+    """Use ``n`` threads in OpenBLAS (NumPy) and in PyTorch alike."""
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(n)
+    except ImportError:
+        pass  # NumPy keeps OpenBLAS's default (all cores)
+    try:
+        import torch
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
+
+
+def median_time(fn, repeat=5, warmup=1):
+    """Median wall time of ``fn()`` in seconds over ``repeat`` runs after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def emit(record):
+    """Print one JSON object per line (flushed, so partial runs still report)."""
+    print(json.dumps(record), flush=True)
+
+
+def machine_info():
+    """What the numbers were measured on."""
+    info = {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+            "numpy": np.__version__,
+            "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return info

