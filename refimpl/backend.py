@@ -23,11 +23,12 @@ correctness oracle and for every gradient check. Layers never change the dtype
 of what they are given.
 
 Randomness: every random draw in refimpl comes from a NumPy
-``np.random.Generator`` seeded explicitly (see ``rng``), on the host, and is
+``np.random.Generator`` seeded explicitly by a named stream (see ``rng``), on the host, and is
 then moved to the device. A CPU run and a GPU run with the same seed therefore
 see the same initial weights and the same augmentations.
 """
 import os
+import zlib
 
 import numpy as np
 
@@ -146,10 +147,24 @@ def synchronize(x=None):
         _cupy.cuda.get_current_stream().synchronize()
 
 
-def rng(seed, *keys):
-    """A NumPy Generator seeded by ``(seed, *keys)``.
+def rng(seed, stream, *keys):
+    """A NumPy Generator for one named random stream: ``(seed, stream, *keys)``.
 
-    ``rng(seed, epoch, instance_id)`` gives every (epoch, instance) its own
+    stream: a short name of what the numbers are for ("init", "sampler",
+    "augment", ...). keys: non-negative integers, e.g. (epoch, instance_id):
+    ``rng(seed, "augment", epoch, i)`` gives every (epoch, instance) its own
     stream, independent of which rank draws it.
+
+    Why the name and the length: NumPy's SeedSequence pads its entropy with
+    zeros, so ``[seed, 3]`` and ``[seed, 3, 0]`` would give the same stream.
+    The entropy here is ``[seed, crc32(stream), *keys, len(keys)]``; the final
+    length makes every (stream, keys) distinct, and the name keeps e.g. the
+    epoch-0 sampler permutation apart from the weight initialization.
     """
-    return np.random.default_rng([int(seed), *[int(k) for k in keys]])
+    if not isinstance(stream, str) or not stream:
+        raise ValueError(f"stream must be a non-empty name, got {stream!r}")
+    keys = [int(k) for k in keys]
+    if int(seed) < 0 or any(k < 0 for k in keys):
+        raise ValueError(f"seed and keys must be non-negative, got {seed!r}, {keys}")
+    tag = zlib.crc32(stream.encode())
+    return np.random.default_rng([int(seed), tag, *keys, len(keys)])

@@ -35,10 +35,27 @@ def test_ascontiguous_copies_only_when_needed():
 
 
 def test_rng_is_keyed_and_reproducible():
-    a = backend.rng(0, 3, 17).random(5)
-    np.testing.assert_array_equal(a, backend.rng(0, 3, 17).random(5))
-    assert not np.array_equal(a, backend.rng(0, 3, 18).random(5))
-    assert not np.array_equal(a, backend.rng(0, 4, 17).random(5))
+    a = backend.rng(0, "augment", 3, 17).random(5)
+    np.testing.assert_array_equal(a, backend.rng(0, "augment", 3, 17).random(5))
+    assert not np.array_equal(a, backend.rng(0, "augment", 3, 18).random(5))
+    assert not np.array_equal(a, backend.rng(0, "augment", 4, 17).random(5))
+    assert not np.array_equal(a, backend.rng(0, "sampler", 3, 17).random(5))
+    assert not np.array_equal(a, backend.rng(1, "augment", 3, 17).random(5))
+
+
+def test_rng_trailing_zero_key_is_a_different_stream():
+    # NumPy's SeedSequence pads with zeros: [s, e] and [s, e, 0] collide
+    # unless the key count is part of the entropy.
+    a = backend.rng(0, "x", 3).random(4)
+    assert not np.array_equal(a, backend.rng(0, "x", 3, 0).random(4))
+    assert not np.array_equal(backend.rng(0, "x").random(4), backend.rng(0, "x", 0).random(4))
+
+
+def test_rng_rejects_bad_keys():
+    with pytest.raises(ValueError, match="stream"):
+        backend.rng(0, 3)
+    with pytest.raises(ValueError, match="non-negative"):
+        backend.rng(0, "x", -1)
 
 
 def test_asarray_and_to_numpy_roundtrip_on_cpu():
