@@ -1,0 +1,191 @@
+"""Batch normalization, forward and backward, in PyTorch's convention.
+
+Contract: ``batchnorm_forward`` / ``batchnorm_backward`` reproduce
+``torch.nn.functional.batch_norm`` (and ``BatchNorm1d`` / ``BatchNorm2d``) for
+inputs ``x`` of shape (N, C) or (N, C, H, W) (any (N, C, *) works): one mean
+and one variance per channel C, taken over every other axis.
+
+Conventions (where frameworks differ):
+
+- train mode normalizes with the **biased** batch variance (divide by the
+  count), but updates the running variance with the **unbiased** one
+  (divide by count - 1), like PyTorch; TensorFlow/Keras store the biased one;
+- ``new = (1 - momentum) * old + momentum * batch`` (PyTorch's momentum; Keras'
+  ``momentum`` is PyTorch's ``1 - momentum``);
+- eps is added to the variance inside the square root;
+- eval mode normalizes with the running statistics and returns them unchanged;
+- running statistics are returned as new arrays, never written into the
+  caller's arrays (the layer holds no state).
+
+Synchronized BatchNorm: with ``allreduce`` (a callable ``v -> sum of v over the
+ranks of the BatchNorm group``) the statistics are those of the union of the
+local batches of all ranks. Forward makes exactly one call, on
+``[sum x (C), sum x^2 (C), count (1)]``; backward makes exactly one call, on
+``[sum dout (C), sum dout * xhat (C)]``. The returned dgamma/dbeta are the
+*local* sums (this rank's share); summing them over ranks is the job of the
+gradient all-reduce, like every other replicated parameter.
+"""
+from refimpl.backend import get_array_module
+
+
+def _channel_axes(x):
+    """The reduction axes (all but C) and the broadcast shape (1, C, 1, ...)."""
+    if x.ndim < 2:
+        raise ValueError(f"batchnorm: x must be (N, C) or (N, C, H, W), got shape {x.shape}")
+    axes = (0,) + tuple(range(2, x.ndim))
+    bshape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+    return axes, bshape
+
+
+def _check_param(name, p, C):
+    """ValueError unless p is a 1-D array of length C."""
+    if p is None or p.shape != (C,):
+        shape = None if p is None else p.shape
+        raise ValueError(f"batchnorm: {name} must have shape ({C},), got {shape}")
+
+
+def batchnorm_forward(x, gamma, beta, running_mean, running_var, train=True,
+                      momentum=0.1, eps=1e-5, allreduce=None):
+    """Batch normalization over every axis but the channel axis 1.
+
+    Inputs:
+      x            (N, C) or (N, C, H, W)
+      gamma, beta  (C,) scale and shift
+      running_mean, running_var  (C,) running statistics (read, never written);
+                   in train mode either may be None (nothing is tracked)
+      train        True: batch statistics; False: running statistics
+      momentum     weight of the batch statistics in the running average
+      eps          added to the variance
+      allreduce    None (local statistics) or a callable v -> sum of v over the
+                   ranks of the BatchNorm group (synchronized BN, train only)
+    Outputs:
+      out                shaped like x, dtype of x
+      cache              for batchnorm_backward
+      new_running_mean   (C,) new array (train) or running_mean itself (eval)
+      new_running_var    (C,) new array (train) or running_var itself (eval)
+
+    With m = count of values per channel (N*H*W, summed over ranks if synced):
+      mean = sum(x) / m
+      var  = sum((x - mean)^2) / m                       (local: two passes)
+           = sum(x^2) / m - mean^2                       (synced: one allreduce)
+      xhat = (x - mean) / sqrt(var + eps)
+      out  = gamma * xhat + beta
+      new_running_mean = (1 - momentum) * running_mean + momentum * mean
+      new_running_var  = (1 - momentum) * running_var + momentum * var * m / (m - 1)
+    Eval: xhat = (x - running_mean) / sqrt(running_var + eps).
+    """
+    xp = get_array_module(x)
+    axes, bshape = _channel_axes(x)
+    C = x.shape[1]
+    _check_param("gamma", gamma, C)
+    _check_param("beta", beta, C)
+    local_count = x.size // C  # N*H*W, a host integer
+
+    if not train:
+        if running_mean is None or running_var is None:
+            raise ValueError("batchnorm: eval mode needs running_mean and running_var")
+        _check_param("running_mean", running_mean, C)
+        _check_param("running_var", running_var, C)
+        # Cast to x's dtype so a float64 running stat cannot promote a float32 x.
+        mean = running_mean.astype(x.dtype, copy=False).reshape(bshape)  # (1, C, 1, 1)
+        var = running_var.astype(x.dtype, copy=False).reshape(bshape)
+        inv_std = 1.0 / xp.sqrt(var + eps)                   # (1, C, 1, 1)
+        xhat = (x - mean) * inv_std                          # like x
+        out = gamma.reshape(bshape) * xhat + beta.reshape(bshape)
+        cache = {"train": False, "xhat": xhat, "gamma": gamma, "inv_std": inv_std,
+                 "axes": axes, "bshape": bshape}
+        return out, cache, running_mean, running_var
+
+    if allreduce is None:
+        if local_count <= 1:
+            raise ValueError(f"batchnorm: train mode needs more than 1 value per "
+                             f"channel, got input shape {x.shape}")
+        count = local_count
+        # Two passes (mean, then variance of the centered values) like PyTorch
+        # CPU: sum(x^2)/m - mean^2 loses digits when |mean| >> std.
+        mean = xp.mean(x, axis=axes, keepdims=True)          # (1, C, 1, 1)
+        xc = x - mean                                        # like x
+        var = xp.mean(xc * xc, axis=axes, keepdims=True)     # (1, C, 1, 1), biased
+    else:
+        # One message per forward: per-channel sum, sum of squares, and the
+        # count (a float; exact in float32 up to 2**24 values per channel).
+        stats = xp.concatenate([
+            xp.sum(x, axis=axes), xp.sum(x * x, axis=axes),
+            xp.full((1,), local_count, dtype=x.dtype)])      # (2C + 1,)
+        total = allreduce(stats)
+        if total is None or total.shape != (2 * C + 1,):
+            raise ValueError(f"batchnorm: allreduce must return shape ({2 * C + 1},), "
+                             f"got {None if total is None else total.shape}")
+        count = total[2 * C]  # 0-d array: the global count
+        # The global count is >= the local one, so only a tiny local batch
+        # needs the (device-synchronizing) look at the global count.
+        if local_count <= 1 and float(count) <= 1:
+            raise ValueError("batchnorm: synchronized train mode needs more than 1 "
+                             "value per channel over all ranks")
+        mean = (total[:C] / count).reshape(bshape)           # (1, C, 1, 1)
+        # E[x^2] - mean^2 can round to a tiny negative number; a variance is >= 0.
+        var = xp.maximum(total[C:2 * C] / count - (total[:C] / count) ** 2, 0)
+        var = var.reshape(bshape)                            # (1, C, 1, 1), biased
+        xc = x - mean
+
+    inv_std = 1.0 / xp.sqrt(var + eps)                       # (1, C, 1, 1)
+    xhat = xc * inv_std                                      # like x
+    out = gamma.reshape(bshape) * xhat + beta.reshape(bshape)
+
+    new_mean = new_var = None
+    if running_mean is not None:
+        _check_param("running_mean", running_mean, C)
+        new_mean = ((1 - momentum) * running_mean + momentum * mean.reshape(C)
+                    ).astype(running_mean.dtype, copy=False)
+    if running_var is not None:
+        _check_param("running_var", running_var, C)
+        # The running variance is unbiased (PyTorch), the normalization is not.
+        unbiased = var.reshape(C) * (count / (count - 1))
+        new_var = ((1 - momentum) * running_var + momentum * unbiased
+                   ).astype(running_var.dtype, copy=False)
+
+    cache = {"train": True, "xhat": xhat, "gamma": gamma, "inv_std": inv_std,
+             "axes": axes, "bshape": bshape, "count": count, "allreduce": allreduce}
+    return out, cache, new_mean, new_var
+
+
+def batchnorm_backward(dout, cache):
+    """Gradients of batchnorm_forward.
+
+    Inputs:  dout shaped like x; cache from batchnorm_forward.
+    Outputs: dx (like x), dgamma (C,), dbeta (C,).
+
+      dbeta  = sum(dout)                 over all axes but C (local batch)
+      dgamma = sum(dout * xhat)
+    Train mode (statistics depend on x), with m the (global) count and S1, S2
+    the (global, if synced) sums of dout and dout * xhat:
+      dx = gamma / sqrt(var + eps) * (dout - S1 / m - xhat * S2 / m)
+    Eval mode (x-affine): dx = gamma / sqrt(running_var + eps) * dout.
+    """
+    xp = get_array_module(dout)
+    xhat, gamma, inv_std = cache["xhat"], cache["gamma"], cache["inv_std"]
+    axes, bshape = cache["axes"], cache["bshape"]
+    C = gamma.shape[0]
+
+    dbeta = xp.sum(dout, axis=axes)                          # (C,)
+    dgamma = xp.sum(dout * xhat, axis=axes)                  # (C,)
+    scale = gamma.reshape(bshape) * inv_std                  # (1, C, 1, 1)
+    if not cache["train"]:
+        return dout * scale, dgamma, dbeta
+
+    allreduce = cache["allreduce"]
+    if allreduce is None:
+        sum_dout, sum_dout_xhat = dbeta, dgamma
+    else:
+        # The mean and variance mixed every rank's x, so dx needs every rank's
+        # sums: one message, [sum dout, sum dout * xhat].
+        total = allreduce(xp.concatenate([dbeta, dgamma]))   # (2C,)
+        if total is None or total.shape != (2 * C,):
+            raise ValueError(f"batchnorm: allreduce must return shape ({2 * C},), "
+                             f"got {None if total is None else total.shape}")
+        sum_dout, sum_dout_xhat = total[:C], total[C:]
+    count = cache["count"]
+    # Remove the components of dout that the mean and variance absorb.
+    dx = scale * (dout - sum_dout.reshape(bshape) / count
+                  - xhat * (sum_dout_xhat.reshape(bshape) / count))
+    return dx, dgamma, dbeta
