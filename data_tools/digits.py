@@ -1,0 +1,123 @@
+"""scikit-learn's handwritten digits as packed datasets: the project's embedded default data.
+
+    python -m data_tools.digits OUT [--size 32] [--test-fraction 0.2] [--seed 0] [--overwrite]
+    make_digits(out_dir, size=32, test_fraction=0.2, seed=0) -> (train_path, test_path)
+
+Source: ``sklearn.datasets.load_digits()``, 1,797 real 8 x 8 grayscale scans
+with values 0..16 in 10 classes, shipped inside scikit-learn (no download).
+
+Pixels: v (0..16) -> round(v * 255 / 16) as uint8 (0 -> 0, 16 -> 255), then
+resized from 8 x 8 to size x size with Pillow's BILINEAR filter (smooth and
+without the overshoot rings bicubic draws around the strokes of such tiny
+images; size 8 means no resize), then the gray channel is replicated to RGB.
+
+Split (fixed and documented, so results are comparable across runs):
+  perm = refimpl.backend.rng(seed, "split").permutation(1797)
+  for each class c, take its images in the order they appear in perm; the
+  first round(test_fraction * n_c) go to test, the rest to train.
+Each split is then stored in ascending order of the original index
+(manifest "source_indices"). Every class is in both splits, or it is an error.
+
+OUT/train and OUT/test manifests record source "sklearn.datasets.load_digits",
+split, seed, test_fraction, class_names "0".."9" and source_indices; files is
+null (no per-image source files).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from refimpl.backend import rng
+from refimpl.data.packed import write_packed
+
+SOURCE = "sklearn.datasets.load_digits"
+CLASS_NAMES = [str(d) for d in range(10)]
+
+
+def load_digits_uint8(size=32):
+    """All 1,797 digits -> (images uint8 (1797, size, size, 3), labels int64 (1797,))."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    digits = load_digits()
+    gray = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8), 0..255
+    if size != 8:
+        gray = np.stack([np.asarray(Image.fromarray(g).resize((size, size), Image.Resampling.BILINEAR))
+                         for g in gray])  # (1797, size, size)
+    images = np.repeat(gray[..., None], 3, axis=3)  # (1797, size, size, 3)
+    return images, digits.target.astype(np.int64)
+
+
+def split_indices(labels, test_fraction=0.2, seed=0):
+    """Stratified split -> (train_idx, test_idx), each int64 ascending (rule in the module docstring)."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    labels = np.asarray(labels)
+    perm = rng(seed, "split").permutation(labels.shape[0])
+    test = []
+    for c in np.unique(labels):
+        members = perm[labels[perm] == c]  # class c, in permuted order
+        k = int(round(test_fraction * members.size))
+        if not 0 < k < members.size:
+            raise ValueError(f"test_fraction {test_fraction} puts {k} of {members.size} images of "
+                             f"class {c} in the test split; every class must be in both splits")
+        test.append(members[:k])
+    test = np.sort(np.concatenate(test)).astype(np.int64)
+    train = np.setdiff1d(np.arange(labels.shape[0]), test).astype(np.int64)
+    return train, test
+
+
+def make_digits(out_dir, size=32, test_fraction=0.2, seed=0, overwrite=False):
+    """Write out_dir/train and out_dir/test; returns their Paths (train, test)."""
+    out_dir = Path(out_dir)
+    for split in ("train", "test"):
+        if (out_dir / split).exists() and not overwrite:
+            raise FileExistsError(f"{out_dir / split} already exists (use --overwrite to replace it)")
+    images, labels = load_digits_uint8(size)
+    train, test = split_indices(labels, test_fraction, seed)
+    paths = []
+    for split, idx in (("train", train), ("test", test)):
+        manifest = {"source": SOURCE, "split": split, "seed": int(seed),
+                    "test_fraction": float(test_fraction),
+                    "split_rule": "stratified: per class, the first round(test_fraction * n_c) "
+                                  "images in rng(seed, 'split').permutation(1797) order go to test",
+                    "resize": "bilinear" if size != 8 else "none",
+                    "class_names": CLASS_NAMES, "files": None, "source_indices": idx.tolist()}
+        paths.append(write_packed(out_dir / split, images[idx], labels[idx], manifest,
+                                  overwrite=overwrite))
+    return tuple(paths)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m data_tools.digits",
+        description="Pack scikit-learn's bundled 8x8 handwritten digits (1,797 images, no "
+                    "download) into OUT/train and OUT/test.")
+    p.add_argument("out", metavar="OUT", help="output folder")
+    p.add_argument("--size", type=int, default=32, help="side length (default 32; bilinear resize)")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="share of each class in the test split (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing OUT/train, OUT/test")
+    return p
+
+
+def main(argv=None):
+    """Command-line entry point; returns the exit status (0 ok, 1 error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        paths = make_digits(args.out, size=args.size, test_fraction=args.test_fraction,
+                            seed=args.seed, overwrite=args.overwrite)
+    except (ValueError, FileExistsError) as e:
+        print(f"digits: error: {e}", file=sys.stderr)
+        return 1
+    print(f"digits: wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
