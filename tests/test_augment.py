@@ -1,0 +1,295 @@
+"""Augmentations: determinism per (seed, epoch, id), shapes/dtypes, each op's maths."""
+import colorsys
+
+import numpy as np
+import pytest
+
+from refimpl.data import augment as A
+from refimpl.data.augment import AugmentConfig, augment_batch, eval_transform
+
+# everything off, no normalization: output = plain resize / 255
+PLAIN = AugmentConfig(crop=False, flip_p=0.0, jitter_p=0.0, gray_p=0.0, normalize=False)
+
+
+def images(n=6, h=12, w=10, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def planar(x):
+    return x.transpose(0, 3, 1, 2).astype(np.float64) / 255.0
+
+
+# ---------------------------------------------------------------- determinism
+
+def test_same_seed_epoch_id_same_pixels_whatever_the_batch():
+    x = images(8)
+    ids = np.arange(100, 108)
+    full = augment_batch(x, ids, seed=3, epoch=2, out_size=9)
+    # reversed order, a subset, and mixed with other images: same pixels per id
+    rev = augment_batch(x[::-1], ids[::-1], seed=3, epoch=2, out_size=9)
+    np.testing.assert_array_equal(rev[::-1], full)
+    other = images(5, seed=9)
+    mixed_x = np.concatenate([other[:2], x[[5, 1]], other[2:]])
+    mixed_ids = np.array([7, 8, 105, 101, 9, 10, 11])
+    mixed = augment_batch(mixed_x, mixed_ids, seed=3, epoch=2, out_size=9)
+    np.testing.assert_array_equal(mixed[2], full[5])
+    np.testing.assert_array_equal(mixed[3], full[1])
+    for i in range(8):  # alone in its batch
+        one = augment_batch(x[i:i + 1], ids[i:i + 1], seed=3, epoch=2, out_size=9)
+        np.testing.assert_array_equal(one[0], full[i])
+
+
+def test_different_ids_epochs_seeds_differ():
+    x = np.repeat(images(1), 4, axis=0)  # the same picture four times
+    a = augment_batch(x, np.array([0, 1, 2, 3]), seed=0, epoch=0, out_size=8)
+    for i in range(1, 4):
+        assert not np.array_equal(a[0], a[i])
+    b = augment_batch(x, np.array([0, 1, 2, 3]), seed=0, epoch=1, out_size=8)
+    c = augment_batch(x, np.array([0, 1, 2, 3]), seed=1, epoch=0, out_size=8)
+    for i in range(4):
+        assert not np.array_equal(a[i], b[i])
+        assert not np.array_equal(a[i], c[i])
+
+
+def test_disabling_one_op_keeps_the_other_parameters():
+    u = A.draw_uniforms(0, 0, np.arange(50))
+    cfg = AugmentConfig()
+    boxes = A.crop_boxes(u, 20, 20, cfg)
+    boxes_nogray = A.crop_boxes(u, 20, 20, AugmentConfig(gray_p=0.0, jitter_p=0.0))
+    for a, b in zip(boxes, boxes_nogray):
+        np.testing.assert_array_equal(a, b)
+    # fixed slots: the same per-image draws whatever the config
+    np.testing.assert_array_equal(u, A.draw_uniforms(0, 0, np.arange(50)))
+
+
+# ---------------------------------------------------------------- shapes, ranges
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_shape_dtype_range(dtype):
+    x = images(5)
+    out = augment_batch(x, np.arange(5), 0, 0, 7, dtype=dtype)
+    assert out.shape == (5, 3, 7, 7) and out.dtype == dtype and out.flags.c_contiguous
+    raw = augment_batch(x, np.arange(5), 0, 0, 7, AugmentConfig(normalize=False), dtype=dtype)
+    assert raw.dtype == dtype and raw.min() >= 0 and raw.max() <= 1
+    # normalization is exactly (raw - mean) / std per channel
+    mean = np.asarray(A.IMAGENET_MEAN)[None, :, None, None]
+    std = np.asarray(A.IMAGENET_STD)[None, :, None, None]
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out, (raw - mean) / std, atol=tol)
+
+
+def test_eval_transform_deterministic_and_plain():
+    x = images(3, h=8, w=8)
+    a = eval_transform(x, 8, PLAIN, dtype=np.float64)
+    np.testing.assert_array_equal(a, eval_transform(x, 8, PLAIN, dtype=np.float64))
+    np.testing.assert_array_equal(a, planar(x))  # same size: exact identity
+    # a wide image: the central square is used
+    wide = images(2, h=6, w=10)
+    np.testing.assert_array_equal(eval_transform(wide, 6, PLAIN, dtype=np.float64),
+                                  planar(wide[:, :, 2:8]))
+
+
+def test_bad_input_errors():
+    x = images(2)
+    with pytest.raises(ValueError, match="uint8"):
+        augment_batch(x.astype(np.float32), np.arange(2), 0, 0, 8)
+    with pytest.raises(ValueError, match="ids"):
+        augment_batch(x, np.arange(3), 0, 0, 8)
+    with pytest.raises(ValueError, match=">= 0"):
+        augment_batch(x, np.array([0, -1]), 0, 0, 8)
+    with pytest.raises(ValueError, match="out_size"):
+        augment_batch(x, np.arange(2), 0, 0, 0)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        augment_batch(x, np.arange(2), 0, 0, 8, dtype=np.float16)
+    with pytest.raises(ValueError, match="crop_scale"):
+        AugmentConfig(crop_scale=(0.5, 1.5))
+    with pytest.raises(ValueError, match="jitter_order"):
+        AugmentConfig(jitter_order="sorted")
+    with pytest.raises(ValueError, match="hue"):
+        AugmentConfig(hue=0.7)
+
+
+# ---------------------------------------------------------------- crop + resize
+
+def test_crop_boxes_follow_torchvision_rules():
+    u = A.draw_uniforms(1, 0, np.arange(300))
+    cfg = AugmentConfig()
+    top, left, h, w = A.crop_boxes(u, 40, 30, cfg)
+    assert np.all((top >= 0) & (left >= 0) & (top + h <= 40) & (left + w <= 30))
+    assert np.all((h >= 1) & (w >= 1))
+    # rounding of w, h moves area and ratio a little off their ranges only
+    frac = h * w / (40 * 30)
+    assert frac.min() > 0.08 * 0.7 and frac.max() <= 1.0
+    ratio = w / h
+    assert ratio.min() > 0.75 * 0.8 and ratio.max() < 4 / 3 * 1.25
+    # no box fits (scale 1, ratio forced far from the image's): central fallback
+    tall = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(2.0, 2.0))
+    top, left, h, w = A.crop_boxes(u[:3], 40, 30, tall)
+    np.testing.assert_array_equal(w, [30] * 3)
+    np.testing.assert_array_equal(h, [15] * 3)        # round(30 / 2)
+    np.testing.assert_array_equal(top, [12] * 3)      # (40 - 15) // 2
+
+
+def test_full_crop_identity_params_is_plain_resize():
+    x = images(3, h=9, w=9)
+    n = 3
+    full = np.ones(n, dtype=np.int64)
+    no = np.zeros(n, dtype=bool)
+    same = A.resized_crop(x, 0 * full, 0 * full, 9 * full, 9 * full, 9, no, np.float64)
+    np.testing.assert_array_equal(same, planar(x))
+    up = A.resized_crop(x, 0 * full, 0 * full, 9 * full, 9 * full, 14, no, np.float64)
+    np.testing.assert_allclose(up, _bilinear_reference(planar(x), 0, 0, 9, 9, 14), atol=1e-12)
+
+
+def _bilinear_reference(x, top, left, h, w, s):
+    """Loop-based bilinear (align_corners=False, clamped): the slow twin."""
+    n, c, H, W = x.shape
+    out = np.zeros((n, c, s, s))
+    for p in range(s):
+        for q in range(s):
+            y = min(max(top + (p + 0.5) * h / s - 0.5, 0), H - 1)
+            xx = min(max(left + (q + 0.5) * w / s - 0.5, 0), W - 1)
+            y0, x0 = int(np.floor(y)), int(np.floor(xx))
+            y1, x1 = min(y0 + 1, H - 1), min(x0 + 1, W - 1)
+            fy, fx = y - y0, xx - x0
+            out[:, :, p, q] = ((1 - fy) * (1 - fx) * x[:, :, y0, x0] + (1 - fy) * fx * x[:, :, y0, x1]
+                               + fy * (1 - fx) * x[:, :, y1, x0] + fy * fx * x[:, :, y1, x1])
+    return out
+
+
+def test_resized_crop_matches_loop_twin_on_a_box():
+    x = images(1, h=11, w=13)
+    one = np.ones(1, dtype=np.int64)
+    got = A.resized_crop(x, 2 * one, 3 * one, 6 * one, 8 * one, 5, np.zeros(1, bool), np.float64)
+    np.testing.assert_allclose(got, _bilinear_reference(planar(x), 2, 3, 6, 8, 5), atol=1e-12)
+
+
+@pytest.mark.torch
+def test_resize_matches_torch_interpolate():
+    import torch
+    import torch.nn.functional as F
+    x = images(2, h=10, w=10)
+    one = np.ones(2, dtype=np.int64)
+    for s in (7, 16):
+        got = A.resized_crop(x, 0 * one, 0 * one, 10 * one, 10 * one, s, np.zeros(2, bool), np.float64)
+        ref = F.interpolate(torch.from_numpy(planar(x)), size=(s, s), mode="bilinear",
+                            align_corners=False, antialias=False).numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-12)
+
+
+def test_flip_reverses_columns():
+    x = images(4, h=8, w=8)
+    flipped = augment_batch(x, np.arange(4), 0, 0, 8, AugmentConfig(
+        crop=False, flip_p=1.0, jitter_p=0.0, gray_p=0.0, normalize=False), dtype=np.float64)
+    np.testing.assert_array_equal(flipped, planar(x)[..., ::-1])
+    kept = augment_batch(x, np.arange(4), 0, 0, 8, PLAIN, dtype=np.float64)
+    np.testing.assert_array_equal(kept, planar(x))
+
+
+# ---------------------------------------------------------------- colour
+
+def test_grayscale_601_weights_equal_channels():
+    x = images(3, h=10, w=10)
+    g = augment_batch(x, np.arange(3), 0, 0, 10, AugmentConfig(
+        crop=False, flip_p=0.0, jitter_p=0.0, gray_p=1.0, normalize=False), dtype=np.float64)
+    assert g.shape == (3, 3, 10, 10)
+    np.testing.assert_array_equal(g[:, 0], g[:, 1])
+    np.testing.assert_array_equal(g[:, 0], g[:, 2])
+    src = eval_transform(x, 10, PLAIN, dtype=np.float64)
+    want = 0.299 * src[:, 0] + 0.587 * src[:, 1] + 0.114 * src[:, 2]
+    np.testing.assert_allclose(g[:, 0], want, atol=1e-12)
+    # PIL's convert("L") uses the same weights (rounded to integers)
+    from PIL import Image
+    pil = np.stack([np.asarray(Image.fromarray(im).convert("L")) for im in x]) / 255.0
+    np.testing.assert_allclose(A.grayscale(planar(x)), pil, atol=0.5 / 255 + 1e-9)
+
+
+def test_brightness_scales_and_clips():
+    x = planar(images(2))
+    f = np.array([0.5, 1.3])
+    got = A.adjust_brightness(x, f)
+    np.testing.assert_allclose(got[0], x[0] * 0.5, atol=1e-15)
+    np.testing.assert_allclose(got[1], np.minimum(x[1] * 1.3, 1), atol=1e-15)
+
+
+def test_contrast_and_saturation_formulas_on_pixels():
+    # a 1x2 image: pixels (0.2, 0.4, 0.6) and (1.0, 0.0, 0.5)
+    x = np.array([[0.2, 0.4, 0.6], [1.0, 0.0, 0.5]]).T.reshape(1, 3, 1, 2)
+    gray = np.array([0.299 * 0.2 + 0.587 * 0.4 + 0.114 * 0.6, 0.299 * 1.0 + 0.114 * 0.5])
+    f = 1.5
+    sat = A.adjust_saturation(x, np.array([f]))
+    want = np.clip(f * x[0, :, 0, :] + (1 - f) * gray[None, :], 0, 1)
+    np.testing.assert_allclose(sat[0, :, 0, :], want, atol=1e-15)
+    con = A.adjust_contrast(x, np.array([f]))
+    want = np.clip(f * x[0, :, 0, :] + (1 - f) * gray.mean(), 0, 1)
+    np.testing.assert_allclose(con[0, :, 0, :], want, atol=1e-15)
+
+
+def test_contrast_saturation_brightness_match_pil_enhance():
+    """PIL's ImageEnhance blends with the same references, in uint8 arithmetic."""
+    from PIL import Image, ImageEnhance
+    x8 = images(2, h=16, w=16, seed=4)
+    x = planar(x8)
+    for enhancer, ours in ((ImageEnhance.Color, A.adjust_saturation),
+                           (ImageEnhance.Contrast, A.adjust_contrast),
+                           (ImageEnhance.Brightness, A.adjust_brightness)):
+        for f in (0.6, 1.4):
+            pil = np.stack([np.asarray(enhancer(Image.fromarray(im)).enhance(f)) for im in x8])
+            got = np.round(ours(x, np.full(2, f)) * 255)
+            # PIL rounds the gray image and the contrast mean to integers first
+            assert np.abs(got - planar(pil) * 255).max() <= 2, enhancer.__name__
+
+
+def test_hsv_round_trip_and_colorsys():
+    rng = np.random.default_rng(2)
+    x = rng.random((2, 3, 4, 4))
+    x[0, :, 0, 0] = 0.5                  # gray pixel
+    x[0, :, 1, 1] = [0.7, 0.7, 0.1]      # tie between red and green
+    x[1, :, 2, 2] = [0.3, 0.9, 0.9]      # tie between green and blue
+    hsv = A.rgb_to_hsv(x)
+    for i, p, q in [(0, 0, 0), (0, 1, 1), (1, 2, 2), (1, 3, 0), (0, 2, 3)]:
+        np.testing.assert_allclose(hsv[i, :, p, q], colorsys.rgb_to_hsv(*x[i, :, p, q]), atol=1e-12)
+    np.testing.assert_allclose(A.hsv_to_rgb(hsv), x, atol=1e-12)
+
+
+def test_hue_shift_zero_is_identity_and_shift_matches_colorsys():
+    x = np.random.default_rng(3).random((3, 3, 5, 5)).astype(np.float32)
+    np.testing.assert_allclose(A.adjust_hue(x, np.zeros(3, np.float32)), x, atol=1e-6)
+    x = x.astype(np.float64)
+    x[0, :, 0, 0] = 0.25  # gray stays gray
+    shift = np.array([0.1, -0.37, 0.5])
+    got = A.adjust_hue(x, shift)
+    for i in range(3):
+        for p in range(5):
+            for q in range(5):
+                h, s, v = colorsys.rgb_to_hsv(*x[i, :, p, q])
+                want = colorsys.hsv_to_rgb((h + shift[i]) % 1.0, s, v)
+                np.testing.assert_allclose(got[i, :, p, q], want, atol=1e-12)
+
+
+def test_color_jitter_applies_each_images_own_order():
+    x = planar(images(6, seed=5))
+    u = A.draw_uniforms(0, 4, np.arange(6))
+    apply, factors, order = A.jitter_params(u, AugmentConfig(jitter_p=1.0))
+    assert apply.all() and len({tuple(o) for o in order}) > 1  # orders really differ
+    got = A.color_jitter(x.copy(), apply, factors, order)
+    fns = (A.adjust_brightness, A.adjust_contrast, A.adjust_saturation, A.adjust_hue)
+    for i in range(6):
+        y = x[i:i + 1]
+        for op in order[i]:
+            y = fns[op](y, factors[i:i + 1, op])
+        np.testing.assert_allclose(got[i], y[0], atol=1e-12)
+    # factor ranges
+    assert factors[:, :3].min() >= 0.6 and factors[:, :3].max() <= 1.4
+    assert np.abs(factors[:, 3]).max() <= 0.1
+    fixed = A.jitter_params(u, AugmentConfig(jitter_order="fixed"))[2]
+    np.testing.assert_array_equal(fixed, np.tile(np.arange(4), (6, 1)))
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu():
+    x = images(6)
+    cpu = augment_batch(x, np.arange(6), 1, 2, 9, device="cpu", dtype=np.float64)
+    gpu = augment_batch(x, np.arange(6), 1, 2, 9, device="gpu", dtype=np.float64)
+    from refimpl.backend import to_numpy
+    np.testing.assert_allclose(to_numpy(gpu), cpu, atol=1e-10)
