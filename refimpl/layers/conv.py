@@ -1,0 +1,247 @@
+"""2-D convolution without bias: im2col + one GEMM, and a loop-based twin.
+
+Contract:
+
+    out, cache = conv2d_forward(x, w, stride=1, pad=0)
+    dx, dw     = conv2d_backward(dout, cache)
+
+x (N, C, H, W), w (F, C, HH, WW), out (N, F, H', W') with
+
+    H' = (H + 2*pad - HH) // stride + 1,   W' = (W + 2*pad - WW) // stride + 1
+    out[n, f, i, j] = sum_{c, kh, kw} w[f, c, kh, kw] * xpad[n, c, i*stride + kh, j*stride + kw]
+
+where xpad is x zero-padded by ``pad`` on each side of H and W. There is no
+bias: every convolution in a ResNet is followed by BatchNorm, whose beta plays
+that role (torchvision builds them with ``bias=False``). This is PyTorch's
+``F.conv2d`` (a cross-correlation), any kernel size, stride and padding.
+Inputs may be non-contiguous; outputs are C-contiguous and keep x's dtype.
+
+How the fast path is laid out (the choices that decide its speed on a CPU;
+benchmarks/bench_conv.py measures them against PyTorch):
+
+* The batch is processed a few images at a time (``_images_per_chunk``): the
+  column matrix of a 3x3 conv is 9x its input, and built for a whole batch it
+  makes a round trip through DRAM that costs as much as half the GEMM. A
+  chunk's columns (about COLS_BYTES) are still in the cache when the GEMM
+  reads them. Backward rebuilds them the same way, so the cache keeps only
+  x and w (not 9x x).
+* A chunk is copied once into *channel-major* order (C, n, Hp, Wp), padded.
+  Every im2col slice is then a plain strided copy whose inner rows are image
+  rows, the column matrix is (C*HH*WW, n*H'*W'), and one GEMM
+  ``w (F, C*HH*WW) @ cols`` serves the chunk; its (F, n, H', W') result goes
+  into out[n0:n1] (N, F, H', W') by one block copy.
+* im2col is HH*WW shifted-slice copies (never fancy indexing), and col2im is
+  HH*WW shifted-slice additions (never ``np.add.at``).
+* 1x1 convolutions need no im2col: the column matrix is the (strided) input
+  itself in channel-major order.
+* Backward of a stride-1 convolution with F <= C computes dx as a forward
+  convolution of dout with the flipped, transposed kernel (an im2col copy
+  and a GEMM, faster than the GEMM-then-col2im route); the other cases use
+  col2im.
+
+``conv2d_forward_naive`` / ``conv2d_backward_naive`` loop over output
+positions with the equation above written out; the tests check the fast path
+against them.
+"""
+from refimpl.backend import get_array_module
+
+COLS_BYTES = 4 << 20   # column-matrix bytes per chunk of images (stays in L2/L3 cache)
+MIN_COLUMNS = 1024     # but at least this many output pixels (GEMM columns) per chunk
+
+
+def _channel_major_padded(x, ph, pw):
+    """(N, C, H, W) -> zero-padded (C, N, H + 2*ph, W + 2*pw), one copy."""
+    xp = get_array_module(x)
+    N, C, H, W = x.shape
+    xpad = xp.zeros((C, N, H + 2 * ph, W + 2 * pw), dtype=x.dtype)  # (C, N, Hp, Wp)
+    xpad[:, :, ph:ph + H, pw:pw + W] = x.transpose(1, 0, 2, 3)
+    return xpad
+
+
+def _im2col(xpad, HH, WW, stride, Ho, Wo):
+    """Columns of a channel-major padded input.
+
+    xpad (C, N, Hp, Wp) -> cols (C*HH*WW, N*Ho*Wo) with
+    cols[(c, kh, kw), (n, i, j)] = xpad[c, n, i*stride + kh, j*stride + kw].
+    """
+    xp = get_array_module(xpad)
+    C, N = xpad.shape[:2]
+    cols = xp.empty((C, HH, WW, N, Ho, Wo), dtype=xpad.dtype)
+    s = stride
+    for kh in range(HH):
+        for kw in range(WW):
+            # one shifted (and, for stride > 1, subsampled) slice per kernel tap
+            cols[:, kh, kw] = xpad[:, :, kh:kh + s * Ho:s, kw:kw + s * Wo:s]  # (C, N, H', W')
+    return cols.reshape(C * HH * WW, N * Ho * Wo)
+
+
+def _col2im(dcols, xpad_shape, HH, WW, stride, Ho, Wo):
+    """Adjoint of ``_im2col``: sum each column entry back onto its input pixel.
+
+    dcols (C*HH*WW, N*Ho*Wo) -> dxpad (C, N, Hp, Wp).
+    """
+    xp = get_array_module(dcols)
+    C, N = xpad_shape[:2]
+    dcols = dcols.reshape(C, HH, WW, N, Ho, Wo)
+    dxpad = xp.zeros(xpad_shape, dtype=dcols.dtype)  # (C, N, Hp, Wp)
+    s = stride
+    for kh in range(HH):
+        for kw in range(WW):
+            # overlapping windows share pixels: the taps are summed one at a time
+            dxpad[:, :, kh:kh + s * Ho:s, kw:kw + s * Wo:s] += dcols[:, kh, kw]  # (C, N, H', W')
+    return dxpad
+
+
+def _columns(x, HH, WW, stride, ph, pw):
+    """im2col of an (N, C, H, W) input: (cols (C*HH*WW, N*H'*W'), H', W')."""
+    xp = get_array_module(x)
+    N, C, H, W = x.shape
+    Ho = (H + 2 * ph - HH) // stride + 1
+    Wo = (W + 2 * pw - WW) // stride + 1
+    if HH == 1 and WW == 1 and ph == 0 and pw == 0:
+        # 1x1: the columns are the input itself, subsampled, in (C, N, H', W') order
+        xs = x[:, :, ::stride, ::stride][:, :, :Ho, :Wo]  # (N, C, H', W')
+        cols = xp.ascontiguousarray(xs.transpose(1, 0, 2, 3))  # (C, N, H', W')
+        return cols.reshape(C, N * Ho * Wo), Ho, Wo
+    xpad = _channel_major_padded(x, ph, pw)  # (C, N, Hp, Wp)
+    return _im2col(xpad, HH, WW, stride, Ho, Wo), Ho, Wo
+
+
+def _conv_chunk(x, w, stride, ph, pw):
+    """Convolution of a few images as one GEMM: a (N, F, H', W') view (not contiguous)."""
+    N = x.shape[0]
+    F, C, HH, WW = w.shape
+    cols, Ho, Wo = _columns(x, HH, WW, stride, ph, pw)  # (C*HH*WW, N*H'*W')
+    out = w.reshape(F, C * HH * WW) @ cols  # (F, N*H'*W')
+    return out.reshape(F, N, Ho, Wo).transpose(1, 0, 2, 3)  # (N, F, H', W') view
+
+
+def _images_per_chunk(N, C, HH, WW, Ho, Wo, itemsize):
+    """How many images to push through im2col + GEMM at a time.
+
+    Why chunks: a 3x3 column matrix is 9x the input; built for the whole
+    batch it goes to DRAM and back, and the copy then costs as much as half
+    the GEMM. Built for a few images at a time (COLS_BYTES) it is still in
+    the cache when the GEMM reads it. At least MIN_COLUMNS output pixels per
+    chunk keep each GEMM big enough to run at full speed (small late layers
+    get the whole batch at once).
+    """
+    per_image = C * HH * WW * Ho * Wo * itemsize
+    n = max(COLS_BYTES // per_image, -(-MIN_COLUMNS // (Ho * Wo)), 1)
+    return int(min(n, N))
+
+
+def conv2d_forward(x, w, stride=1, pad=0):
+    """Convolution (cross-correlation, no bias), PyTorch's ``F.conv2d``.
+
+    Inputs:
+      x: (N, C, H, W); w: (F, C, HH, WW); stride, pad: ints (same for H and W).
+    Returns:
+      out: (N, F, H', W'), H' = (H + 2*pad - HH) // stride + 1 (W' alike),
+           out[n, f, i, j] = sum_{c,kh,kw} w[f,c,kh,kw] xpad[n, c, i*stride+kh, j*stride+kw]
+      cache: (x, w, stride, pad). The column matrix is not kept: backward
+             rebuilds it chunk by chunk (cheap while it sits in the cache),
+             so a layer holds on to its input only, not 9x its input.
+    """
+    xp = get_array_module(x, w)
+    N, C, H, W = x.shape
+    F, Cw, HH, WW = w.shape
+    if Cw != C:
+        raise ValueError(f"conv2d: x has {C} channels but w expects {Cw}")
+    if x.dtype != w.dtype:
+        raise ValueError(f"conv2d: x is {x.dtype} but w is {w.dtype}")
+    if H + 2 * pad < HH or W + 2 * pad < WW:
+        raise ValueError(f"conv2d: kernel {HH}x{WW} larger than padded input "
+                         f"{H + 2 * pad}x{W + 2 * pad}")
+    Ho = (H + 2 * pad - HH) // stride + 1
+    Wo = (W + 2 * pad - WW) // stride + 1
+    out = xp.empty((N, F, Ho, Wo), dtype=x.dtype)
+    nb = _images_per_chunk(N, C, HH, WW, Ho, Wo, x.dtype.itemsize)
+    for n0 in range(0, N, nb):
+        out[n0:n0 + nb] = _conv_chunk(x[n0:n0 + nb], w, stride, pad, pad)  # (nb, F, H', W')
+    return out, (x, w, stride, pad)
+
+
+def conv2d_backward(dout, cache):
+    """Gradients of ``conv2d_forward``.
+
+    Inputs:
+      dout: (N, F, H', W') upstream gradient.
+      cache: from conv2d_forward.
+    Returns:
+      dx: (N, C, H, W), dx[n,c,h,w] = sum_{f,kh,kw} w[f,c,kh,kw] dout[n,f,i,j]
+          over the (i, j, kh, kw) with i*stride + kh - pad = h (w alike);
+      dw: (F, C, HH, WW), dw[f,c,kh,kw] = sum_{n,i,j} dout[n,f,i,j] xpad[n,c,i*stride+kh,j*stride+kw].
+    """
+    xp = get_array_module(dout)
+    x, w, stride, pad = cache
+    N, C, H, W = x.shape
+    F, _, HH, WW = w.shape
+    _, _, Ho, Wo = dout.shape
+    # stride 1: dx is the "full" convolution of dout with the kernel flipped
+    # in space and with F and C swapped, padded by HH-1-pad. Its im2col copies
+    # F*HH*WW rows where col2im would add C*HH*WW rows, so it pays when F <= C
+    # (not for the 3-channel stem).
+    dx_as_conv = stride == 1 and pad <= HH - 1 and pad <= WW - 1 and F <= C
+    if dx_as_conv:
+        w_flip = xp.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])  # (C, F, HH, WW)
+    w_mat = w.reshape(F, C * HH * WW)
+    dw_t = xp.zeros((C * HH * WW, F), dtype=dout.dtype)  # dw transposed, summed over chunks
+    dx = xp.empty((N, C, H, W), dtype=dout.dtype)
+    nb = _images_per_chunk(N, C, HH, WW, Ho, Wo, dout.dtype.itemsize)
+    for n0 in range(0, N, nb):
+        n1 = min(n0 + nb, N)
+        cols, _, _ = _columns(x[n0:n1], HH, WW, stride, pad, pad)  # (C*HH*WW, nb*H'*W'), recomputed
+        dout_cm = xp.ascontiguousarray(dout[n0:n1].transpose(1, 0, 2, 3)).reshape(F, -1)  # (F, nb*H'*W')
+        # dw^T = cols @ dout^T: OpenBLAS runs this orientation faster than
+        # dout @ cols^T (the long nb*H'*W' axis is the shared one)
+        dw_t += cols @ dout_cm.T  # (C*HH*WW, F)
+        if dx_as_conv:
+            dx[n0:n1] = _conv_chunk(dout[n0:n1], w_flip, 1, HH - 1 - pad, WW - 1 - pad)  # (nb, C, H, W)
+        else:
+            # dcols = w^T @ dout, then scatter the columns back onto the pixels (col2im)
+            dcols = w_mat.T @ dout_cm  # (C*HH*WW, nb*H'*W')
+            dxpad = _col2im(dcols, (C, n1 - n0, H + 2 * pad, W + 2 * pad), HH, WW, stride, Ho, Wo)
+            dx[n0:n1] = dxpad[:, :, pad:pad + H, pad:pad + W].transpose(1, 0, 2, 3)  # (nb, C, H, W)
+    dw = xp.ascontiguousarray(dw_t.T).reshape(F, C, HH, WW)  # (F, C, HH, WW)
+    return dx, dw
+
+
+def conv2d_forward_naive(x, w, stride=1, pad=0):
+    """Loop-based twin of ``conv2d_forward``: one matrix product per output pixel.
+
+    Same inputs, outputs and equation; cache = (xpad, w, stride, pad).
+    """
+    xp = get_array_module(x, w)
+    N, C, H, W = x.shape
+    F, _, HH, WW = w.shape
+    Ho = (H + 2 * pad - HH) // stride + 1
+    Wo = (W + 2 * pad - WW) // stride + 1
+    xpad = xp.zeros((N, C, H + 2 * pad, W + 2 * pad), dtype=x.dtype)  # (N, C, Hp, Wp)
+    xpad[:, :, pad:pad + H, pad:pad + W] = x
+    out = xp.zeros((N, F, Ho, Wo), dtype=x.dtype)
+    for i in range(Ho):
+        for j in range(Wo):
+            window = xpad[:, :, i * stride:i * stride + HH, j * stride:j * stride + WW]  # (N, C, HH, WW)
+            out[:, :, i, j] = window.reshape(N, -1) @ w.reshape(F, -1).T  # (N, F)
+    return out, (xpad, w, stride, pad)
+
+
+def conv2d_backward_naive(dout, cache):
+    """Loop-based twin of ``conv2d_backward``: returns (dx, dw)."""
+    xp = get_array_module(dout)
+    xpad, w, stride, pad = cache
+    N, C, Hp, Wp = xpad.shape
+    F, _, HH, WW = w.shape
+    _, _, Ho, Wo = dout.shape
+    dxpad = xp.zeros_like(xpad)
+    dw = xp.zeros_like(w)
+    for i in range(Ho):
+        for j in range(Wo):
+            hs, ws = i * stride, j * stride
+            window = xpad[:, :, hs:hs + HH, ws:ws + WW]  # (N, C, HH, WW)
+            # each output pixel spreads its gradient over its own input window
+            dxpad[:, :, hs:hs + HH, ws:ws + WW] += (dout[:, :, i, j] @ w.reshape(F, -1)).reshape(N, C, HH, WW)
+            dw += (dout[:, :, i, j].T @ window.reshape(N, -1)).reshape(F, C, HH, WW)
+    dx = dxpad[:, :, pad:Hp - pad, pad:Wp - pad]  # (N, C, H, W)
+    return dx, dw

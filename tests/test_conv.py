@@ -1,0 +1,158 @@
+"""conv2d: finite differences, the loop-based twin, PyTorch, dtypes."""
+import numpy as np
+import pytest
+from helpers import check_tensor, numerical_grad
+
+from refimpl.layers.conv import (conv2d_backward, conv2d_backward_naive, conv2d_forward,
+                                 conv2d_forward_naive)
+
+# (x shape, w shape, stride, pad): every code path of the fast version
+CASES = [
+    ((2, 3, 5, 5), (4, 3, 3, 3), 1, 1),    # 3x3 stride 1, F > C: col2im
+    ((2, 4, 5, 6), (3, 4, 3, 3), 1, 1),    # 3x3 stride 1, F <= C: dx as a conv
+    ((2, 3, 6, 5), (4, 3, 3, 3), 2, 1),    # 3x3 stride 2 pad 1, non-square
+    ((2, 3, 5, 5), (4, 3, 1, 1), 2, 0),    # 1x1 stride 2 (downsample)
+    ((2, 4, 4, 4), (3, 4, 1, 1), 1, 0),    # 1x1 stride 1
+    ((1, 2, 7, 7), (3, 2, 7, 7), 2, 3),    # 7x7 stride 2 pad 3 (ImageNet stem), tiny
+    ((2, 3, 7, 6), (2, 3, 2, 3), 3, 2),    # non-square kernel, stride 3, pad 2 > HH-1
+    ((2, 3, 6, 6), (2, 3, 3, 3), 1, 0),    # no padding
+]
+
+
+def _ids(case):
+    (x, w, s, p) = case
+    return f"x{'x'.join(map(str, x))}-w{'x'.join(map(str, w))}-s{s}p{p}"
+
+
+def _random(case, seed=0, dtype=np.float64):
+    x_shape, w_shape, stride, pad = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    return x, w, stride, pad
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_conv_backward_matches_finite_differences(case):
+    x, w, stride, pad = _random(case)
+    out, cache = conv2d_forward(x, w, stride, pad)
+    dout = np.random.default_rng(1).standard_normal(out.shape)
+    dx, dw = conv2d_backward(dout, cache)
+    dx_num = numerical_grad(lambda t: conv2d_forward(t, w, stride, pad)[0], x.copy(), dout)
+    dw_num = numerical_grad(lambda t: conv2d_forward(x, t, stride, pad)[0], w.copy(), dout)
+    check_tensor("dx", dx, dx_num, 1e-8)
+    check_tensor("dw", dw, dw_num, 1e-8)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_conv_fast_matches_naive(case):
+    x, w, stride, pad = _random(case, seed=2)
+    out, cache = conv2d_forward(x, w, stride, pad)
+    out_n, cache_n = conv2d_forward_naive(x, w, stride, pad)
+    H, W = x.shape[2:]
+    HH, WW = w.shape[2:]
+    assert out.shape == (x.shape[0], w.shape[0],
+                         (H + 2 * pad - HH) // stride + 1, (W + 2 * pad - WW) // stride + 1)
+    check_tensor("out", out, out_n, 1e-12)
+    dout = np.random.default_rng(3).standard_normal(out.shape)
+    dx, dw = conv2d_backward(dout, cache)
+    dx_n, dw_n = conv2d_backward_naive(dout, cache_n)
+    check_tensor("dx", dx, dx_n, 1e-12)
+    check_tensor("dw", dw, dw_n, 1e-12)
+
+
+def test_conv_naive_by_definition():
+    """The twin itself against the equation, written as explicit sums."""
+    x, w, stride, pad = _random(((1, 2, 5, 4), (2, 2, 3, 2), 2, 1), seed=4)
+    out, _ = conv2d_forward_naive(x, w, stride, pad)
+    xpad = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    for f in range(2):
+        for i in range(out.shape[2]):
+            for j in range(out.shape[3]):
+                ref = sum(w[f, c, kh, kw] * xpad[0, c, i * stride + kh, j * stride + kw]
+                          for c in range(2) for kh in range(3) for kw in range(2))
+                assert abs(out[0, f, i, j] - ref) < 1e-12
+
+
+def test_conv_non_contiguous_inputs():
+    """Transposed/sliced views give the same results as contiguous copies."""
+    rng = np.random.default_rng(5)
+    x_big = rng.standard_normal((3, 5, 2, 9))          # (C, W, N, H)-ish storage
+    x = x_big.transpose(2, 0, 3, 1)[:, :, ::2, 1:]     # (N=2, C=3, H=5, W=4), non-contiguous
+    w = rng.standard_normal((3, 4, 3, 3)).transpose(1, 0, 2, 3)  # (F=4, C=3, 3, 3) view
+    assert not x.flags.c_contiguous and not w.flags.c_contiguous
+    for stride, pad in ((1, 1), (2, 1)):
+        out, cache = conv2d_forward(x, w, stride, pad)
+        out_c, cache_c = conv2d_forward(np.ascontiguousarray(x), np.ascontiguousarray(w), stride, pad)
+        check_tensor("out", out, out_c, 1e-14)
+        dout_full = rng.standard_normal(out.shape + (2,))
+        dout = dout_full[..., 0]                        # non-contiguous upstream gradient
+        dout_before = dout.copy()
+        dx, dw = conv2d_backward(dout, cache)
+        dx_c, dw_c = conv2d_backward(np.ascontiguousarray(dout), cache_c)
+        check_tensor("dx", dx, dx_c, 1e-14)
+        check_tensor("dw", dw, dw_c, 1e-14)
+        np.testing.assert_array_equal(dout, dout_before)  # backward never mutates dout
+        # and finite differences on the views themselves
+        dx_num = numerical_grad(lambda t: conv2d_forward(t, w, stride, pad)[0],
+                                np.ascontiguousarray(x), dout)
+        check_tensor("dx vs FD", dx, dx_num, 1e-8)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[2], CASES[3]], ids=_ids)
+def test_conv_preserves_dtype(case, dtype):
+    x, w, stride, pad = _random(case, seed=6, dtype=dtype)
+    out, cache = conv2d_forward(x, w, stride, pad)
+    dx, dw = conv2d_backward(np.ones_like(out), cache)
+    assert out.dtype == dtype and dx.dtype == dtype and dw.dtype == dtype
+    assert dx.shape == x.shape and dw.shape == w.shape
+    if dtype == np.float32:  # and float32 still agrees with float64
+        out64, _ = conv2d_forward(x.astype(np.float64), w.astype(np.float64), stride, pad)
+        check_tensor("out float32", out, out64, 1e-5)
+
+
+def test_conv_rejects_mismatched_shapes():
+    x = np.zeros((1, 3, 5, 5))
+    with pytest.raises(ValueError, match="channels"):
+        conv2d_forward(x, np.zeros((2, 4, 3, 3)))
+    with pytest.raises(ValueError, match="larger than padded"):
+        conv2d_forward(x, np.zeros((2, 3, 7, 7)), pad=0)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("case", CASES + [((4, 8, 8, 8), (16, 8, 3, 3), 1, 1),
+                                          ((4, 16, 8, 8), (8, 16, 3, 3), 2, 1)], ids=_ids)
+def test_conv_matches_pytorch(case):
+    torch = pytest.importorskip("torch")
+    x, w, stride, pad = _random(case, seed=7)
+    out, cache = conv2d_forward(x, w, stride, pad)
+    dout = np.random.default_rng(8).standard_normal(out.shape)
+    dx, dw = conv2d_backward(dout, cache)
+
+    xt = torch.tensor(x, requires_grad=True)
+    wt = torch.tensor(w, requires_grad=True)
+    outt = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=pad)
+    outt.backward(torch.tensor(dout))
+    check_tensor("out", out, outt.detach().numpy(), 1e-10, kind="rel")
+    check_tensor("dx", dx, xt.grad.numpy(), 1e-10, kind="rel")
+    check_tensor("dw", dw, wt.grad.numpy(), 1e-10, kind="rel")
+
+
+def test_conv_chunked_batch_matches_naive(monkeypatch):
+    """Force one image per im2col/GEMM chunk (big layers run that way)."""
+    import refimpl.layers.conv as conv
+    monkeypatch.setattr(conv, "COLS_BYTES", 1)
+    monkeypatch.setattr(conv, "MIN_COLUMNS", 1)
+    for case in (CASES[0], CASES[1], CASES[2], CASES[3]):
+        x, w, stride, pad = _random(case, seed=9)
+        x = np.concatenate([x, x[::-1] * 0.5 + 1.0])  # N = 4, distinct images
+        assert conv._images_per_chunk(x.shape[0], *w.shape[1:], 3, 3, 8) == 1
+        out, cache = conv2d_forward(x, w, stride, pad)
+        out_n, cache_n = conv2d_forward_naive(x, w, stride, pad)
+        check_tensor("out", out, out_n, 1e-12)
+        dout = np.random.default_rng(10).standard_normal(out.shape)
+        dx, dw = conv2d_backward(dout, cache)
+        dx_n, dw_n = conv2d_backward_naive(dout, cache_n)
+        check_tensor("dx", dx, dx_n, 1e-12)
+        check_tensor("dw", dw, dw_n, 1e-12)
