@@ -1,0 +1,90 @@
+"""One ResNet-18 training step, refimpl vs PyTorch, side by side (CPU, float32).
+
+What is timed, identically on both sides: ResNet-18 with the CIFAR stem on
+32x32 inputs, *with* a 10-way fc (no MLP head), softmax cross-entropy against
+random labels, forward + backward + one SGD step (momentum 0.9, weight decay
+5e-4), BatchNorm in train mode. Both use 2 threads. The PyTorch model is the
+independent one from tests/torch_resnet.py, loaded with refimpl's weights.
+
+    python benchmarks/bench_resnet_step.py [--repeat 3]
+
+Prints one JSON object per configuration (width, batch): images per second of
+each and ratio = refimpl / torch (above 1: refimpl is faster).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # torch_resnet
+
+import numpy as np  # noqa: E402
+
+from benchmarks.common import emit, machine_info, median_time, set_threads  # noqa: E402
+from refimpl.layers.loss import (softmax_cross_entropy_backward,  # noqa: E402
+                                 softmax_cross_entropy_forward)
+from refimpl.models.resnet import ResNet  # noqa: E402
+from refimpl.sgd import SGD  # noqa: E402
+
+CONFIGS = [(16, 128), (64, 64)]  # (width, batch)
+
+
+def refimpl_step(width, batch, x, y):
+    """A closure running one refimpl training step."""
+    model = ResNet("resnet18", stem="cifar", width=width, num_classes=10,
+                   dtype=np.float32, seed=0)
+    opt = SGD(model.store.data, model.store.grad, lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    def step():
+        model.store.zero_grad()
+        logits = model.forward(x, train=True)
+        _, cache = softmax_cross_entropy_forward(logits, y)
+        model.backward(softmax_cross_entropy_backward(1.0, cache))
+        opt.step()
+    return model, step
+
+
+def torch_step(torch, model_sd, width, x, y):
+    """A closure running the same step in PyTorch."""
+    from torch_resnet import TorchResNet
+    tmodel = TorchResNet("resnet18", "cifar", width, num_classes=10).float().train()
+    tmodel.load_state_dict({k: torch.from_numpy(v) for k, v in model_sd.items()})
+    topt = torch.optim.SGD(tmodel.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+
+    def step():
+        topt.zero_grad()
+        torch.nn.functional.cross_entropy(tmodel(tx), ty).backward()
+        topt.step()
+    return step
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    set_threads(args.threads)
+    import torch
+    emit({"machine": machine_info()})
+    for width, batch in CONFIGS:
+        g = np.random.default_rng(0)
+        x = g.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+        y = g.integers(0, 10, size=batch)
+        model, ours = refimpl_step(width, batch, x, y)
+        theirs = torch_step(torch, model.store.state_dict(), width, x, y)
+        t_ours = median_time(ours, repeat=args.repeat, warmup=1)
+        t_torch = median_time(theirs, repeat=args.repeat, warmup=1)
+        emit({"name": f"resnet18_cifar_w{width}_b{batch}_step",
+              "what": "fwd+bwd+SGD, fc(10)+softmax CE, no MLP head, float32",
+              "width": width, "batch": batch, "threads": args.threads,
+              "repeat": args.repeat,
+              "refimpl_s": round(t_ours, 4), "torch_s": round(t_torch, 4),
+              "refimpl_img_per_s": round(batch / t_ours, 1),
+              "torch_img_per_s": round(batch / t_torch, 1),
+              "ratio": round(t_torch / t_ours, 3)})
+
+
+if __name__ == "__main__":
+    main()
