@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.cli import run
 from refimpl.data.packed import write_packed
 
 LAYOUTS = {
@@ -310,13 +311,8 @@ def build_parser():
 def main(argv=None):
     """Command-line entry point; returns the exit status (0 ok, 1 error)."""
     args = build_parser().parse_args(argv)
-    try:
-        paths = convert_cifar(args.src, args.out, dataset=args.dataset, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"cifar: error: {e}", file=sys.stderr)
-        return 1
-    print(f"cifar: wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
-    return 0
+    return run("cifar", lambda: "wrote " + ", ".join(map(str, convert_cifar(
+        args.src, args.out, dataset=args.dataset, overwrite=args.overwrite))))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.cli import run
 from refimpl.backend import rng
 
 DIGIT_SCALE = (0.35, 0.75)       # digit side / canvas side
@@ -220,14 +221,9 @@ def main(argv=None):
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        train, test = make_clutter(args.out, size=args.size, copies=args.copies, seed=args.seed,
-                                   test_fraction=args.test_fraction, overwrite=args.overwrite)
-    except (ValueError, FileExistsError) as e:
-        print(f"clutter: error: {e}", file=sys.stderr)
-        return 1
-    print(f"clutter: wrote {train}, {test}", file=sys.stderr)
-    return 0
+    return run("clutter", lambda: "wrote " + ", ".join(map(str, make_clutter(
+        args.out, size=args.size, copies=args.copies, seed=args.seed,
+        test_fraction=args.test_fraction, overwrite=args.overwrite))))
 
 
 if __name__ == "__main__":

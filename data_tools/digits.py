@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.cli import run
 from refimpl.backend import rng
 from refimpl.data.packed import write_packed
 
@@ -109,14 +110,9 @@ def build_parser():
 def main(argv=None):
     """Command-line entry point; returns the exit status (0 ok, 1 error)."""
     args = build_parser().parse_args(argv)
-    try:
-        paths = make_digits(args.out, size=args.size, test_fraction=args.test_fraction,
-                            seed=args.seed, overwrite=args.overwrite)
-    except (ValueError, FileExistsError) as e:
-        print(f"digits: error: {e}", file=sys.stderr)
-        return 1
-    print(f"digits: wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
-    return 0
+    return run("digits", lambda: "wrote " + ", ".join(map(str, make_digits(
+        args.out, size=args.size, test_fraction=args.test_fraction, seed=args.seed,
+        overwrite=args.overwrite))))
 
 
 if __name__ == "__main__":

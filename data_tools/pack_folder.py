@@ -60,6 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.cli import run
 from refimpl.data.packed import PackedWriter
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default (about 0.25 GiB of 24-bit RGB)
@@ -342,16 +343,10 @@ def build_parser():
 def main(argv=None):
     """Command-line entry point; returns the exit status (0 ok, 1 error)."""
     args = build_parser().parse_args(argv)
-    try:
-        out = pack_folder(args.src, args.out, args.size, resize=args.resize, workers=args.workers,
-                          skip_bad=args.skip_bad, max_pixels=args.max_pixels,
-                          overwrite=args.overwrite, progress=not args.quiet)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"pack_folder: error: {e}", file=sys.stderr)
-        return 1
-    if not args.quiet:
-        print(f"pack_folder: wrote {out}", file=sys.stderr)
-    return 0
+    return run("pack_folder", lambda: "wrote " + str(pack_folder(
+        args.src, args.out, args.size, resize=args.resize, workers=args.workers,
+        skip_bad=args.skip_bad, max_pixels=args.max_pixels, overwrite=args.overwrite,
+        progress=not args.quiet)), quiet=args.quiet)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.cli import run
 from refimpl.data.augment import AugmentConfig, augment_batch, denormalize, eval_transform
 
 GAP = 2
@@ -72,7 +73,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from PIL import Image
     from refimpl.data.packed import open_dataset
-    try:
+    def work():
         if not args.dataset.startswith("synthetic:") and not Path(args.dataset).exists():
             raise FileNotFoundError(f"dataset {args.dataset!r} not found (expected a packed "
                                     f"dataset folder or a 'synthetic:n=...' spec)")
@@ -80,16 +81,12 @@ def main(argv=None):
             raise ValueError(f"--zoom must be >= 1, got {args.zoom}")
         grid = sheet(open_dataset(args.dataset), n=args.n, augs=args.augs, size=args.size,
                      seed=args.seed)
-    except (ValueError, OSError) as e:
-        print(f"preview: error: {e}", file=sys.stderr)
-        return 1
-    if args.zoom > 1:
         grid = np.repeat(np.repeat(grid, args.zoom, axis=0), args.zoom, axis=1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(out)
-    print(f"preview: wrote {out} ({grid.shape[1]}x{grid.shape[0]})", file=sys.stderr)
-    return 0
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(out)
+        return f"wrote {out} ({grid.shape[1]}x{grid.shape[0]})"
+    return run("preview", work)
 
 
 if __name__ == "__main__":

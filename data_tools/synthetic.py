@@ -32,6 +32,8 @@ import sys
 
 import numpy as np
 
+from data_tools.cli import run
+
 SHAPES = ("disk", "square", "diamond", "triangle", "ring", "frame", "plus", "cross")
 TEXTURES = ("solid", "stripes", "checker", "dots")
 MAX_CLASSES = len(SHAPES) * len(TEXTURES)
@@ -346,15 +348,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing packed dataset")
     args = parser.parse_args(argv)
-    try:
+    def work():
         path = write_synthetic(args.out, args.n, size=args.size, num_classes=args.classes,
                                seed=args.seed, overwrite=args.overwrite)
-    except (ValueError, FileExistsError) as e:
-        print(f"synthetic: error: {e}", file=sys.stderr)
-        return 1
-    print(f"synthetic: wrote {args.n} images ({args.size}x{args.size}, {args.classes} classes) "
-          f"to {path}", file=sys.stderr)
-    return 0
+        return f"wrote {args.n} images ({args.size}x{args.size}, {args.classes} classes) to {path}"
+    return run("synthetic", work)
 
 
 if __name__ == "__main__":

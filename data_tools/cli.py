@@ -1,0 +1,20 @@
+"""How every data_tools command ends: one line on stderr and an exit status.
+
+A converter raises ValueError (bad input, named) or OSError (missing,
+unreadable or existing paths) and writes nothing; the command then prints
+``<tool>: error: <message>`` and exits 1 instead of a traceback. On success
+it prints ``<tool>: <what it did>`` and exits 0.
+"""
+import sys
+
+
+def run(tool, work, quiet=False):
+    """Exit status of ``work()``, which does the job and returns a report line."""
+    try:
+        report = work()
+    except (ValueError, OSError) as e:
+        print(f"{tool}: error: {e}", file=sys.stderr)
+        return 1
+    if not quiet:
+        print(f"{tool}: {report}", file=sys.stderr)
+    return 0
