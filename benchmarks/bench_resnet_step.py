@@ -8,7 +8,7 @@ random labels, forward + backward + one SGD step (momentum 0.9, weight decay
 benchmarks/common.py). The PyTorch model is the independent one from
 tests/torch_resnet.py, loaded with refimpl's weights.
 
-    python benchmarks/bench_resnet_step.py [--repeat 3]
+    python benchmarks/bench_resnet_step.py [--rounds 5] [--threads 2]
 
 Prints one JSON object per configuration (width, batch): images per second of
 each and ratio = refimpl / torch (above 1: refimpl is faster).
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # torch_resnet
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import emit, machine_info, median_time, set_threads  # noqa: E402
+from benchmarks.common import compare_times, emit, machine_info, set_threads  # noqa: E402
 from refimpl.layers.loss import (softmax_cross_entropy_backward,  # noqa: E402
                                  softmax_cross_entropy_forward)
 from refimpl.models.resnet import ResNet  # noqa: E402
@@ -64,7 +64,8 @@ def torch_step(torch, model_sd, width, x, y):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="alternating refimpl/torch blocks (2 steps each); medians are reported")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     set_threads(args.threads)
@@ -76,16 +77,15 @@ def main():
         y = g.integers(0, 10, size=batch)
         model, ours = refimpl_step(width, batch, x, y)
         theirs = torch_step(torch, model.store.state_dict(), width, x, y)
-        t_ours = median_time(ours, repeat=args.repeat, warmup=1)
-        t_torch = median_time(theirs, repeat=args.repeat, warmup=1)
+        t_ours, t_torch, ratio = compare_times(ours, theirs, rounds=args.rounds)
         emit({"name": f"resnet18_cifar_w{width}_b{batch}_step",
               "what": "fwd+bwd+SGD, fc(10)+softmax CE, no MLP head, float32",
               "width": width, "batch": batch, "threads": args.threads,
-              "repeat": args.repeat,
+              "rounds": args.rounds,
               "refimpl_s": round(t_ours, 4), "torch_s": round(t_torch, 4),
               "refimpl_img_per_s": round(batch / t_ours, 1),
               "torch_img_per_s": round(batch / t_torch, 1),
-              "ratio": round(t_torch / t_ours, 3)})
+              "ratio": round(ratio, 3)})
 
 
 if __name__ == "__main__":

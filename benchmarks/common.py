@@ -39,6 +39,33 @@ def median_time(fn, repeat=5, warmup=1):
     return float(np.median(times))
 
 
+def compare_times(ours, theirs, rounds=5, per_round=2, warmup=1):
+    """Time two step functions in alternating blocks; robust to a noisy machine.
+
+    Each round runs ``per_round`` calls of ``ours`` and then ``per_round`` of
+    ``theirs`` (blocks, not single interleaved calls: one library's spinning
+    worker threads would otherwise slow the other down) and keeps the fastest
+    call of each block. Returns (our seconds, their seconds, ratio), the
+    median over rounds of each, with ratio = theirs / ours per round (above
+    1: ours is faster). Alternating means a burst of load from another
+    process hits both sides rather than one.
+    """
+    for _ in range(warmup):
+        ours()
+        theirs()
+    t_ours, t_theirs = [], []
+    for _ in range(rounds):
+        for fn, times in ((ours, t_ours), (theirs, t_theirs)):
+            best = float("inf")
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t0)
+            times.append(best)
+    ratios = [b / a for a, b in zip(t_ours, t_theirs)]
+    return float(np.median(t_ours)), float(np.median(t_theirs)), float(np.median(ratios))
+
+
 def emit(record):
     """Print one JSON object per line (flushed, so partial runs still report)."""
     print(json.dumps(record), flush=True)
