@@ -19,13 +19,12 @@ network, each shape weighted by how often it occurs (``count``).
 """
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import emit, machine_info, set_threads  # noqa: E402
+from benchmarks.common import best_time, emit, machine_info, set_threads  # noqa: E402
 from refimpl.layers.conv import conv2d_backward, conv2d_forward  # noqa: E402
 
 
@@ -41,21 +40,6 @@ def resnet18_cifar_convs(width, batch):
                    (f"layer{i + 2}.0.downsample", 1, (batch, c, h, h), (f, c, 1, 1), 2, 0)]
         c, h = f, h // 2
     return shapes
-
-
-def best_time(fn, repeat):
-    """Shortest wall time of ``fn()`` over ``repeat`` calls after one warm-up.
-
-    The minimum, not the median: other processes on a shared machine only
-    ever add time, so the fastest call is the most repeatable estimate.
-    """
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def bench_one(torch, x_shape, w_shape, stride, pad, repeat):
