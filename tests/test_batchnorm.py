@@ -303,3 +303,26 @@ def test_matches_pytorch(shape, train):
     check_tensor("dx", dx, tx.grad.numpy(), 1e-10)
     check_tensor("dgamma", dgamma, tg.grad.numpy(), 1e-10)
     check_tensor("dbeta", dbeta, tb.grad.numpy(), 1e-10)
+
+
+def test_synced_float32_keeps_its_digits_when_the_mean_is_large():
+    """Sync BN's one-message statistics, sum(d) and sum(d^2) with d = x - running_mean,
+    stay accurate in float32 for a channel with mean 30 and std 0.05 (where
+    sum(x^2)/m - mean^2 would keep no digit), once the running mean is near."""
+    rng = np.random.default_rng(5)
+    x64 = 30.0 + 0.05 * rng.standard_normal((64, 4, 8, 8))
+    gamma, beta = rng.standard_normal(4) + 1.5, rng.standard_normal(4)
+    rm64 = x64.mean(axis=(0, 2, 3)) + 0.01 * rng.standard_normal(4)   # a running mean nearby
+    rv64 = np.ones(4)
+    ref, _, ref_rm, ref_rv = batchnorm_forward(x64, gamma, beta, rm64, rv64)
+
+    f32 = [a.astype(np.float32) for a in (x64, gamma, beta, rm64, rv64)]
+    out, _, new_rm, new_rv = batchnorm_forward(*f32, allreduce=lambda v: v)
+    check_tensor("out (float32 synced)", out, ref, 2e-3)
+    check_tensor("running_var (float32 synced)", new_rv, ref_rv, 1e-3)
+    check_tensor("running_mean (float32 synced)", new_rm, ref_rm, 1e-6)
+    # Negative control: with a zero shift (running mean 0) the same data
+    # loses the variance entirely in float32.
+    zero = np.zeros(4, np.float32)
+    bad, _, _, _ = batchnorm_forward(f32[0], f32[1], f32[2], zero, f32[4], allreduce=lambda v: v)
+    assert np.abs(bad - ref).max() / np.abs(ref).max() > 1e-2

@@ -20,7 +20,8 @@ Conventions (where frameworks differ):
 Synchronized BatchNorm: with ``allreduce`` (a callable ``v -> sum of v over the
 ranks of the BatchNorm group``) the statistics are those of the union of the
 local batches of all ranks. Forward makes exactly one call, on
-``[sum x (C), sum x^2 (C), count (1)]``; backward makes exactly one call, on
+``[sum d (C), sum d^2 (C), count (1)]`` with ``d = x - running_mean`` (a shift
+shared by all ranks, for float32 accuracy); backward makes exactly one call, on
 ``[sum dout (C), sum dout * xhat (C)]``. The returned dgamma/dbeta are the
 *local* sums (this rank's share); summing them over ranks is the job of the
 gradient all-reduce, like every other replicated parameter.
@@ -67,7 +68,8 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, train=True,
     With m = count of values per channel (N*H*W, summed over ranks if synced):
       mean = sum(x) / m
       var  = sum((x - mean)^2) / m                       (local: two passes)
-           = sum(x^2) / m - mean^2                       (synced: one allreduce)
+           = sum(d^2) / m - (sum(d) / m)^2, d = x - running_mean
+                                                         (synced: one allreduce)
       xhat = (x - mean) / sqrt(var + eps)
       out  = gamma * xhat + beta
       new_running_mean = (1 - momentum) * running_mean + momentum * mean
@@ -96,6 +98,9 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, train=True,
                  "axes": axes, "bshape": bshape}
         return out, cache, running_mean, running_var
 
+    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+        if stat is not None:
+            _check_param(name, stat, C)
     if allreduce is None:
         if local_count <= 1:
             raise ValueError(f"batchnorm: train mode needs more than 1 value per "
@@ -109,9 +114,18 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, train=True,
     else:
         # One message per forward: per-channel sum, sum of squares, and the
         # count (a float; exact in float32 up to 2**24 values per channel).
+        # The sums are of x - shift, with a shift every rank shares: the
+        # running mean (replicated, and identical on all ranks under sync BN).
+        # E[d^2] - E[d]^2 loses about log10((mean - shift)^2 / var) digits,
+        # so without the shift a float32 channel with mean 30 and std 0.05
+        # keeps none; once the running mean has caught up it loses ~none.
+        shift = 0 if running_mean is None else \
+            running_mean.astype(x.dtype, copy=False).reshape(bshape)  # (1, C, 1, 1)
+        d = x - shift                                        # like x
         stats = xp.concatenate([
-            xp.sum(x, axis=axes), xp.sum(x * x, axis=axes),
+            xp.sum(d, axis=axes), xp.sum(xp.square(d), axis=axes),
             xp.full((1,), local_count, dtype=x.dtype)])      # (2C + 1,)
+        del d  # free it before the next full-size allocation
         total = allreduce(stats)
         if total is None or total.shape != (2 * C + 1,):
             raise ValueError(f"batchnorm: allreduce must return shape ({2 * C + 1},), "
@@ -122,10 +136,10 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, train=True,
         if local_count <= 1 and float(count) <= 1:
             raise ValueError("batchnorm: synchronized train mode needs more than 1 "
                              "value per channel over all ranks")
-        mean = (total[:C] / count).reshape(bshape)           # (1, C, 1, 1)
-        # E[x^2] - mean^2 can round to a tiny negative number; a variance is >= 0.
-        var = xp.maximum(total[C:2 * C] / count - (total[:C] / count) ** 2, 0)
-        var = var.reshape(bshape)                            # (1, C, 1, 1), biased
+        mean_d = (total[:C] / count).reshape(bshape)         # (1, C, 1, 1): E[x - shift]
+        # E[d^2] - E[d]^2 can round to a tiny negative number; a variance is >= 0.
+        var = xp.maximum(total[C:2 * C].reshape(bshape) / count - mean_d ** 2, 0)  # biased
+        mean = mean_d + shift                                # (1, C, 1, 1)
         xc = x - mean
 
     inv_std = 1.0 / xp.sqrt(var + eps)                       # (1, C, 1, 1)
@@ -138,11 +152,9 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, train=True,
 
     new_mean = new_var = None
     if running_mean is not None:
-        _check_param("running_mean", running_mean, C)
         new_mean = ((1 - momentum) * running_mean + momentum * mean.reshape(C)
                     ).astype(running_mean.dtype, copy=False)
     if running_var is not None:
-        _check_param("running_var", running_var, C)
         # The running variance is unbiased (PyTorch), the normalization is not.
         unbiased = var.reshape(C) * (count / (count - 1))
         new_var = ((1 - momentum) * running_var + momentum * unbiased
