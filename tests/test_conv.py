@@ -219,3 +219,15 @@ def test_conv_threads_are_bitwise_repeatable(threads, monkeypatch):
         serial, _ = _run(x, w, stride, 1, 14)
         for name, a, b in zip(("out", "dx", "dw"), first, serial):
             check_tensor(name, a, b, 1e-5)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride, pad, match", [
+    ((1, 2, 5, 5), (3, 2, 3, 3), 0, 1, "stride must be an int >= 1"),
+    ((1, 2, 5, 5), (3, 2, 3, 3), 1, -1, "pad must be an int >= 0"),
+    ((1, 2, 5, 5), (3, 2, 3, 3), 2.0, 1, "stride must be an int"),
+    ((1, 2, 2, 2), (3, 2, 5, 5), 1, 1, "larger than padded input"),
+    ((1, 2, 5, 5), (3, 4, 3, 3), 1, 1, "x has 2 channels but w expects 4"),
+])
+def test_conv_rejects_impossible_arguments(x_shape, w_shape, stride, pad, match):
+    with pytest.raises(ValueError, match=match):
+        conv2d_forward(np.zeros(x_shape), np.zeros(w_shape), stride, pad)

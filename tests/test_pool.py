@@ -154,3 +154,40 @@ def test_global_avgpool_matches_pytorch():
     outt.backward(torch.tensor(dout))
     check_tensor("out", out, outt.detach().numpy(), 1e-10, kind="rel")
     check_tensor("dx", dx, xt.grad.numpy(), 1e-10, kind="rel")
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("case", POOL_CASES, ids=_ids)
+def test_maxpool_nan_propagates_like_pytorch(case):
+    """A NaN anywhere in a window wins (PyTorch: val > max || isnan(val)), and
+    the window's gradient goes to its last NaN; NaN must reach the loss."""
+    torch = pytest.importorskip("torch")
+    x_shape, k, s, p = case
+    x = _distinct(x_shape, 13)
+    x[0, 0, 1, 1] = np.nan
+    x[-1, -1, 2, 1] = np.nan
+    x[-1, -1, 2, 2] = np.nan  # two NaNs side by side: the later one takes the gradient
+    out, cache = maxpool2d_forward(x, k, s, p)
+    dout = np.random.default_rng(14).standard_normal(out.shape)
+    xt = torch.tensor(x, requires_grad=True)
+    outt = torch.nn.functional.max_pool2d(xt, k, s, p)
+    outt.backward(torch.tensor(dout))
+    assert np.isnan(out).any()
+    np.testing.assert_array_equal(out, outt.detach().numpy())  # NaN where torch has NaN
+    # overlapping windows sum in another order: equal up to rounding
+    check_tensor("dx", maxpool2d_backward(dout, cache), xt.grad.numpy(), 1e-14)
+    check_tensor("dx naive", maxpool2d_backward_naive(dout, maxpool2d_forward_naive(x, k, s, p)[1]),
+                 xt.grad.numpy(), 1e-14)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kernel=3, stride=0, pad=1), "stride must be an int >= 1"),
+    (dict(kernel=3, stride=2, pad=-1), "pad must be an int >= 0"),
+    (dict(kernel=0, stride=1, pad=0), "kernel must be an int >= 1"),
+    (dict(kernel=3, stride=1.5, pad=1), "stride must be an int"),
+    (dict(kernel=9, stride=1, pad=1), "larger than padded input"),
+    (dict(kernel=3, stride=2, pad=2), "pad 2 must be <= kernel // 2"),
+])
+def test_maxpool_rejects_impossible_windows(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        maxpool2d_forward(np.zeros((1, 1, 5, 5)), **kwargs)

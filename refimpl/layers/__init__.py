@@ -15,4 +15,5 @@ In the order a training step meets them:
     linear.py      fully connected, with or without bias
     normalize.py   row-wise L2 normalization (F.normalize)
     loss.py        softmax cross-entropy with hard or soft targets
+    window.py      the sliding-window output size shared by conv and pool
 """

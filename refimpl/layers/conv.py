@@ -53,6 +53,7 @@ positions with the equation above written out; the tests check the fast path
 against them.
 """
 from refimpl.backend import get_array_module, num_workers, parallel_map
+from refimpl.layers.window import output_size
 
 COLS_BYTES = 4 << 20   # column-matrix bytes per chunk of images (stays in L2/L3 cache)
 MIN_COLUMNS = 1024     # but at least this many output pixels (GEMM columns) per chunk
@@ -169,11 +170,7 @@ def conv2d_forward(x, w, stride=1, pad=0):
         raise ValueError(f"conv2d: x has {C} channels but w expects {Cw}")
     if x.dtype != w.dtype:
         raise ValueError(f"conv2d: x is {x.dtype} but w is {w.dtype}")
-    if H + 2 * pad < HH or W + 2 * pad < WW:
-        raise ValueError(f"conv2d: kernel {HH}x{WW} larger than padded input "
-                         f"{H + 2 * pad}x{W + 2 * pad}")
-    Ho = (H + 2 * pad - HH) // stride + 1
-    Wo = (W + 2 * pad - WW) // stride + 1
+    Ho, Wo = output_size("conv2d", H, W, HH, WW, stride, pad)
     out = xp.empty((N, F, Ho, Wo), dtype=x.dtype)
     shards = _shards(N, num_workers(x))
     shard_size = shards[0][1]  # the largest; no chunk is bigger, so every thread gets work

@@ -14,8 +14,10 @@ Max pooling follows PyTorch's ``F.max_pool2d``:
 
 where the padding acts as -inf (it never wins), and in backward the whole of
 dout[n, c, i, j] goes to ONE input pixel: on ties, the first maximum of the
-window in row-major (kh, then kw) order, which is PyTorch's CPU rule. Pixels
-shared by overlapping windows sum the gradients they receive.
+window in row-major (kh, then kw) order, which is PyTorch's CPU rule. A NaN
+always wins, as in PyTorch (``val > max || isnan(val)``): the output is NaN
+and the gradient goes to the window's last NaN. Pixels shared by
+overlapping windows sum the gradients they receive.
 
 The fast path takes the running maximum over the kernel*kernel shifted,
 strided slices of the padded input, remembering which tap won (an int8 per
@@ -24,6 +26,7 @@ twins loop over output pixels with ``argmax`` and are what the fast path is
 tested against. Outputs keep x's dtype.
 """
 from refimpl.backend import get_array_module
+from refimpl.layers.window import output_size
 
 
 def maxpool2d_forward(x, kernel=3, stride=2, pad=1):
@@ -40,10 +43,9 @@ def maxpool2d_forward(x, kernel=3, stride=2, pad=1):
     """
     xp = get_array_module(x)
     N, C, H, W = x.shape
+    Ho, Wo = output_size("maxpool2d", H, W, kernel, kernel, stride, pad)
     if pad > kernel // 2:
         raise ValueError(f"maxpool2d: pad {pad} must be <= kernel // 2 = {kernel // 2}")
-    Ho = (H + 2 * pad - kernel) // stride + 1
-    Wo = (W + 2 * pad - kernel) // stride + 1
     xpad = xp.full((N, C, H + 2 * pad, W + 2 * pad), -xp.inf, dtype=x.dtype)  # (N, C, Hp, Wp)
     xpad[:, :, pad:pad + H, pad:pad + W] = x
     s = stride
@@ -54,8 +56,9 @@ def maxpool2d_forward(x, kernel=3, stride=2, pad=1):
             if kh == 0 and kw == 0:
                 continue
             tap = xpad[:, :, kh:kh + s * Ho:s, kw:kw + s * Wo:s]  # (N, C, H', W')
-            # strictly greater: on a tie the earlier tap (row-major) keeps the max
-            better = tap > out
+            # strictly greater: on a tie the earlier tap (row-major) keeps the
+            # max; a NaN tap always takes over (PyTorch's rule), so NaN propagates
+            better = (tap > out) | xp.isnan(tap)
             out = xp.where(better, tap, out)
             argtap = xp.where(better, xp.int8(kh * kernel + kw), argtap)
     return out, (x.shape, argtap, kernel, stride, pad)
@@ -99,7 +102,7 @@ def maxpool2d_forward_naive(x, kernel=3, stride=2, pad=1):
 
 
 def maxpool2d_backward_naive(dout, cache):
-    """Loop-based twin of ``maxpool2d_backward``: argmax (first occurrence) per window."""
+    """Loop-based twin of ``maxpool2d_backward``: first maximum per window (last NaN if any)."""
     xp = get_array_module(dout)
     xpad, kernel, stride, pad = cache
     N, C, Hp, Wp = xpad.shape
@@ -111,8 +114,10 @@ def maxpool2d_backward_naive(dout, cache):
                 for j in range(Wo):
                     hs, ws = i * stride, j * stride
                     window = xpad[n, c, hs:hs + kernel, ws:ws + kernel]
+                    nan = xp.flatnonzero(xp.isnan(window))
                     # argmax of the row-major flattening = the first maximum
-                    kh, kw = divmod(int(xp.argmax(window)), kernel)
+                    k = int(nan[-1]) if nan.size else int(xp.argmax(window))
+                    kh, kw = divmod(k, kernel)
                     dxpad[n, c, hs + kh, ws + kw] += dout[n, c, i, j]
     return dxpad[:, :, pad:Hp - pad, pad:Wp - pad]
 
