@@ -46,6 +46,7 @@ default of 1, importing refimpl changes no threading at all.
 """
 import numbers
 import os
+import sys
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -99,7 +100,13 @@ def xp_for(device=None):
 
 
 def get_array_module(*arrays):
-    """numpy or cupy, whichever owns the arrays (numpy for plain Python values)."""
+    """numpy or cupy, whichever owns the arrays (numpy for plain Python values).
+
+    CuPy arrays can only exist once some code has imported cupy; that import
+    (by refimpl or by the caller) is what makes this look for them.
+    """
+    if _cupy is None and "cupy" in sys.modules:
+        _import_cupy()
     if _cupy is not None:
         return _cupy.get_array_module(*arrays)
     return np
@@ -123,14 +130,14 @@ def asarray(x, device=None, dtype=None):
     xp = xp_for(device)
     if xp is not np and get_array_module(x) is np:
         return xp.asarray(x, dtype=dtype)
-    if xp is np and _cupy is not None and get_array_module(x) is not np:
+    if xp is np and get_array_module(x) is not np:
         x = x.get()
     return xp.asarray(x, dtype=dtype)
 
 
 def to_numpy(x):
     """A NumPy array with the values of ``x`` (copies from the GPU if needed)."""
-    if _cupy is not None and get_array_module(x) is not np:
+    if get_array_module(x) is not np:
         return _cupy.asnumpy(x)
     return np.asarray(x)
 
@@ -163,7 +170,8 @@ def scatter_add(a, indices, values):
 
 def synchronize(x=None):
     """Wait for the current CUDA stream (before MPI touches a device buffer)."""
-    if _cupy is not None and (x is None or get_array_module(x) is not np):
+    on_device = _cupy is not None if x is None else get_array_module(x) is not np
+    if on_device:
         _cupy.cuda.get_current_stream().synchronize()
 
 

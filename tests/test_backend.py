@@ -172,3 +172,22 @@ def test_num_threads_default_from_env():
     env["REFIMPL_NUM_THREADS"] = "2"
     two = run()
     assert two.stdout.split() == ["2", "[1]"], two.stderr
+
+
+def test_arrays_of_a_cupy_imported_elsewhere_are_recognized(monkeypatch):
+    """A caller that imported cupy itself (refimpl did not) still gets cupy
+    from get_array_module for its arrays: here with a stand-in module."""
+    import sys
+    import types
+
+    class DeviceArray:
+        pass
+
+    fake = types.ModuleType("cupy")
+    fake.get_array_module = lambda *arrays: fake if any(
+        isinstance(a, DeviceArray) for a in arrays) else np
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(backend, "_cupy", None)
+    assert backend.get_array_module(DeviceArray()) is fake
+    assert backend.device_of(DeviceArray()) == "gpu"
+    assert backend.get_array_module(np.zeros(2)) is np
