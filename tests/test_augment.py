@@ -1,5 +1,6 @@
 """Augmentations: determinism per (seed, epoch, id), shapes/dtypes, each op's maths."""
 import colorsys
+import math
 
 import numpy as np
 import pytest
@@ -130,6 +131,50 @@ def test_crop_boxes_follow_torchvision_rules():
     np.testing.assert_array_equal(top, [12] * 3)      # (40 - 15) // 2
 
 
+def _torchvision_box(u_area, u_ratio, H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """(h, w) of one get_params try, written out with torchvision's formulas."""
+    area = H * W * (scale[0] + u_area * (scale[1] - scale[0]))
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    r = math.exp(log_lo + u_ratio * (log_hi - log_lo))
+    return int(round(math.sqrt(area / r))), int(round(math.sqrt(area * r)))
+
+
+def test_crop_box_is_the_first_try_that_fits():
+    H, W = 40, 30
+    u = np.full((1, A.N_DRAWS), 0.5)
+    # try 0: nearly the whole area at ratio 1 -> w = 35 > 30, does not fit
+    u[0, A._SLOT_AREA + 0], u[0, A._SLOT_RATIO + 0] = 0.999, 0.5
+    # try 1: fits; tries 2..9: fit too, with another box
+    u[0, A._SLOT_AREA + 1], u[0, A._SLOT_RATIO + 1] = 0.5, 0.5
+    u[0, A._SLOT_AREA + 2:A._SLOT_AREA + A.CROP_TRIES] = 0.2
+    u[0, A._SLOT_RATIO + 2:A._SLOT_RATIO + A.CROP_TRIES] = 0.3
+    u[0, A._SLOT_TOP], u[0, A._SLOT_LEFT] = 0.7, 0.4
+    h0, w0 = _torchvision_box(0.999, 0.5, H, W)
+    h1, w1 = _torchvision_box(0.5, 0.5, H, W)
+    h2, w2 = _torchvision_box(0.2, 0.3, H, W)
+    assert w0 > W and (h1, w1) == (25, 25) and (h2, w2) == (19, 17)  # the premise
+    top, left, h, w = A.crop_boxes(u, H, W, AugmentConfig())
+    # get_params: i = randint(0, H - h + 1), j = randint(0, W - w + 1)
+    assert (h[0], w[0]) == (h1, w1)
+    assert top[0] == int(0.7 * (H - h1 + 1)) == 11
+    assert left[0] == int(0.4 * (W - w1 + 1)) == 2
+
+
+def test_crop_box_central_fallback_when_no_try_fits():
+    # a wide 20 x 40 image, ~all of its area at any ratio in [3/4, 4/3]: h or w too big
+    H, W = 20, 40
+    u = np.full((2, A.N_DRAWS), 0.9)
+    u[:, A._SLOT_AREA:A._SLOT_AREA + A.CROP_TRIES] = 0.999
+    u[1, A._SLOT_RATIO:A._SLOT_RATIO + A.CROP_TRIES] = 0.0
+    assert all(_torchvision_box(0.999, r, H, W)[0] > H for r in (0.0, 0.9))  # the premise
+    top, left, h, w = A.crop_boxes(u, H, W, AugmentConfig())
+    # in_ratio 2 > 4/3: h = H, w = round(H * 4/3) = 27, centred
+    np.testing.assert_array_equal(h, [20, 20])
+    np.testing.assert_array_equal(w, [27, 27])
+    np.testing.assert_array_equal(top, [0, 0])
+    np.testing.assert_array_equal(left, [(40 - 27) // 2] * 2)
+
+
 def test_full_crop_identity_params_is_plain_resize():
     x = images(3, h=9, w=9)
     n = 3
@@ -142,26 +187,73 @@ def test_full_crop_identity_params_is_plain_resize():
 
 
 def _bilinear_reference(x, top, left, h, w, s):
-    """Loop-based bilinear (align_corners=False, clamped): the slow twin."""
+    """Loop-based bilinear (align_corners=False) of the box: the slow twin.
+
+    Sample points are clamped to the box, not the image (crop, then resize):
+    no pixel outside the box ever contributes.
+    """
     n, c, H, W = x.shape
     out = np.zeros((n, c, s, s))
     for p in range(s):
         for q in range(s):
-            y = min(max(top + (p + 0.5) * h / s - 0.5, 0), H - 1)
-            xx = min(max(left + (q + 0.5) * w / s - 0.5, 0), W - 1)
+            y = min(max(top + (p + 0.5) * h / s - 0.5, top), top + h - 1)
+            xx = min(max(left + (q + 0.5) * w / s - 0.5, left), left + w - 1)
             y0, x0 = int(np.floor(y)), int(np.floor(xx))
-            y1, x1 = min(y0 + 1, H - 1), min(x0 + 1, W - 1)
+            y1, x1 = min(y0 + 1, top + h - 1), min(x0 + 1, left + w - 1)
             fy, fx = y - y0, xx - x0
             out[:, :, p, q] = ((1 - fy) * (1 - fx) * x[:, :, y0, x0] + (1 - fy) * fx * x[:, :, y0, x1]
                                + fy * (1 - fx) * x[:, :, y1, x0] + fy * fx * x[:, :, y1, x1])
     return out
 
 
-def test_resized_crop_matches_loop_twin_on_a_box():
+@pytest.mark.parametrize("s", [5, 17])  # downscaled and upscaled box
+def test_resized_crop_matches_loop_twin_on_a_box(s):
     x = images(1, h=11, w=13)
     one = np.ones(1, dtype=np.int64)
-    got = A.resized_crop(x, 2 * one, 3 * one, 6 * one, 8 * one, 5, np.zeros(1, bool), np.float64)
-    np.testing.assert_allclose(got, _bilinear_reference(planar(x), 2, 3, 6, 8, 5), atol=1e-12)
+    got = A.resized_crop(x, 2 * one, 3 * one, 6 * one, 8 * one, s, np.zeros(1, bool), np.float64)
+    np.testing.assert_allclose(got, _bilinear_reference(planar(x), 2, 3, 6, 8, s), atol=1e-12)
+
+
+# (top, left, h, w) in a 20 x 24 image: inner boxes, boxes touching each edge,
+# a 1-pixel-wide box, the whole image; each upscaled to 32 and downscaled to 5
+TORCH_BOXES = [(5, 7, 10, 12), (0, 0, 7, 9), (13, 15, 7, 9), (3, 0, 17, 5), (0, 23, 20, 1),
+               (2, 4, 16, 16), (0, 0, 20, 24)]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("dtype, atol", [(np.float64, 1e-12), (np.float32, 1e-6)])
+def test_resized_crop_equals_torch_crop_then_interpolate(dtype, atol):
+    """torchvision's resized_crop on a tensor: slice the box, F.interpolate it
+    (bilinear, align_corners=False, antialias=False), then hflip. Pixels outside
+    the box must not leak in at its edges. Reference in float64; float32 to 1e-6."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    x = images(3, h=20, w=24, seed=7)
+    t = torch.from_numpy(planar(x))                              # (3, 3, 20, 24) float64
+    n = x.shape[0]
+    for top, left, h, w in TORCH_BOXES:
+        box = [np.full(n, v, dtype=np.int64) for v in (top, left, h, w)]
+        for s in (32, 5):
+            ref = F.interpolate(t[:, :, top:top + h, left:left + w], size=(s, s), mode="bilinear",
+                                align_corners=False, antialias=False).numpy()
+            flip = np.array([False, True, False])
+            got = A.resized_crop(x, *box, s, flip, dtype)
+            assert got.dtype == dtype
+            want = np.where(flip[:, None, None, None], ref[..., ::-1], ref)
+            err = np.abs(got - want)
+            where = np.unravel_index(err.argmax(), err.shape)
+            assert err.max() <= atol, (f"box {(top, left, h, w)} -> {s}: max diff {err.max():.3g} "
+                                       f"at {where}: got {got[where]}, torch {want[where]}")
+
+
+def test_resized_crop_rejects_boxes_outside_the_image():
+    x = images(1, h=11, w=13)
+    one = np.ones(1, dtype=np.int64)
+    no = np.zeros(1, bool)
+    with pytest.raises(ValueError, match="box"):
+        A.resized_crop(x, 6 * one, 0 * one, 6 * one, 8 * one, 5, no, np.float64)  # 6 + 6 > 11
+    with pytest.raises(ValueError, match="box"):
+        A.resized_crop(x, 0 * one, 0 * one, 0 * one, 8 * one, 5, no, np.float64)  # empty
 
 
 @pytest.mark.torch
@@ -284,6 +376,22 @@ def test_color_jitter_applies_each_images_own_order():
     assert np.abs(factors[:, 3]).max() <= 0.1
     fixed = A.jitter_params(u, AugmentConfig(jitter_order="fixed"))[2]
     np.testing.assert_array_equal(fixed, np.tile(np.arange(4), (6, 1)))
+
+
+def test_color_jitter_and_grayscale_leave_their_input_unchanged():
+    x = planar(images(6, seed=5))
+    keep = x.copy()
+    u = A.draw_uniforms(0, 4, np.arange(6))
+    apply, factors, order = A.jitter_params(u, AugmentConfig(jitter_p=1.0))
+    jittered = A.color_jitter(x, apply, factors, order)
+    np.testing.assert_array_equal(x, keep)
+    assert jittered is not x and not np.array_equal(jittered, x)
+    mask = np.array([True, False, True, False, False, True])
+    gray = A.random_grayscale(x, mask)
+    np.testing.assert_array_equal(x, keep)
+    assert gray is not x
+    np.testing.assert_array_equal(gray[~mask], x[~mask])
+    np.testing.assert_array_equal(gray[mask][:, 0], gray[mask][:, 2])
 
 
 @pytest.mark.gpu

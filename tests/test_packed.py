@@ -233,3 +233,24 @@ def test_open_dataset_delegates_synthetic(monkeypatch):
     fake.open_synthetic = lambda spec: ("opened", spec)
     monkeypatch.setitem(sys.modules, "data_tools.synthetic", fake)
     assert open_dataset("synthetic:n=10") == ("opened", "synthetic:n=10")
+
+
+def test_open_rejects_out_of_range_labels(tmp_path):
+    images, labels = _data(n=3)
+    path = write_packed(tmp_path / "ds", images, np.array([0, 1, -1]), {"class_names": ["a", "b"]})
+    np.save(path / "labels.npy", np.array([-7, 5, 1]))
+    with pytest.raises(PackedFormatError, match=r"labels\.npy: label -7 at index 0 out of range"):
+        PackedDataset(path)
+    np.save(path / "labels.npy", np.array([1, 5, 0]))
+    with pytest.raises(PackedFormatError,
+                       match=r"labels.npy: label 5 at index 1 out of range \(expected -1 <= label < 2"):
+        PackedDataset(path)
+    np.save(path / "labels.npy", np.array([1, -1, 0]))  # in range: opens
+    assert PackedDataset(path).labels.tolist() == [1, -1, 0]
+    # without class names any label >= -1 is fine, only < -1 is an error
+    path = write_packed(tmp_path / "plain", images, np.array([0, 1, -1]))
+    np.save(path / "labels.npy", np.array([0, 99, -1]))
+    assert PackedDataset(path).labels.tolist() == [0, 99, -1]
+    np.save(path / "labels.npy", np.array([0, 99, -2]))
+    with pytest.raises(PackedFormatError, match=r"label -2 at index 2"):
+        PackedDataset(path)

@@ -21,8 +21,10 @@ Pipeline (torchvision names, SimCLR's order):
 1. ``RandomResizedCrop(S, scale, ratio)``: the crop box is chosen exactly like
    torchvision's ``get_params`` (10 tries of area/log-ratio, then the central
    fallback), then the box is resized to ``S x S`` by **bilinear sampling
-   without antialiasing** (``F.interpolate(mode="bilinear",
-   align_corners=False, antialias=False)`` semantics). torchvision's PIL path
+   without antialiasing**: exactly ``F.interpolate(mode="bilinear",
+   align_corners=False, antialias=False)`` of the cropped tensor, so sample
+   points are clamped to the box and no pixel outside it contributes, even at
+   the box's edges when it is upscaled. torchvision's PIL path
    and its tensor path with ``antialias=True`` low-pass filter when
    downscaling; we do not (cheap, and 32x32 inputs are mostly upscaled).
 2. ``RandomHorizontalFlip(p)``, folded into the sampling grid (free).
@@ -218,15 +220,18 @@ def jitter_params(u, config):
 
 def _interp_matrix(start, length, out_size, in_size, flip, xp, dtype):
     """Bilinear sampling matrices (n, S, in_size): row o holds the 2 weights of
-    source coordinate ``start + (o + 0.5) length / S - 0.5`` (clamped to the
-    image; align_corners=False). ``flip`` reverses the rows of flipped images.
+    source coordinate ``start + (o + 0.5) length / S - 0.5`` (align_corners=False),
+    clamped to the box ``[start, start + length - 1]``, not to the image: this
+    is F.interpolate of the cropped box, which never reads outside it.
+    ``flip`` reverses the rows of flipped images.
     """
     o = np.arange(out_size, dtype=np.float64) + 0.5
     c = start[:, None] + o[None, :] * (length[:, None] / out_size) - 0.5   # (n, S)
     c = np.where(flip[:, None], c[:, ::-1], c)
-    c = np.clip(c, 0, in_size - 1)
+    last = (start + length - 1)[:, None]                                   # (n, 1)
+    c = np.clip(c, start[:, None], last)
     c0 = np.floor(c).astype(np.int64)
-    c1 = np.minimum(c0 + 1, in_size - 1)
+    c1 = np.minimum(c0 + 1, last)
     frac = c - c0
     dev = _device(xp)
     n = c.shape[0]
@@ -249,13 +254,21 @@ def resized_crop(images, top, left, height, width, out_size, flip, dtype):
     Returns planar float (n, 3, S, S) of ``dtype`` in [0, 1].
 
     Output pixel ``(p, q)`` samples source point ``(top + (p + 0.5) h / S - 0.5,
-    left + (q + 0.5) w / S - 0.5)`` (align_corners=False), clamped to the image,
-    without antialiasing. Bilinear sampling is separable and linear, so it is
-    two batched matmuls with sparse (2 weights a row) sampling matrices:
-    ``out = Ry @ x @ Rx^T``; BLAS/cuBLAS beat a fancy-index gather here.
+    left + (q + 0.5) w / S - 0.5)`` (align_corners=False), clamped to the box,
+    without antialiasing: torchvision's crop, then ``F.interpolate``. Bilinear
+    sampling is separable and linear, so it is two batched matmuls with sparse
+    (2 weights a row) sampling matrices: ``out = Ry @ x @ Rx^T``; BLAS/cuBLAS
+    beat a fancy-index gather here.
     """
     xp = get_array_module(images)
     n, H, W, _ = images.shape
+    top, left, height, width = (np.asarray(a, dtype=np.int64) for a in (top, left, height, width))
+    outside = (top < 0) | (left < 0) | (height < 1) | (width < 1) | (top + height > H) \
+        | (left + width > W)
+    if outside.any():
+        i = int(np.argmax(outside))
+        raise ValueError(f"crop box {i} (top {top[i]}, left {left[i]}, h {height[i]}, "
+                         f"w {width[i]}) is empty or outside the {H}x{W} image")
     ry = _interp_matrix(top, height, out_size, H, np.zeros(n, dtype=bool), xp, dtype)
     rx = _interp_matrix(left, width, out_size, W, flip, xp, dtype)
     x = images.transpose(0, 3, 1, 2).astype(dtype)            # (n, 3, H, W)
@@ -359,13 +372,18 @@ _JITTER_FNS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue
 
 
 def color_jitter(x, apply, factors, order):
-    """Apply each selected image's 4 jitter ops in its own order.
+    """Apply each selected image's 4 jitter ops in its own order; a new array.
 
-    x: planar float (n, 3, h, w) on the device; apply: bool (n,), factors (n, 4),
-    order (n, 4) host arrays. Step k applies, to every image, the op it has
-    at position k; images are grouped by op so each op runs once per step on
-    its group (the index sets are built on the host: no device sync).
+    x: planar float (n, 3, h, w) on the device (not modified); apply: bool (n,),
+    factors (n, 4), order (n, 4) host arrays. Step k applies, to every image,
+    the op it has at position k; images are grouped by op so each op runs once
+    per step on its group (the index sets are built on the host: no device sync).
     """
+    return _color_jitter_inplace(x.copy(), apply, factors, order)
+
+
+def _color_jitter_inplace(x, apply, factors, order):
+    """``color_jitter`` writing into ``x``; for augment_batch, which owns its buffer."""
     xp = get_array_module(x)
     dev = _device(xp)
     for step in range(4):
@@ -382,7 +400,13 @@ def color_jitter(x, apply, factors, order):
 
 
 def random_grayscale(x, mask):
-    """Replace the images selected by host bool ``mask`` (n,) by their gray (3 channels)."""
+    """A copy of x with the images selected by host bool ``mask`` (n,) replaced
+    by their gray (3 channels); x is not modified."""
+    return _random_grayscale_inplace(x.copy(), mask)
+
+
+def _random_grayscale_inplace(x, mask):
+    """``random_grayscale`` writing into ``x``; for augment_batch."""
     xp = get_array_module(x)
     sel = np.nonzero(mask)[0]
     if sel.size:
@@ -427,10 +451,11 @@ def augment_batch(images, ids, seed, epoch, out_size, config=None, device=None, 
     flip = u[:, _SLOT_FLIP] < config.flip_p
     x = asarray(images, device=device)                      # uint8 to the device
     x = resized_crop(x, top, left, ch, cw, out_size, flip, dtype)  # (n, 3, S, S)
+    # x is a fresh array owned here: jitter and grayscale write into it (no copies)
     apply, factors, order = jitter_params(u, config)
     if apply.any():
-        x = color_jitter(x, apply, factors, order)
-    x = random_grayscale(x, u[:, _SLOT_GRAY] < config.gray_p)
+        x = _color_jitter_inplace(x, apply, factors, order)
+    x = _random_grayscale_inplace(x, u[:, _SLOT_GRAY] < config.gray_p)
     return normalize(x, config)                             # (n, 3, S, S)
 
 

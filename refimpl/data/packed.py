@@ -384,6 +384,16 @@ class PackedDataset:
                                     f"got {labels.dtype} {labels.shape}")
         if labels.shape[0] != n:
             raise PackedFormatError(f"{lab_path}: {labels.shape[0]} labels for {n} images")
+        # The writer's range rule, checked again: the file may have been replaced.
+        n_classes = len(self.class_names)
+        bad = labels < -1
+        if n_classes:
+            bad |= labels >= n_classes
+        if bad.any():
+            i = int(np.argmax(bad))  # the first bad label
+            allowed = f"-1 <= label < {n_classes} class_names" if n_classes else "label >= -1"
+            raise PackedFormatError(f"{lab_path}: label {int(labels[i])} at index {i} out of range "
+                                    f"(expected {allowed}; -1 = unknown)")
         self.labels = labels.astype(np.int64, copy=False)
 
     def _load_manifest(self):
