@@ -88,3 +88,59 @@ def test_block_dtype_preserved(dtype):
     assert out.dtype == dtype
     assert block.backward(np.ones_like(out)).dtype == dtype
     assert store.grad.dtype == dtype and store.buffer_data.dtype == dtype
+
+
+LAST_BN = {BasicBlock: "bn2", Bottleneck: "bn3"}
+
+
+@pytest.mark.parametrize("zero_init", [True, False], ids=["zero_init", "default"])
+@pytest.mark.parametrize("cls", [BasicBlock, Bottleneck], ids=["basic", "bottleneck"])
+def test_zero_init_residual_block(cls, zero_init):
+    """torchvision's option: only the last BN's weight of the main branch starts at 0."""
+    store = ParamStore(dtype=np.float64)
+    block = cls(store, "blk.", 4, 4, 2, rng=np.random.default_rng(0),
+                zero_init_residual=zero_init)
+    store.finalize()
+    assert block.downsample is not None
+    last = f"blk.{LAST_BN[cls]}.weight"
+    np.testing.assert_array_equal(store.params[last], 0.0 if zero_init else 1.0)
+    for name, view in store.named_params():  # every other BN weight is 1, every BN bias 0
+        if name.endswith("bias"):
+            np.testing.assert_array_equal(view, 0.0, err_msg=name)
+        elif view.ndim == 1 and name != last:  # incl. the downsample's BN (blk.downsample.1)
+            np.testing.assert_array_equal(view, 1.0, err_msg=name)
+
+
+@pytest.mark.parametrize("cls", [BasicBlock, Bottleneck], ids=["basic", "bottleneck"])
+def test_zero_init_residual_block_starts_as_identity(cls):
+    """With the last BN at 0, an identity block computes relu(x) (in train mode too)."""
+    cin = 4 * cls.expansion
+    store = ParamStore(dtype=np.float64)
+    block = cls(store, "", cin, 4, 1, rng=np.random.default_rng(0), zero_init_residual=True)
+    store.finalize()
+    assert block.downsample is None
+    x = np.random.default_rng(1).standard_normal((2, cin, 5, 5))
+    np.testing.assert_array_equal(block.forward(x, train=True), np.maximum(x, 0))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_zero_init_residual_resnet(arch):
+    """ResNet passes the option to every block; the stem's and downsample BNs stay at 1.
+
+    (tests/torch_resnet.py has no zero_init_residual, so the values are checked
+    directly: exactly the last BN weight of every block is 0.)
+    """
+    from refimpl.models.resnet import ARCHS, ResNet
+    block_cls, depths = ARCHS[arch]
+    every_block = [f"layer{s + 1}.{i}.{LAST_BN[block_cls]}.weight"
+                   for s, depth in enumerate(depths) for i in range(depth)]
+    for zero_init in (True, False):
+        model = ResNet(arch, stem="cifar", width=4, num_classes=3, dtype=np.float64,
+                       zero_init_residual=zero_init)
+        bn_weights = {n: v for n, v in model.store.named_params()
+                      if n.endswith(".weight") and v.ndim == 1}
+        zeroed = [n for n, v in bn_weights.items() if np.all(v == 0)]
+        assert zeroed == (every_block if zero_init else [])
+        for n, v in bn_weights.items():
+            if n not in zeroed:
+                np.testing.assert_array_equal(v, 1.0, err_msg=n)

@@ -119,3 +119,21 @@ def test_registration_errors():
     with pytest.raises(RuntimeError, match="after finalize"):
         s.add_param("b", np.zeros(2))
     assert s.data.dtype == np.float32  # the default dtype
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non_strict"])
+@pytest.mark.parametrize("name,bad", [
+    ("bn1.running_mean", np.array([3.0])),          # (1,) would broadcast into (2,)
+    ("bn1.running_var", np.full((2, 1), 3.0)),
+    ("bn1.num_batches_tracked", np.array([7])),     # (1,) would fit into the 0-d counter
+], ids=["running_mean", "running_var", "num_batches_tracked"])
+def test_load_rejects_wrong_shaped_buffers_and_loads_nothing(name, bad, strict):
+    s = make_store()
+    before = s.state_dict()
+    new = {k: (v + 1 if v.dtype.kind == "f" else v + 5) for k, v in before.items()}
+    new[name] = bad
+    with pytest.raises(StateDictError) as e:
+        s.load_state_dict(new, strict=strict)
+    assert f"{name}: expected shape {s.shapes[name]}, got {bad.shape}" in str(e.value)
+    for k, v in s.state_dict().items():  # not even the good keys were written
+        np.testing.assert_array_equal(v, before[k], err_msg=k)

@@ -140,3 +140,18 @@ def test_load_errors_are_clear_and_load_nothing():
 
     for k, v in model.store.state_dict().items():  # no partial load happened
         np.testing.assert_array_equal(v, before[k], err_msg=k)
+
+
+def test_import_rejects_wrong_shaped_buffers_and_loads_nothing():
+    model = ResNet("resnet18", stem="cifar", width=4, num_classes=10, dtype=np.float64)
+    before = model.store.state_dict()
+    sd = {k: v + 1 if v.dtype.kind == "f" else v + 3 for k, v in export_torchvision(model).items()}
+    sd["layer1.0.bn1.running_mean"] = np.zeros(1)          # would broadcast into (4,)
+    sd["layer2.0.downsample.1.num_batches_tracked"] = np.array([5])  # would fit into ()
+    with pytest.raises(StateDictError) as e:
+        import_torchvision(model, sd)
+    msg = str(e.value)
+    assert "layer1.0.bn1.running_mean: expected shape (4,), got (1,)" in msg
+    assert "layer2.0.downsample.1.num_batches_tracked: expected shape (), got (1,)" in msg
+    for k, v in model.store.state_dict().items():  # no partial load happened
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
