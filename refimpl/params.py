@@ -36,7 +36,8 @@ anything, so a bad dict never leaves a half-loaded model.
 """
 import numpy as np
 
-from refimpl.backend import asarray, resolve_dtype, to_numpy, xp_for
+from refimpl.backend import (asarray, check_device, default_device, resolve_dtype,
+                             to_numpy, xp_for)
 
 
 class StateDictError(ValueError):
@@ -65,8 +66,9 @@ class ParamStore:
 
     def __init__(self, dtype=None, device=None):
         self.dtype = resolve_dtype(dtype)
-        self.device = device
-        self.xp = xp_for(device)
+        # Resolved once: REFIMPL_DEVICE may change later, the store's device may not.
+        self.device = default_device() if device is None else check_device(device)
+        self.xp = xp_for(self.device)
         self._order = []      # (kind, name) in registration order: "param"/"buffer"
         self._init = {}       # name -> host initial value (dropped at finalize)
         self.shapes = {}      # name -> shape, for params and buffers

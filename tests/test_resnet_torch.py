@@ -46,6 +46,7 @@ def randomize_bn(store, seed):
             store.buffers[name][...] = g.uniform(0.5, 2.0, store.shapes[name])
 
 
+@pytest.mark.slow
 def test_resnet18_head_three_sgd_steps_match_torch():
     torch = pytest.importorskip("torch")
     from torch_resnet import TorchNetwork

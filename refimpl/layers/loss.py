@@ -18,11 +18,15 @@ on the host once per call (a device sync on CuPy).
 """
 import numpy as np
 
-from refimpl.backend import get_array_module
+from refimpl.backend import asarray, device_of, get_array_module
 
 
 def _check_target(logits, target):
-    """Validate (logits, target); return the soft target cast to logits' dtype, or None for labels."""
+    """Validate (logits, target); return the target on logits' device.
+
+    Int labels come back as they are (moved to the device if needed), soft
+    targets cast to logits' dtype.
+    """
     xp = get_array_module(logits)
     if logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
         raise ValueError(f"cross_entropy: logits must be (B, C) with B, C >= 1, "
@@ -30,6 +34,8 @@ def _check_target(logits, target):
     B, C = logits.shape
     if not hasattr(target, "dtype"):
         raise ValueError(f"cross_entropy: target must be an array, got {type(target).__name__}")
+    # Labels often come from the host (the data loader): one copy to the device.
+    target = asarray(target, device=device_of(logits))
     kind = np.dtype(target.dtype).kind
     if kind in "iu":
         if target.shape != (B,):
@@ -39,7 +45,7 @@ def _check_target(logits, target):
             lo, hi = int(xp.min(target)), int(xp.max(target))
             raise ValueError(f"cross_entropy: labels must lie in [0, {C}), "
                              f"got values in [{lo}, {hi}]")
-        return None
+        return target
     if kind != "f":
         raise ValueError(f"cross_entropy: target must be int labels (B,) or float "
                          f"probabilities (B, C), got dtype {target.dtype}")
@@ -75,20 +81,20 @@ def softmax_cross_entropy_forward(logits, target):
     loss = -(1 / B) sum_b sum_j y_bj log p_bj   (y = one-hot of the label)
     """
     xp = get_array_module(logits)
-    y = _check_target(logits, target)
+    y = _check_target(logits, target)  # (B,) labels or (B, C) probabilities
     B = logits.shape[0]
     # Subtracting the row max makes every exp <= 1: no overflow, and the
     # largest term is exactly 1 so the sum cannot underflow to 0.
     shifted = logits - xp.max(logits, axis=1, keepdims=True)          # (B, C)
     logp = shifted - xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))  # (B, C)
-    if y is None:
-        picked = logp[xp.arange(B), target]                           # (B,)
+    if y.ndim == 1:
+        picked = logp[xp.arange(B), y]                                # (B,)
         loss = -xp.sum(picked) / B
     else:
         loss = -xp.sum(y * logp) / B
     # NumPy reductions give a scalar, CuPy a 0-d array: make both a 0-d array.
     loss = xp.asarray(loss, dtype=logits.dtype)
-    cache = (xp.exp(logp), target if y is None else y)
+    cache = (xp.exp(logp), y)
     return loss, cache
 
 
