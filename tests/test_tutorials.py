@@ -1,4 +1,5 @@
 """Every tutorial runs to the end (each ends with asserts on what it printed)."""
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ def test_there_are_tutorials():
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
 def test_tutorial_runs(path):
+    if "\nimport torch" in path.read_text() and importlib.util.find_spec("torch") is None:
+        pytest.skip("this tutorial compares against PyTorch, which is not installed")
     res = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
                          timeout=300, cwd=path.parent)
     assert res.returncode == 0, f"{path.name} failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
