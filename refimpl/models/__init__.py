@@ -54,6 +54,21 @@ class Network:
         # One switch for the encoder and the head alike.
         self.encoder.bn_allreduce = self.head.bn_allreduce = fn
 
+    @property
+    def bn_groups(self):
+        """Train-mode BatchNorm in this many equal groups of the batch (default 1).
+
+        ``bn_groups = P`` in one process computes what P ranks with per-rank
+        ("local") BatchNorm compute, for checking such a run against 1 rank.
+        """
+        return self.encoder.bn_groups
+
+    @bn_groups.setter
+    def bn_groups(self, groups):
+        if int(groups) != groups or groups < 1:
+            raise ValueError(f"bn_groups must be a positive integer, got {groups!r}")
+        self.encoder.bn_groups = self.head.bn_groups = int(groups)
+
     def forward(self, x, train=True):
         """x (B, C, H, W) -> z (B, dim), unnormalized."""
         return self.head.forward(self.encoder.forward(x, train), train)

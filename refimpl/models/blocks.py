@@ -31,6 +31,7 @@ import math
 
 import numpy as np
 
+from refimpl.backend import get_array_module
 from refimpl.layers.batchnorm import batchnorm_backward, batchnorm_forward
 from refimpl.layers.conv import conv2d_backward, conv2d_forward
 from refimpl.layers.linear import linear_backward, linear_forward
@@ -81,23 +82,61 @@ class BatchNorm:
         store.add_buffer(name + ".running_var", np.ones(channels))
         store.add_buffer(name + ".num_batches_tracked", np.array(0, dtype=np.int64))
 
-    def forward(self, x, train=True, allreduce=None):
-        """x (N, C[, H, W]) -> out like x. allreduce: the synchronized-BN hook."""
+    def forward(self, x, train=True, allreduce=None, groups=1):
+        """x (N, C[, H, W]) -> out like x.
+
+        allreduce: the synchronized-BN hook (sum over the ranks' batches).
+        groups: in train mode, normalize the batch as ``groups`` equal,
+        consecutive parts, each with its own statistics: what P ranks with
+        per-rank ("local") BN compute, in one process. The running statistics
+        follow part 0 only, as rank 0's do in a P-rank run (whose buffers are
+        then broadcast from rank 0, DDP's rule).
+        """
         p, b, n = self.store.params, self.store.buffers, self.name
-        out, self.cache, mean, var = batchnorm_forward(
-            x, p[n + ".weight"], p[n + ".bias"],
-            b[n + ".running_mean"], b[n + ".running_var"],
-            train=train, momentum=self.momentum, eps=self.eps, allreduce=allreduce)
+        gamma, beta = p[n + ".weight"], p[n + ".bias"]
+        rm, rv = b[n + ".running_mean"], b[n + ".running_var"]
+        if groups == 1 or not train:
+            out, self.cache, mean, var = batchnorm_forward(
+                x, gamma, beta, rm, rv, train=train, momentum=self.momentum,
+                eps=self.eps, allreduce=allreduce)
+            self.groups = 1
+        else:
+            if allreduce is not None:
+                raise ValueError("batchnorm: groups > 1 is per-group (local) BN; "
+                                 "it cannot be combined with a synchronizing allreduce")
+            if x.shape[0] % groups:
+                raise ValueError(f"batchnorm: a batch of {x.shape[0]} does not split "
+                                 f"into {groups} equal groups")
+            xp = get_array_module(x)
+            outs, self.cache = [], []
+            for g, xg in enumerate(xp.split(x, groups, axis=0)):
+                keep = g == 0  # only part 0 updates the running statistics
+                out_g, cache_g, m_g, v_g = batchnorm_forward(
+                    xg, gamma, beta, rm if keep else None, rv if keep else None,
+                    train=True, momentum=self.momentum, eps=self.eps)
+                outs.append(out_g)
+                self.cache.append(cache_g)
+                if keep:
+                    mean, var = m_g, v_g
+            out = xp.concatenate(outs, axis=0)
+            self.groups = groups
         if train:
             # The layer returns new statistics; the module is where state lives.
-            b[n + ".running_mean"][...] = mean
-            b[n + ".running_var"][...] = var
+            rm[...] = mean
+            rv[...] = var
             b[n + ".num_batches_tracked"] += 1
         return out
 
     def backward(self, dout):
         """dout like x -> dx; accumulates dgamma, dbeta."""
-        dx, dgamma, dbeta = batchnorm_backward(dout, self.cache)
+        if self.groups == 1:
+            dx, dgamma, dbeta = batchnorm_backward(dout, self.cache)
+        else:
+            xp = get_array_module(dout)
+            grads = [batchnorm_backward(d, c) for d, c in
+                     zip(xp.split(dout, self.groups, axis=0), self.cache)]
+            dx = xp.concatenate([g[0] for g in grads], axis=0)
+            dgamma, dbeta = sum(g[1] for g in grads), sum(g[2] for g in grads)
         self.store.grads[self.name + ".weight"] += dgamma
         self.store.grads[self.name + ".bias"] += dbeta
         return dx
@@ -144,19 +183,22 @@ class _Residual:
                        stride=stride, rng=rng),
                 BatchNorm(store, prefix + "downsample.1", out_channels))
 
-    def forward(self, x, train=True, allreduce=None):
-        """x (N, C_in, H, W) -> out (N, C_out, H/stride, W/stride)."""
+    def forward(self, x, train=True, allreduce=None, groups=1):
+        """x (N, C_in, H, W) -> out (N, C_out, H/stride, W/stride).
+
+        allreduce, groups: passed to every BatchNorm (``BatchNorm.forward``).
+        """
         out = x
         self.relu_caches = []
         for i, (conv, bn) in enumerate(self.layers):
-            out = bn.forward(conv.forward(out), train, allreduce)
+            out = bn.forward(conv.forward(out), train, allreduce, groups)
             if i < len(self.layers) - 1:
                 out, cache = relu_forward(out)
                 self.relu_caches.append(cache)
         identity = x
         if self.downsample is not None:
             conv, bn = self.downsample
-            identity = bn.forward(conv.forward(x), train, allreduce)
+            identity = bn.forward(conv.forward(x), train, allreduce, groups)
         out, self.out_relu_cache = relu_forward(out + identity)  # (N, C_out, H', W')
         return out
 

@@ -37,6 +37,7 @@ class MLPHead:
         self.store = ParamStore(dtype, device) if own_store else store
         rng = make_rng(seed, "init", 1) if rng is None else rng
         self.bn_allreduce = bn_allreduce
+        self.bn_groups = 1  # > 1: per-group BN in one process (BatchNorm.forward)
         self.fc1 = Linear(self.store, prefix + "0", in_features, hidden, rng=rng)
         self.bn = BatchNorm(self.store, prefix + "1", hidden)
         self.fc2 = Linear(self.store, prefix + "3", hidden, dim, rng=rng)
@@ -46,7 +47,8 @@ class MLPHead:
 
     def forward(self, h, train=True):
         """h (N, in_features) -> z (N, dim), unnormalized."""
-        out = self.bn.forward(self.fc1.forward(h), train, self.bn_allreduce)  # (N, hidden)
+        out = self.bn.forward(self.fc1.forward(h), train, self.bn_allreduce,
+                              self.bn_groups)                       # (N, hidden)
         out, self.relu_cache = relu_forward(out)
         return self.fc2.forward(out)                                        # (N, dim)
 

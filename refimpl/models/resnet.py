@@ -74,6 +74,7 @@ class ResNet:
         self.arch, self.stem, self.width = arch, stem, int(width)
         self.num_classes = num_classes
         self.bn_allreduce = bn_allreduce
+        self.bn_groups = 1  # > 1: per-group BN in one process (BatchNorm.forward)
         block, depths = ARCHS[arch]
         p, s = prefix, self.store
         self.prefix = prefix
@@ -110,13 +111,13 @@ class ResNet:
         train: BatchNorm uses batch statistics and updates its running ones
         (True) or uses the running ones (False).
         """
-        ar = self.bn_allreduce
-        out = self.bn1.forward(self.conv1.forward(x), train, ar)  # (N, w, H1, W1)
+        ar, g = self.bn_allreduce, self.bn_groups
+        out = self.bn1.forward(self.conv1.forward(x), train, ar, g)  # (N, w, H1, W1)
         out, self.relu_cache = relu_forward(out)
         if self.stem == "imagenet":
             out, self.pool_cache = maxpool2d_forward(out, 3, 2, 1)  # (N, w, H1/2, W1/2)
         for b in self.blocks:
-            out = b.forward(out, train, ar)                      # (N, C, H', W')
+            out = b.forward(out, train, ar, g)                      # (N, C, H', W')
         out, self.avgpool_cache = global_avgpool_forward(out)   # (N, out_features)
         if self.fc is not None:
             out = self.fc.forward(out)                           # (N, num_classes)

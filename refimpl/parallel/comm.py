@@ -1,0 +1,312 @@
+"""Communicators: the only place where bytes move between ranks.
+
+Contract. Every parallel function in refimpl takes a communicator as an
+argument; nothing inside the package reads ``MPI.COMM_WORLD``. The program
+that starts the job makes one:
+
+    from mpi4py import MPI
+    comm = MPIComm(MPI.COMM_WORLD)     # under mpirun / srun
+    comm = SelfComm()                  # one process, no MPI installed at all
+
+Both have the same methods and run the same code in refimpl; ``SelfComm``
+is the size-1 case (its collectives are copies). The methods are the
+collectives of one training step, each written next to its adjoint, the
+operator its backward needs (Megatron's ``copy_to`` / ``reduce_from`` pairs):
+
+    all_gather(x)      (b, ...) -> (P*b, ...)   rank r's rows land at [r*b, (r+1)*b)
+    reduce_scatter(x)  (P*b, ...) -> (b, ...)   sum over ranks, rank r keeps [r*b, (r+1)*b)
+        adjoints: sum_r <all_gather(x)_r, g_r> = sum_r <x_r, reduce_scatter(g)_r>
+    all_reduce(x, "sum")   sum over ranks, on every rank; its own adjoint
+    all_reduce(x, "max")   elementwise max (the softmax shift: no gradient flows
+                           through it, softmax does not depend on the shift)
+    bcast(x, root)         rank root's values on every rank, in place
+
+Only MPI's buffer methods (``Allgather``, ``Reduce_scatter_block``,
+``Allreduce``, ``Bcast``) are used, on C-contiguous arrays; never the pickling
+lower-case ones.
+
+Byte counters. ``comm.counters[op]`` holds ``calls``, ``sent`` and
+``received``: the bytes of the buffer this rank hands to the collective and of
+the buffer it gets back (for ``all_gather`` of a (b, D) float32 array:
+sent b*D*4, received P*b*D*4). This is the payload at the API, the quantity
+of DESIGN.md's step table; the bytes on the wire depend on MPI's algorithm
+(a ring all-reduce moves about 2 (P-1)/P times the buffer).
+
+GPU. CuPy arrays go to MPI directly when the MPI is CUDA-aware, otherwise
+through host copies. ``cuda_aware`` is detected (``REFIMPL_CUDA_AWARE_MPI=0|1``
+overrides, then Open MPI's ``MPIX_Query_cuda_support``; unknown means no) and
+can be forced with the constructor argument. Before any device buffer goes to
+MPI the current CUDA stream is synchronized: MPI reads memory, it does not
+wait for kernels. ``select_gpu(comm)`` gives each rank the GPU of its
+node-local rank.
+
+Failure. ``with abort_on_error(comm):`` around a rank's work turns an
+exception on one rank into the end of the whole job: the rank prints its
+traceback (prefixed by its rank) and calls ``MPI_Abort``, so the other ranks,
+which may be waiting in a collective, do not hang.
+"""
+import contextlib
+import ctypes
+import os
+import sys
+import traceback
+
+import numpy as np
+
+from refimpl.backend import ascontiguous, get_array_module, synchronize, to_numpy
+
+OPS = ("sum", "max")
+
+
+class _Comm:
+    """What both communicators share: checks, GPU staging, byte counting.
+
+    A subclass provides ``rank``, ``size`` and the raw primitives
+    ``_allgather(send, recv)``, ``_reduce_scatter(send, recv)``,
+    ``_allreduce(send, recv, op)`` (send None = in place) and
+    ``_bcast(buf, root)`` on contiguous arrays of one device.
+    """
+
+    cuda_aware = True  # overridden by MPIComm
+
+    def __init__(self):
+        self.counters = {}
+
+    # ---- bookkeeping ------------------------------------------------------
+    def _count(self, op, sent, received):
+        c = self.counters.setdefault(op, {"calls": 0, "sent": 0, "received": 0})
+        c["calls"] += 1
+        c["sent"] += int(sent)
+        c["received"] += int(received)
+
+    def reset_counters(self):
+        """Forget all byte counts (e.g. at the start of a measured step)."""
+        self.counters = {}
+
+    def bytes_sent(self):
+        """Total bytes this rank handed to collectives since the last reset."""
+        return sum(c["sent"] for c in self.counters.values())
+
+    def bytes_received(self):
+        """Total bytes this rank got back from collectives since the last reset."""
+        return sum(c["received"] for c in self.counters.values())
+
+    # ---- device handling --------------------------------------------------
+    def _to_mpi(self, x):
+        """The array MPI may read for x: contiguous, on the host unless CUDA-aware."""
+        if get_array_module(x) is np:
+            return ascontiguous(x)
+        if self.cuda_aware:
+            x = ascontiguous(x)
+            synchronize(x)  # kernels that write x must finish before MPI reads it
+            return x
+        return np.ascontiguousarray(to_numpy(x))  # host staging (the copy syncs)
+
+    @staticmethod
+    def _like(x, host_result):
+        """host_result on x's device (no copy when x is a NumPy array)."""
+        xp = get_array_module(x)
+        return host_result if xp is np else xp.asarray(host_result)
+
+    def _check_rows(self, name, x):
+        if x.ndim < 1:
+            raise ValueError(f"{name}: needs an array with a leading row axis, got a scalar")
+
+    # ---- all-gather and its adjoint, reduce-scatter ------------------------
+    def all_gather(self, x):
+        """(b, ...) on every rank -> (P*b, ...) on every rank, rank order.
+
+        Rank r's rows land at [r*b, (r+1)*b). Every rank must pass the same
+        shape. Adjoint: ``reduce_scatter``.
+        """
+        self._check_rows("all_gather", x)
+        send = self._to_mpi(x)
+        xp = get_array_module(send)
+        recv = xp.empty((self.size * x.shape[0],) + x.shape[1:], dtype=send.dtype)
+        self._allgather(send, recv)
+        self._count("all_gather", send.nbytes, recv.nbytes)
+        return self._like(x, recv)
+
+    def reduce_scatter(self, x):
+        """(P*b, ...) on every rank -> (b, ...): the sum over ranks of rows [r*b, (r+1)*b).
+
+        Adjoint of ``all_gather``: all-gather copies each rank's rows to every
+        rank, so the gradient of those rows is the sum of every rank's
+        gradient of them.
+        """
+        self._check_rows("reduce_scatter", x)
+        if x.shape[0] % self.size:
+            raise ValueError(f"reduce_scatter: {x.shape[0]} rows do not split evenly "
+                             f"over {self.size} ranks")
+        send = self._to_mpi(x)
+        xp = get_array_module(send)
+        recv = xp.empty((x.shape[0] // self.size,) + x.shape[1:], dtype=send.dtype)
+        self._reduce_scatter(send, recv)
+        self._count("reduce_scatter", send.nbytes, recv.nbytes)
+        return self._like(x, recv)
+
+    # ---- all-reduce (self-adjoint) and broadcast ----------------------------
+    def all_reduce(self, x, op="sum", inplace=False):
+        """The elementwise sum (or max) of x over the ranks, on every rank.
+
+        inplace=True writes the result into x (MPI_IN_PLACE: no second buffer
+        of x's size, which matters for the flat gradient buffer) and returns x.
+        The sum is its own adjoint (the gradient of a replicated sum is the
+        replicated sum of the gradients).
+        """
+        if op not in OPS:
+            raise ValueError(f"all_reduce: op must be one of {OPS}, got {op!r}")
+        send = self._to_mpi(x)
+        if inplace:
+            self._allreduce(None, send, op)
+            self._count("all_reduce_" + op, send.nbytes, send.nbytes)
+            if send is not x:  # staged or made contiguous: copy the result back
+                x[...] = self._like(x, send)
+            return x
+        recv = get_array_module(send).empty_like(send)
+        self._allreduce(send, recv, op)
+        self._count("all_reduce_" + op, send.nbytes, recv.nbytes)
+        return self._like(x, recv)
+
+    def bcast(self, x, root=0):
+        """Overwrite x, in place, with rank ``root``'s x; returns x."""
+        buf = self._to_mpi(x)
+        self._bcast(buf, root)
+        self._count("bcast", buf.nbytes if self.rank == root else 0,
+                    0 if self.rank == root else buf.nbytes)
+        if buf is not x:
+            x[...] = self._like(x, buf)
+        return x
+
+
+class SelfComm(_Comm):
+    """The size-1 communicator: refimpl's parallel code without MPI.
+
+    Collectives are copies (so a result never aliases its input, as with
+    MPI) and are counted like MPI's, so one process runs exactly the code
+    path of a P-rank job.
+    """
+
+    rank, size, local_rank = 0, 1, 0
+
+    def _allgather(self, send, recv):
+        recv[...] = send
+
+    _reduce_scatter = _allgather
+
+    def _allreduce(self, send, recv, op):
+        if send is not None:
+            recv[...] = send
+
+    def _bcast(self, buf, root):
+        if root != 0:
+            raise ValueError(f"bcast: root {root} does not exist in a size-1 communicator")
+
+    def barrier(self):
+        pass
+
+    def abort(self, code=1):
+        """One process: nothing else can hang; leave the exception to propagate."""
+
+
+class MPIComm(_Comm):
+    """An mpi4py communicator (e.g. ``MPI.COMM_WORLD``) with refimpl's methods.
+
+    cuda_aware: None (detect: REFIMPL_CUDA_AWARE_MPI, then Open MPI's
+    MPIX_Query_cuda_support, else False) or a bool to force it.
+    """
+
+    def __init__(self, mpi_comm, cuda_aware=None):
+        super().__init__()
+        from mpi4py import MPI
+        self.MPI = MPI
+        self.comm = mpi_comm
+        self.rank, self.size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+        # The rank among the processes on this node: which GPU to use.
+        node = mpi_comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank = node.Get_rank()
+        node.Free()
+        self.cuda_aware = detect_cuda_aware_mpi() if cuda_aware is None else bool(cuda_aware)
+        self._ops = {"sum": MPI.SUM, "max": MPI.MAX}
+
+    def _allgather(self, send, recv):
+        self.comm.Allgather(send, recv)
+
+    def _reduce_scatter(self, send, recv):
+        self.comm.Reduce_scatter_block(send, recv, op=self.MPI.SUM)
+
+    def _allreduce(self, send, recv, op):
+        self.comm.Allreduce(self.MPI.IN_PLACE if send is None else send, recv,
+                            op=self._ops[op])
+
+    def _bcast(self, buf, root):
+        self.comm.Bcast(buf, root=root)
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def abort(self, code=1):
+        """End every rank of the job now (MPI_Abort)."""
+        self.comm.Abort(code)
+
+
+def detect_cuda_aware_mpi():
+    """True when MPI can read CuPy (device) buffers directly.
+
+    REFIMPL_CUDA_AWARE_MPI=1|0 decides if set. Otherwise ask Open MPI's
+    ``MPIX_Query_cuda_support()`` in the already-loaded libmpi (built with
+    CUDA *and* CUDA support active at run time). Any other MPI, or no answer:
+    False, and device buffers are staged through the host (always correct,
+    only slower).
+    """
+    env = os.environ.get("REFIMPL_CUDA_AWARE_MPI")
+    if env is not None:
+        if env not in ("0", "1"):
+            raise ValueError(f"REFIMPL_CUDA_AWARE_MPI must be 0 or 1, got {env!r}")
+        return env == "1"
+    try:
+        for name in ("libmpi.so.40", "libmpi.so"):
+            try:
+                lib = ctypes.CDLL(name, mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+            except OSError:
+                continue
+            query = getattr(lib, "MPIX_Query_cuda_support", None)
+            if query is not None:
+                query.restype = ctypes.c_int
+                return bool(query())
+    except (AttributeError, OSError):  # no RTLD_NOLOAD (not Linux/macOS)
+        pass
+    return False
+
+
+def select_gpu(comm):
+    """Make GPU ``comm.local_rank % (GPUs on this node)`` the current device.
+
+    Returns the device index. One rank per GPU is the usual layout; more
+    ranks than GPUs share them round-robin.
+    """
+    from refimpl.backend import use_gpu
+    return use_gpu(comm.local_rank)
+
+
+@contextlib.contextmanager
+def abort_on_error(comm, stream=None):
+    """Run a rank's work so that an exception on any rank ends the whole job.
+
+    On an exception the rank prints ``refimpl: rank r/P failed:`` and the
+    traceback to stderr, flushes, and calls ``comm.abort(1)``: MPI then
+    kills every rank and ``mpirun`` exits non-zero, instead of the other
+    ranks waiting forever in their next collective. With ``SelfComm`` the
+    exception simply propagates.
+    """
+    try:
+        yield
+    except BaseException as e:
+        if isinstance(e, SystemExit) and e.code in (0, None):
+            raise
+        stream = sys.stderr if stream is None else stream
+        stream.write(f"refimpl: rank {comm.rank}/{comm.size} failed:\n"
+                     + "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        stream.flush()
+        comm.abort(1)
+        raise
