@@ -100,7 +100,7 @@ def _blocks(n, block):
 
 
 def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, neighbours=None,
-                           alpha=0.0, topk=None, block=BLOCK):
+                           alpha=0.0, topk=None, block=BLOCK, workspace=None):
     """Sharded cosine-softmax cross-entropy: forward (step table rows 2-5).
 
     Inputs (this rank):
@@ -114,6 +114,10 @@ def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, neighbours
       topk         None, or a tuple like (1, 5): also return the fraction of the
                    global batch whose label ranks in the top k (ties: the lower
                    class id ranks first, like argmax)
+      block        classes per block (any value gives the same loss)
+      workspace    None, or an (N_r, B) array of z's dtype to hold the logits
+                   (reused across steps: a fresh 1.3 GB buffer per step costs
+                   its page faults every time)
     Outputs (identical on every rank):
       loss    0-d array, the mean over the global batch B
       acc     {} or {k: fraction} for topk (host floats)
@@ -148,15 +152,16 @@ def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, neighbours
     t_cols, t_wts = b_idx[mine][order], weights[mine][order]
 
     # 3: local logits, class-major (N_r, B), one block of classes at a time.
-    inv_tau = 1.0 / tau
-    logits = xp.empty((hi - lo, B), dtype=z.dtype)                   # the one B x N_r buffer
+    Zt = Z * (1.0 / tau)                                             # (B, D): 1/tau folded in once
+    logits = workspace                                               # the one B x N_r buffer
+    if logits is None or logits.shape != (hi - lo, B) or logits.dtype != z.dtype:
+        logits = xp.empty((hi - lo, B), dtype=z.dtype)
 
     def forward_block(ab):
         a, c = ab
         what, _ = l2_normalize_forward(w[a:c])                       # (c-a, D)
         L = logits[a:c]                                              # (c-a, B), a view
-        xp.matmul(what, Z.T, out=L)
-        L *= inv_tau
+        xp.matmul(what, Zt.T, out=L)                                 # logits / 1, already / tau
         m = xp.max(L, axis=0)                                        # (B,) block max
         s = xp.sum(xp.exp(L - m), axis=0)                            # (B,) sum exp(l - m)
         return m, s
@@ -193,7 +198,7 @@ def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, neighbours
         l_label = total[2 * B:] if smoothed else T                   # (B,)
         acc = _topk_accuracy(logits, l_label, ids[:, 0], lo, topk, comm, block)
 
-    cache = {"logits": logits, "M": M, "S": S, "Z": Z, "w": w, "zcache": zcache,
+    cache = {"logits": logits, "M": M, "S": S, "Zt": Zt, "w": w, "zcache": zcache,
              "targets": (t_rows, t_cols, t_wts), "tau": tau, "block": block, "comm": comm}
     return xp.asarray(loss, dtype=z.dtype), acc, cache
 
@@ -236,7 +241,7 @@ def cosine_softmax_backward(cache, dw_out=None):
     the replicated parameters' gradients over ranks (never averaging) gives
     the 1-rank gradient.
     """
-    logits, M, S, Z, w = (cache[k] for k in ("logits", "M", "S", "Z", "w"))
+    logits, M, S, Zt, w = (cache[k] for k in ("logits", "M", "S", "Zt", "w"))
     if logits is None:
         raise RuntimeError("cosine_softmax_backward: this cache was already used")
     cache["logits"] = None
@@ -261,7 +266,7 @@ def cosine_softmax_backward(cache, dw_out=None):
                         xp.asarray(-t_wts[i:j] / B, dtype=D.dtype))  # - y / B
         # W_hat recomputed here rather than kept from forward: N_r x D saved.
         what, wcache = l2_normalize_forward(w[a:c])                  # (c-a, D)
-        dwhat = (D @ Z) * inv_tau                                    # (c-a, D)
+        dwhat = D @ Zt                                               # (c-a, D): Z_hat / tau
         dw[a:c] = l2_normalize_backward(dwhat, wcache)
         return D.T @ what                                            # (B, D) partial dZ_hat * tau
 
@@ -281,17 +286,18 @@ def cosine_softmax_backward(cache, dw_out=None):
 INIT_BLOCK = 65536  # rows per random stream of the initial weight
 
 
-def init_shard(num_classes, dim, lo, hi, seed=0):
+def init_shard(num_classes, dim, lo, hi, seed=0, dtype=np.float64):
     """Rows [lo, hi) of the initial N x D weight, the same for every P.
 
     nn.Linear's default (no bias): uniform(-1/sqrt(D), 1/sqrt(D)). The full
     matrix is drawn in blocks of INIT_BLOCK rows, block k from
     ``rng(seed, "init", 2, k)``, so a rank draws only the blocks its rows
     touch and every world size sees the same W. (The contrastive prior
-    overwrites these rows before training.)
+    overwrites these rows before training.) Drawn in float64, stored as
+    ``dtype`` block by block (no full-size float64 temporary).
     """
     bound = 1.0 / np.sqrt(dim)
-    out = np.empty((hi - lo, dim))
+    out = np.empty((hi - lo, dim), dtype=dtype)
     for k in range(lo // INIT_BLOCK, (hi - 1) // INIT_BLOCK + 1 if hi > lo else 0):
         a, c = k * INIT_BLOCK, min((k + 1) * INIT_BLOCK, num_classes)
         rows = make_rng(seed, "init", 2, k).uniform(-bound, bound, (c - a, dim))
@@ -322,19 +328,21 @@ class CosineClassifier:
         self.tau, self.block = tau, block
         self.lo, self.hi = shard_range(num_classes, comm.size, comm.rank)
         dtype = resolve_dtype(dtype)
-        self.weight = asarray(init_shard(num_classes, dim, self.lo, self.hi, seed)
-                              .astype(dtype), device=device)
+        self.weight = asarray(init_shard(num_classes, dim, self.lo, self.hi, seed, dtype),
+                              device=device)
         self.grad = xp_for(device).zeros_like(self.weight)
+        self.workspace = None  # the (N_r, B) logits buffer, kept across steps
 
     def forward(self, z, labels, neighbours=None, alpha=0.0, topk=None):
         """Local z (b, D), labels (b,) -> (loss, acc); see cosine_softmax_forward."""
         loss, acc, self.cache = cosine_softmax_forward(
             z, labels, self.weight, self.comm, self.num_classes, self.tau,
-            neighbours, alpha, topk, self.block)
+            neighbours, alpha, topk, self.block, self.workspace)
+        self.workspace = self.cache["logits"]
         return loss, acc
 
     def backward(self):
         """-> dz (b, D); writes this shard's gradient into ``self.grad``."""
         dz, _ = cosine_softmax_backward(self.cache, dw_out=self.grad)
-        self.cache = None  # frees the B x N_r buffer
+        self.cache = None
         return dz
