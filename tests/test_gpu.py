@@ -297,3 +297,45 @@ def test_resnet18_two_sgd_steps(dtype):
             assert gpu_sd[key].dtype == dtype, key
             check_tensor(f"{key} ({name})", gpu_sd[key], ref, tol)
     check_tensor(f"momentum ({name})", gpu_opt.momentum_buffer, cpu_opt.momentum_buffer, tol)
+
+
+@DTYPES
+@pytest.mark.parametrize("alpha", [0.0, 0.2], ids=["onehot", "smoothed"])
+def test_cosine_softmax_classifier(alpha, dtype):
+    """The sharded classifier's forward/backward (size-1 communicator), with top-k."""
+    from refimpl.parallel import SelfComm, cosine_softmax_backward, cosine_softmax_forward
+    r = np.random.default_rng(5)
+    N, D, B = 300, 16, 24
+    w = r.standard_normal((N, D))
+    labels = r.integers(0, N, B)
+    z = w[labels] + 0.5 * r.standard_normal((B, D))
+    nb = np.stack([r.choice(np.delete(np.arange(N), i), 4, replace=False) for i in range(N)])
+    res = {}
+    for device in ("cpu", "gpu"):
+        zd, wd = on(device, [z, w], dtype)
+        # block 64: several blocks on both devices, the same split
+        loss, acc, cache = cosine_softmax_forward(zd, labels, wd, SelfComm(), N, 0.15, nb,
+                                                  alpha, topk=(1, 5), block=64)
+        dz, dw = cosine_softmax_backward(cache)
+        for t in (loss, dz, dw):
+            _check_device(t, device)
+            assert t.dtype == dtype
+        res[device] = (loss, dz, dw, acc)
+    for name, i in (("loss", 0), ("dz", 1), ("dW", 2)):
+        check_tensor(name, res["gpu"][i], res["cpu"][i], TOL[dtype])
+    assert res["gpu"][3] == res["cpu"][3]
+
+
+def test_sgd_flat_buffer_matches_cpu():
+    """SGD (one whole-buffer block on the GPU, 64K blocks on the CPU)."""
+    r = np.random.default_rng(6)
+    p0, g = r.standard_normal(200_001), r.standard_normal(200_001)
+    out = {}
+    for device in ("cpu", "gpu"):
+        p, gd = on(device, [p0, g], np.float64)
+        opt = SGD(p, gd, lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
+        opt.step()
+        opt.step(lr=0.05)
+        out[device] = (p, opt.momentum_buffer)
+    check_tensor("params", out["gpu"][0], out["cpu"][0], 1e-12)
+    check_tensor("momentum", out["gpu"][1], out["cpu"][1], 1e-12)

@@ -14,6 +14,8 @@ cosine classifier is sharded over the ranks and lives elsewhere.
     z = net.forward(x, train=True)          # (B, 3, H, W) -> (B, 128), unnormalized
     net.store.zero_grad(); net.backward(dz) # accumulates into net.store.grad
 """
+import numbers
+
 from refimpl.backend import rng as make_rng
 from refimpl.models.head import MLPHead
 from refimpl.models.resnet import ARCHS, STEMS, ResNet
@@ -65,7 +67,7 @@ class Network:
 
     @bn_groups.setter
     def bn_groups(self, groups):
-        if int(groups) != groups or groups < 1:
+        if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
             raise ValueError(f"bn_groups must be a positive integer, got {groups!r}")
         self.encoder.bn_groups = self.head.bn_groups = int(groups)
 

@@ -48,7 +48,9 @@ from refimpl.backend import (asarray, get_array_module, parallel_map, resolve_dt
                              rng as make_rng, scatter_add, to_numpy)
 from refimpl.layers.normalize import l2_normalize_backward, l2_normalize_forward
 
-BLOCK = 4096  # classes per block: (4096, 256) float32 logits = 4 MiB, near L2/L3
+# Classes per block. CPU: (4096, 256) float32 logits = 4 MiB, about a cache's
+# worth. GPU: large blocks, since each block costs ~25 kernel launches.
+BLOCK = {"cpu": 4096, "gpu": 65536}
 
 
 def shard_range(num_classes, size, rank):
@@ -88,7 +90,15 @@ def target_entries(labels, num_classes, neighbours=None, alpha=0.0):
         raise ValueError(f"neighbours must have shape ({num_classes}, K) with K >= 1, "
                          f"got {neighbours.shape}")
     K = neighbours.shape[1]
-    ids = np.concatenate([ids, neighbours[labels].astype(np.int64)], axis=1)  # (B, K+1)
+    near = neighbours[labels]                                       # (B, K), the rows used
+    if near.dtype.kind not in "iu" or near.min() < 0 or near.max() >= num_classes:
+        raise ValueError(f"neighbours must hold integer class ids in [0, {num_classes}), "
+                         f"got {near.dtype} values in [{near.min()}, {near.max()}]")
+    if np.any(near == labels[:, None]):
+        b = int(np.nonzero(np.any(near == labels[:, None], axis=1))[0][0])
+        raise ValueError(f"neighbours of class {labels[b]} include the class itself: "
+                         f"NK(i) holds K classes j != i")
+    ids = np.concatenate([ids, near.astype(np.int64)], axis=1)      # (B, K+1)
     weights = np.empty(ids.shape)
     weights[:, 0] = 1 - alpha
     weights[:, 1:] = alpha / K
@@ -99,8 +109,17 @@ def _blocks(n, block):
     return [(a, min(a + block, n)) for a in range(0, n, block)]
 
 
+def _block_size(block, x):
+    """block, or the default for x's device (BLOCK)."""
+    if block is None:
+        return BLOCK["cpu" if get_array_module(x) is np else "gpu"]
+    if int(block) != block or block < 1:
+        raise ValueError(f"block must be a positive integer, got {block!r}")
+    return int(block)
+
+
 def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, neighbours=None,
-                           alpha=0.0, topk=None, block=BLOCK, workspace=None):
+                           alpha=0.0, topk=None, block=None, workspace=None):
     """Sharded cosine-softmax cross-entropy: forward (step table rows 2-5).
 
     Inputs (this rank):
@@ -114,7 +133,8 @@ def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, neighbours
       topk         None, or a tuple like (1, 5): also return the fraction of the
                    global batch whose label ranks in the top k (ties: the lower
                    class id ranks first, like argmax)
-      block        classes per block (any value gives the same loss)
+      block        classes per block (None: BLOCK of z's device; any value gives
+                   the same loss up to rounding)
       workspace    None, or an (N_r, B) array of z's dtype to hold the logits
                    (reused across steps: a fresh 1.3 GB buffer per step costs
                    its page faults every time)
@@ -131,10 +151,12 @@ def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, neighbours
     if w.shape[0] != hi - lo:
         raise ValueError(f"rank {r} of {P} owns rows [{lo}, {hi}) of N = {num_classes}: "
                          f"w must have {hi - lo} rows, got {w.shape[0]}")
-    if labels.shape != (z.shape[0],):
-        raise ValueError(f"labels must have shape ({z.shape[0]},), got {labels.shape}")
+    if labels.shape != (z.shape[0],) or np.dtype(labels.dtype).kind not in "iu":
+        raise ValueError(f"labels must be integer instance ids of shape ({z.shape[0]},), "
+                         f"got {labels.dtype} of shape {labels.shape}")
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
+    block = _block_size(block, z)
 
     # 1 (end): normalize the local features.
     zhat, zcache = l2_normalize_forward(z)                           # (b, D)
@@ -244,14 +266,15 @@ def cosine_softmax_backward(cache, dw_out=None):
     logits, M, S, Zt, w = (cache[k] for k in ("logits", "M", "S", "Zt", "w"))
     if logits is None:
         raise RuntimeError("cosine_softmax_backward: this cache was already used")
-    cache["logits"] = None
     xp = get_array_module(logits)
+    dw = xp.empty_like(w) if dw_out is None else dw_out
+    if dw.shape != w.shape or dw.dtype != w.dtype:
+        raise ValueError(f"dw_out must be {w.dtype} of shape {w.shape}, "
+                         f"got {dw.dtype} of shape {dw.shape}")
+    cache["logits"] = None  # consumed from here on
     B = logits.shape[1]
     inv_tau = 1.0 / cache["tau"]
     t_rows, t_cols, t_wts = cache["targets"]
-    dw = xp.empty_like(w) if dw_out is None else dw_out
-    if dw.shape != w.shape:
-        raise ValueError(f"dw_out must have shape {w.shape}, got {dw.shape}")
     inv_SB = 1.0 / (S * B)                                           # (B,)
 
     def backward_block(ab):
@@ -320,7 +343,7 @@ class CosineClassifier:
     """
 
     def __init__(self, num_classes, dim, comm, tau=0.15, dtype=None, device=None, seed=0,
-                 block=BLOCK):
+                 block=None):
         from refimpl.backend import xp_for
         self.num_classes, self.dim, self.comm = int(num_classes), int(dim), comm
         if not tau > 0:

@@ -36,15 +36,25 @@ def train_step(net, clf, x, labels, comm, net_opt, clf_opt, lr=None, neighbours=
     every rank) and the top-k accuracies ({} unless topk).
 
     A non-finite loss raises FloatingPointError on every rank (the loss is
-    the same everywhere) *before* any parameter is updated.
+    the same everywhere) before any parameter is updated, and the BatchNorm
+    running statistics are put back to what they were before the step.
     """
-    net.store.zero_grad()
+    store = net.store
+    # The forward updates the BN running statistics; kept to undo a bad step.
+    saved = (store.buffer_data.copy(),
+             {n: v.copy() for n, v in store.buffers.items() if v.dtype.kind == "i"})
+    store.zero_grad()
     z = net.forward(x, train=True)                                   # 1: (b, D)
     loss, acc = clf.forward(z, labels, neighbours, alpha, topk)      # 2-5
     loss = scalar(loss)
     if not math.isfinite(loss):
+        store.buffer_data[...] = saved[0]
+        for n, v in saved[1].items():
+            store.buffers[n][...] = v
+        clf.cache = None
         where = "" if step is None else f" at step {step}"
-        raise FloatingPointError(f"the loss is {loss}{where}; no parameter was updated")
+        raise FloatingPointError(f"the loss is {loss}{where}; no parameter or BatchNorm "
+                                 f"statistic was updated")
     dz = clf.backward()                                              # 6-7: (b, D)
     net.backward(dz)                                                 # 8
     allreduce_gradients(net.store.grad, comm)                        # 9

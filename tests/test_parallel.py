@@ -1,0 +1,565 @@
+"""refimpl.parallel in one process: everything the size-1 communicator can check.
+
+- the sharded cosine softmax (``cosine_softmax_forward`` / ``_backward``) vs
+  PyTorch autograd (one-hot and smoothed targets) and vs centered finite
+  differences; independence of the block size and of the thread count;
+  top-k accuracy (ties included) vs a brute-force count; its errors;
+- ``shard_range``, ``init_shard`` (world-size invariant), ``CosineClassifier``;
+- ``SelfComm``'s collectives and byte counters, ``detect_cuda_aware_mpi``,
+  ``abort_on_error``, ``check_replicated`` / ``checksum``;
+- ``train_step`` with ``SelfComm``, ``set_batchnorm_mode`` and the one-process
+  stand-in for per-rank BatchNorm, ``Network.bn_groups``.
+
+The P-rank checks (P = 1..4 under mpirun) live in test_parallel_mpi.py.
+"""
+import io
+
+import numpy as np
+import pytest
+
+from helpers import check_tensor, numerical_grad
+from refimpl import backend
+from refimpl.models import build_model
+from refimpl.parallel import (CosineClassifier, SelfComm, abort_on_error, check_replicated,
+                              cosine_softmax_backward, cosine_softmax_forward,
+                              detect_cuda_aware_mpi, set_batchnorm_mode, shard_range,
+                              target_entries, train_step)
+from refimpl.parallel.classifier import INIT_BLOCK, init_shard
+from refimpl.parallel.data_parallel import checksum
+from refimpl.sgd import SGD
+
+N, D, B, TAU, K, ALPHA = 37, 8, 12, 0.15, 3, 0.2
+
+
+# ----------------------------------------------------------------- helpers
+
+def unit_rows(x):
+    """Each row divided by its L2 norm."""
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def make_problem(seed, n=N, d=D, b=B, k=K):
+    """z (b, d), distinct labels (b,), W (n, d), neighbour table (n, k), float64.
+
+    Each z is near the row of its label, so top-k accuracy is neither 0 nor 1.
+    """
+    r = np.random.default_rng(seed)
+    W = r.standard_normal((n, d))
+    labels = r.permutation(n)[:b]
+    z = 1.5 * unit_rows(W[labels]) + r.standard_normal((b, d))
+    nb = np.array([r.choice(np.delete(np.arange(n), i), k, replace=False) for i in range(n)])
+    return z, labels, W, nb
+
+
+def dense_target(labels, n, nb=None, alpha=0.0):
+    """y (B, n) by hand: 1 at the label, or (1 - alpha) there and alpha/K at each neighbour."""
+    y = np.zeros((len(labels), n))
+    for b, lab in enumerate(labels):
+        y[b, lab] += 1 - alpha
+        if nb is not None:
+            y[b, nb[lab]] += alpha / nb.shape[1]
+    return y
+
+
+def run(z, labels, W, nb=None, alpha=0.0, block=5, topk=None, tau=TAU):
+    """One SelfComm forward + backward: (loss, dz, dW, acc)."""
+    loss, acc, cache = cosine_softmax_forward(z, labels, W, SelfComm(), W.shape[0], tau,
+                                              nb, alpha, topk, block)
+    dz, dW = cosine_softmax_backward(cache)
+    return loss, dz, dW, acc
+
+
+def reference_ranks(z, W, labels, tau=TAU):
+    """(rank, naive rank) of each label on the dense logits.
+
+    rank = #{j: l_j > l_y} + #{j < y: l_j == l_y} (ties: lower id first);
+    naive = #{j: l_j > l_y} (the label first among ties), for a negative control.
+    """
+    L = (unit_rows(z) @ unit_rows(W).T) * (1.0 / tau)                    # (B, N)
+    ly = L[np.arange(len(labels)), labels][:, None]
+    before = np.arange(W.shape[0]) < labels[:, None]
+    return (L > ly).sum(1) + ((L == ly) & before).sum(1), (L > ly).sum(1)
+
+
+def small_net(seed=0):
+    """A tiny float64 ResNet-18 encoder + head (width 2, head 8 -> D)."""
+    return build_model("resnet18", stem="cifar", width=2, head_hidden=8, dim=D,
+                       dtype=np.float64, seed=seed)
+
+
+@pytest.fixture
+def threads():
+    """backend.set_num_threads, put back to 1 after the test whatever happens."""
+    yield backend.set_num_threads
+    backend.set_num_threads(1)
+
+
+# ------------------------------------------------- cosine softmax: values
+
+def test_target_entries_match_dense_target():
+    """target_entries' sparse (ids, weights) scatter to the hand-built dense y."""
+    _, labels, _, nb = make_problem(0)
+    for alpha, table in ((0.0, None), (0.0, nb), (ALPHA, nb)):
+        ids, wts = target_entries(labels, N, table, alpha)
+        y = np.zeros((B, N))
+        np.add.at(y, (np.arange(B)[:, None], ids), wts)
+        check_tensor(f"y alpha={alpha}", y, dense_target(labels, N, table, alpha), 1e-15)
+    assert ids.shape == (B, K + 1)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("smoothed", [False, True], ids=["one_hot", "smoothed"])
+def test_matches_pytorch(smoothed):
+    """F.cross_entropy(F.normalize(z) @ F.normalize(W).T / tau, y), float64, block=5."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    z, labels, W, nb = make_problem(1)
+    nb, alpha = (nb, ALPHA) if smoothed else (None, 0.0)
+    loss, dz, dW, _ = run(z, labels, W, nb, alpha, block=5)
+    tz, tW = torch.tensor(z, requires_grad=True), torch.tensor(W, requires_grad=True)
+    y = torch.tensor(dense_target(labels, N, nb, alpha))
+    tloss = F.cross_entropy(F.normalize(tz) @ F.normalize(tW).T / TAU, y)
+    tloss.backward()
+    check_tensor("loss", loss, tloss.detach().numpy(), 1e-10)
+    check_tensor("dz", dz, tz.grad.numpy(), 1e-10)
+    check_tensor("dW", dW, tW.grad.numpy(), 1e-10)
+    assert loss.dtype == dz.dtype == dW.dtype == np.float64
+
+
+def test_gradients_match_finite_differences():
+    """dz and dW vs centered differences of the loss, smoothed targets, 3 blocks."""
+    z, labels, W, nb = make_problem(2, n=7, d=4, b=5, k=2)
+    W *= np.array([[0.3], [1], [2], [5], [1], [0.7], [3]])  # rows of different norms
+
+    def loss_of(z_, W_):
+        return cosine_softmax_forward(z_, labels, W_, SelfComm(), 7, TAU, nb, ALPHA,
+                                      block=3)[0]
+
+    _, dz, dW, _ = run(z, labels, W, nb, ALPHA, block=3)
+    check_tensor("dz", dz, numerical_grad(lambda z_: loss_of(z_, W), z.copy(), 1.0), 1e-7)
+    check_tensor("dW", dW, numerical_grad(lambda W_: loss_of(z, W_), W.copy(), 1.0), 1e-7)
+
+
+def test_block_size_invariance():
+    """block = 1, 3, 37 (one block) and 4096 agree to rounding."""
+    z, labels, W, nb = make_problem(3)
+    ref = run(z, labels, W, nb, ALPHA, block=4096, topk=(1, 5))
+    for block in (1, 3, 37):
+        out = run(z, labels, W, nb, ALPHA, block=block, topk=(1, 5))
+        for name, a, b in zip(("loss", "dz", "dW"), out[:3], ref[:3]):
+            check_tensor(f"{name} block={block}", a, b, 1e-13)
+        assert out[3] == ref[3]
+
+
+def test_threads_give_the_same_bits(threads):
+    """2 threads give bitwise the results of 1 thread (blocks combined in order)."""
+    z, labels, W, nb = make_problem(4)
+    threads(1)  # whatever REFIMPL_NUM_THREADS says
+    one = run(z, labels, W, nb, ALPHA, block=5, topk=(1, 5))
+    threads(2)
+    two = run(z, labels, W, nb, ALPHA, block=5, topk=(1, 5))
+    for name, a, b in zip(("loss", "dz", "dW"), one[:3], two[:3]):
+        assert np.array_equal(a, b), f"{name} differs with 2 threads"
+    assert one[3] == two[3]
+
+
+@pytest.mark.parametrize("alpha", [0.0, ALPHA])
+def test_topk_accuracy_with_ties(alpha):
+    """Tied logits: the lower class id ranks first (like argmax)."""
+    z, labels, W, nb = make_problem(5)
+    # Rows 3 and 20 both normalize to e_0 exactly; z = c e_0 ties them exactly.
+    e0 = np.eye(D)[0]
+    W[3], W[20] = 3 * e0, 0.5 * e0
+    labels[:2] = [20, 3]
+    z[:2] = [2 * e0, 4 * e0]
+    rank, naive = reference_ranks(z, W, labels)
+    assert rank[0] == 1 and rank[1] == 0  # label 20 is beaten by the tie at 3
+    topk = (1, 2, 5)
+    _, _, _, acc = run(z, labels, W, nb, alpha, block=5, topk=topk)
+    assert acc == {k: float(np.mean(rank < k)) for k in topk}
+    assert 0 < acc[1] < 1 and 0 < acc[5] < 1
+    # Ranking the label first among ties would give another top-1: the tie case matters.
+    assert np.mean(naive < 1) != acc[1]
+
+
+def test_classifier_object_equals_functional_and_writes_grad():
+    """CosineClassifier = the functional pair; backward overwrites clf.grad."""
+    z, labels, _, nb = make_problem(6)
+    comm = SelfComm()
+    clf = CosineClassifier(N, D, comm, tau=TAU, dtype=np.float64, block=5)
+    grad = clf.grad
+    loss, acc = clf.forward(z, labels, nb, ALPHA, topk=(1, 5))
+    dz = clf.backward()
+    ref_loss, ref_dz, ref_dW, ref_acc = run(z, labels, clf.weight, nb, ALPHA, block=5,
+                                            topk=(1, 5))
+    assert np.array_equal(loss, ref_loss) and acc == ref_acc
+    assert np.array_equal(dz, ref_dz) and np.array_equal(clf.grad, ref_dW)
+    assert clf.grad is grad and clf.cache is None  # the optimizer's view stays valid
+    first = clf.grad.copy()
+    clf.forward(z, labels, nb, ALPHA)
+    clf.backward()
+    np.testing.assert_array_equal(clf.grad, first)  # written, not accumulated (2x)
+    assert np.abs(first).max() > 0
+
+
+# ------------------------------------------------- cosine softmax: errors
+
+def test_errors():
+    """Bad inputs raise ValueError naming the problem; a cache is used once."""
+    z, labels, W, nb = make_problem(7)
+    comm = SelfComm()
+
+    def fwd(**changed):
+        args = dict(z=z, labels=labels, w=W, comm=comm, num_classes=N, tau=TAU)
+        return cosine_softmax_forward(**{**args, **changed})
+
+    for bad in (-1, N):
+        lab = labels.copy()
+        lab[4] = bad
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, {N}\)"):
+            fwd(labels=lab)
+    with pytest.raises(ValueError, match=r"labels must be integer instance ids of shape \(12,\)"):
+        fwd(labels=labels[:11])
+    with pytest.raises(ValueError, match="labels must be integer instance ids"):
+        fwd(labels=labels + 0.5)  # float labels are not silently truncated
+    with pytest.raises(ValueError, match=rf"owns rows \[0, {N}\).*must have {N} rows, got 36"):
+        fwd(w=W[:36])
+    with pytest.raises(ValueError, match="must share D"):
+        fwd(w=W[:, :7])
+    for tau in (0.0, -0.1, np.nan):
+        with pytest.raises(ValueError, match="tau must be > 0"):
+            fwd(tau=tau)
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        CosineClassifier(N, D, comm, tau=0.0)
+    for alpha in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\)"):
+            fwd(neighbours=nb, alpha=alpha)
+    for table in (nb[:-1], nb[:, 0], nb[:, :0]):
+        with pytest.raises(ValueError, match=rf"neighbours must have shape \({N}, K\)"):
+            fwd(neighbours=table, alpha=ALPHA)
+    for value in (-1, N):  # a neighbour id that no shard owns
+        table = nb.copy()
+        table[labels[3], 1] = value
+        with pytest.raises(ValueError, match=rf"neighbours must hold integer class ids in \[0, {N}\)"):
+            fwd(neighbours=table, alpha=ALPHA)
+    table = nb.copy()
+    table[labels[3], 0] = labels[3]
+    with pytest.raises(ValueError, match="include the class itself"):
+        fwd(neighbours=table, alpha=ALPHA)
+    _, _, cache = fwd()
+    with pytest.raises(ValueError, match="dw_out must be"):
+        cosine_softmax_backward(cache, dw_out=np.empty((N, D + 1)))
+    cosine_softmax_backward(cache)  # the failed call did not use the cache up
+    with pytest.raises(ValueError, match=r"every rank needs at least one row \(N >= P\)"):
+        shard_range(3, 4, 0)
+    for size, rank in ((0, 0), (3, 3), (3, -1)):
+        with pytest.raises(ValueError, match="not in a world of size"):
+            shard_range(10, size, rank)
+    _, _, cache = fwd()
+    cosine_softmax_backward(cache)
+    with pytest.raises(RuntimeError, match="already used"):
+        cosine_softmax_backward(cache)
+
+
+# ------------------------------------------------------ sharding and init
+
+def test_shard_range_partitions_rows():
+    """Contiguous, covering, balanced shards [floor(rN/P), floor((r+1)N/P))."""
+    for n in range(1, 51):
+        for p in range(1, min(n, 6) + 1):
+            ranges = [shard_range(n, p, r) for r in range(p)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == n
+            assert all(ranges[r][1] == ranges[r + 1][0] for r in range(p - 1))
+            sizes = [hi - lo for lo, hi in ranges]
+            assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+            assert ranges == [(r * n // p, (r + 1) * n // p) for r in range(p)]
+    assert shard_range(37, 4, 3) == (27, 37)  # the MPI tests' uneven shards
+
+
+def test_init_shard_is_world_size_invariant():
+    """P = 3 shards concatenated = the P = 1 matrix, across INIT_BLOCK streams."""
+    n, d = 2 * INIT_BLOCK + 8864, 2  # 140000 rows: three random streams
+    full = init_shard(n, d, 0, n, seed=3)
+    shards = [init_shard(n, d, *shard_range(n, 3, r), seed=3) for r in range(3)]
+    np.testing.assert_array_equal(np.concatenate(shards), full)
+    # Rank 1's rows start inside the first stream and end inside the second.
+    assert shard_range(n, 3, 1)[0] < INIT_BLOCK < shard_range(n, 3, 1)[1]
+    bound = 1 / np.sqrt(d)
+    assert np.abs(full).max() <= bound and np.abs(full).max() > 0.99 * bound
+    assert not np.array_equal(full[:100], full[INIT_BLOCK:INIT_BLOCK + 100])  # own streams
+    assert not np.array_equal(init_shard(n, d, 0, 100, seed=4), full[:100])
+    assert init_shard(n, d, 5, 5).shape == (0, d)
+
+
+def test_classifier_initial_weight():
+    """The weight is init_shard's rows, float32 unless asked otherwise."""
+    clf = CosineClassifier(N, D, SelfComm(), seed=2)
+    assert (clf.lo, clf.hi) == (0, N) and clf.weight.dtype == np.float32
+    np.testing.assert_array_equal(clf.weight, init_shard(N, D, 0, N, 2).astype(np.float32))
+    assert clf.grad.shape == (N, D) and clf.grad.dtype == np.float32
+    clf64 = CosineClassifier(N, D, SelfComm(), dtype=np.float64, seed=2)
+    np.testing.assert_array_equal(clf64.weight, init_shard(N, D, 0, N, 2))
+
+
+# --------------------------------------------------------------- SelfComm
+
+class DoublingComm(SelfComm):
+    """SelfComm whose sum all-reduce doubles, as if a second rank held the same
+    values: makes the write-back of an in-place all-reduce visible."""
+
+    def _allreduce(self, send, recv, op):
+        recv[...] = (recv if send is None else send) * (2 if op == "sum" else 1)
+
+
+def test_selfcomm_collectives_copy_and_count():
+    """Size-1 collectives return copies and count the bytes exactly."""
+    comm = SelfComm()
+    x = np.arange(12.0).reshape(3, 4)
+    x0 = x.copy()
+    for name, out in (("all_gather", comm.all_gather(x)),
+                      ("reduce_scatter", comm.reduce_scatter(x)),
+                      ("all_reduce_sum", comm.all_reduce(x, "sum")),
+                      ("all_reduce_max", comm.all_reduce(x, "max"))):
+        np.testing.assert_array_equal(out, x0)
+        assert out.dtype == x.dtype and not np.shares_memory(out, x), name
+        out += 100  # the result is the caller's: the input does not change
+        np.testing.assert_array_equal(x, x0)
+        assert comm.counters[name] == {"calls": 1, "sent": 96, "received": 96}, name
+    assert comm.bcast(x) is x
+    np.testing.assert_array_equal(x, x0)
+    assert comm.counters["bcast"] == {"calls": 1, "sent": 96, "received": 0}
+    assert comm.bytes_sent() == 5 * 96 and comm.bytes_received() == 4 * 96
+    comm.all_gather(x[:, ::2].T)  # non-contiguous input, (2, 3)
+    assert comm.counters["all_gather"] == {"calls": 2, "sent": 96 + 48, "received": 96 + 48}
+    comm.reset_counters()
+    assert comm.counters == {} and comm.bytes_sent() == 0 and comm.bytes_received() == 0
+
+
+def test_selfcomm_errors():
+    """Unknown op, a missing root and a scalar gather raise, counting nothing."""
+    comm = SelfComm()
+    with pytest.raises(ValueError, match=r"op must be one of \('sum', 'max'\), got 'min'"):
+        comm.all_reduce(np.ones(3), "min")
+    with pytest.raises(ValueError, match="root 1 does not exist"):
+        comm.bcast(np.ones(3), root=1)
+    with pytest.raises(ValueError, match="leading row axis"):
+        comm.all_gather(np.array(1.0))
+    assert comm.counters == {}
+
+
+@pytest.mark.parametrize("comm_cls", [SelfComm, DoublingComm])
+def test_all_reduce_in_place_on_a_view(comm_cls):
+    """inplace=True on a strided view writes the result back into the view."""
+    comm = comm_cls()
+    factor = 2 if comm_cls is DoublingComm else 1
+    buf = np.arange(10.0)
+    view = buf[::2]
+    assert not view.flags.c_contiguous
+    assert comm.all_reduce(view, "sum", inplace=True) is view
+    np.testing.assert_array_equal(buf[::2], factor * np.arange(0.0, 10, 2))
+    np.testing.assert_array_equal(buf[1::2], np.arange(1.0, 10, 2))  # untouched
+    assert comm.counters["all_reduce_sum"] == {"calls": 1, "sent": 40, "received": 40}
+    flat = np.arange(4.0)
+    assert comm.all_reduce(flat, inplace=True) is flat
+    np.testing.assert_array_equal(flat, factor * np.arange(4.0))
+    # Not in place: the input keeps its values whatever the result is.
+    y = np.arange(3.0)
+    np.testing.assert_array_equal(comm.all_reduce(y), factor * np.arange(3.0))
+    np.testing.assert_array_equal(y, np.arange(3.0))
+
+
+def test_detect_cuda_aware_mpi_env(monkeypatch):
+    """REFIMPL_CUDA_AWARE_MPI=1/0 decides; any other value is an error."""
+    monkeypatch.setenv("REFIMPL_CUDA_AWARE_MPI", "1")
+    assert detect_cuda_aware_mpi() is True
+    monkeypatch.setenv("REFIMPL_CUDA_AWARE_MPI", "0")
+    assert detect_cuda_aware_mpi() is False
+    for value in ("yes", "", "true", "2"):
+        monkeypatch.setenv("REFIMPL_CUDA_AWARE_MPI", value)
+        with pytest.raises(ValueError, match="REFIMPL_CUDA_AWARE_MPI must be 0 or 1"):
+            detect_cuda_aware_mpi()
+
+
+class AbortRecorder(SelfComm):
+    """SelfComm that records its abort() calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.aborts = []
+
+    def abort(self, code=1):
+        self.aborts.append(code)
+
+
+def test_abort_on_error_reports_and_propagates():
+    """The rank's message and traceback go to the stream; the error propagates."""
+    comm, stream = AbortRecorder(), io.StringIO()
+    err = RuntimeError("rank work failed on purpose")
+    with pytest.raises(RuntimeError) as info:
+        with abort_on_error(comm, stream=stream):
+            raise err
+    assert info.value is err and comm.aborts == [1]
+    text = stream.getvalue()
+    assert text.startswith("refimpl: rank 0/1 failed:\nTraceback (most recent call last):")
+    assert "RuntimeError: rank work failed on purpose" in text
+    # Plain SelfComm: abort is a no-op and the exception still propagates.
+    with pytest.raises(KeyError, match="x"):
+        with abort_on_error(SelfComm(), stream=io.StringIO()):
+            raise KeyError("x")
+
+
+def test_abort_on_error_quiet_cases():
+    """A clean exit (SystemExit 0/None) or no error: nothing printed, no abort."""
+    comm = AbortRecorder()
+    for code in (0, None):
+        stream = io.StringIO()
+        with pytest.raises(SystemExit) as info:
+            with abort_on_error(comm, stream=stream):
+                raise SystemExit(code)
+        assert info.value.code == code and stream.getvalue() == ""
+    stream = io.StringIO()
+    with abort_on_error(comm, stream=stream):
+        pass
+    assert stream.getvalue() == "" and comm.aborts == []
+    with pytest.raises(SystemExit):  # a failing exit status is a failure
+        with abort_on_error(comm, stream=stream):
+            raise SystemExit(3)
+    assert "rank 0/1 failed" in stream.getvalue() and comm.aborts == [1]
+
+
+class StaleRank1(SelfComm):
+    """all_gather as if a rank 1 held different bytes for the second array."""
+
+    def all_gather(self, x):
+        table = np.concatenate([x, x])
+        table[1, 1] += 1
+        return table
+
+
+def test_check_replicated_and_checksum():
+    """Equal replicas pass; one changed bit changes the CRC; a stale rank is named."""
+    a = np.arange(5.0)
+    assert check_replicated(SelfComm(), {"a": a, "b": np.ones((2, 3))}) is None
+    c = checksum(a)
+    assert checksum(a.copy()) == c
+    b = a.copy()
+    b[3] = np.nextafter(b[3], 10)  # one bit of one element
+    assert checksum(b) != c
+    m = np.arange(12.0).reshape(3, 4)
+    assert checksum(m[:, ::2]) == checksum(np.ascontiguousarray(m[:, ::2]))
+    with pytest.raises(RuntimeError, match=r"differ between ranks: b \(ranks \[1\] differ"):
+        check_replicated(StaleRank1(), {"a": a, "b": b})
+
+
+# ------------------------------------------------------------- train_step
+
+def make_step(seed=0):
+    """(net, clf, net_opt, clf_opt, x, labels) of a small float64 step."""
+    net = small_net()
+    clf = CosineClassifier(N, D, SelfComm(), dtype=np.float64)
+    net_opt = SGD(net.store.data, net.store.grad, lr=0.1, momentum=0.9)
+    clf_opt = SGD(clf.weight.ravel(), clf.grad.ravel(), lr=0.1, momentum=0.9)
+    r = np.random.default_rng(seed)
+    return net, clf, net_opt, clf_opt, r.standard_normal((B, 3, 8, 8)), r.permutation(N)[:B]
+
+
+def test_train_step_updates_parameters():
+    """One SelfComm step = the layers by hand, then p -= lr * grad."""
+    net, clf, net_opt, clf_opt, x, labels = make_step()
+    nb = make_problem(0)[3]
+    p0, w0 = net.store.data.copy(), clf.weight.copy()
+    loss, acc = train_step(net, clf, x, labels, SelfComm(), net_opt, clf_opt,
+                           neighbours=nb, alpha=ALPHA, topk=(1,))
+    assert type(loss) is float and np.isfinite(loss) and set(acc) == {1}
+    # The same step by hand: network forward, classifier, network backward.
+    ref = small_net()
+    z_loss, _, cache = cosine_softmax_forward(ref.forward(x, train=True), labels, w0,
+                                              SelfComm(), N, TAU, nb, ALPHA)
+    dz, dW = cosine_softmax_backward(cache)
+    ref.backward(dz)
+    check_tensor("loss", loss, z_loss, 1e-13)
+    check_tensor("net grad", net.store.grad, ref.store.grad, 1e-13)
+    check_tensor("classifier grad", clf.grad, dW, 1e-13)
+    assert np.abs(ref.store.grad).max() > 0 and np.abs(dW).max() > 0
+    # First momentum step: p -= lr * grad.
+    check_tensor("params", net.store.data, p0 - 0.1 * net.store.grad, 1e-15)
+    check_tensor("classifier", clf.weight, w0 - 0.1 * clf.grad, 1e-15)
+    assert not np.array_equal(net.store.data, p0) and not np.array_equal(clf.weight, w0)
+
+
+def test_train_step_nan_raises_before_any_update():
+    """A NaN loss raises FloatingPointError naming the step; nothing is updated,
+    and the BatchNorm running statistics and counters are put back."""
+    net, clf, net_opt, clf_opt, x, labels = make_step()
+    train_step(net, clf, x, labels, SelfComm(), net_opt, clf_opt)  # momentum is non-zero
+    p0, w0 = net.store.data.copy(), clf.weight.copy()
+    buffers0 = {n: np.array(v, copy=True) for n, v in net.store.buffers.items()}
+    x[5, 1, 2, 3] = np.nan
+    with pytest.raises(FloatingPointError, match="the loss is nan at step 7; no parameter"):
+        train_step(net, clf, x, labels, SelfComm(), net_opt, clf_opt, step=7)
+    np.testing.assert_array_equal(net.store.data, p0)
+    np.testing.assert_array_equal(clf.weight, w0)
+    for n, v in buffers0.items():
+        np.testing.assert_array_equal(net.store.buffers[n], v, err_msg=n)
+    assert clf.cache is None  # the logits buffer is not kept alive by the failed step
+
+
+def test_set_batchnorm_mode():
+    """'sync' installs a sum all-reduce hook in encoder and head; 'local' removes it."""
+    net, comm = small_net(), SelfComm()
+    with pytest.raises(ValueError, match=r"bn mode must be one of \('local', 'sync'\)"):
+        set_batchnorm_mode(net, comm, "bogus")
+    assert net.bn_allreduce is None
+    set_batchnorm_mode(net, comm, "sync")
+    assert callable(net.bn_allreduce) and net.head.bn_allreduce is net.bn_allreduce
+    v = np.arange(3.0)
+    np.testing.assert_array_equal(net.bn_allreduce(v), v)  # the sum over 1 rank
+    assert comm.counters["all_reduce_sum"]["calls"] == 1
+    set_batchnorm_mode(net, comm, "local")
+    assert net.bn_allreduce is None and net.head.bn_allreduce is None
+
+
+def test_sync_bn_step_equals_local_bn_step_on_one_rank():
+    """On one rank synchronized BN is plain BN (one-pass variance: to rounding)."""
+    losses, params = [], []
+    for mode in ("local", "sync"):
+        net, clf, net_opt, clf_opt, x, labels = make_step()
+        set_batchnorm_mode(net, clf.comm, mode)
+        losses.append(train_step(net, clf, x, labels, clf.comm, net_opt, clf_opt)[0])
+        params.append(net.store.data.copy())
+    check_tensor("loss", losses[1], losses[0], 1e-12)
+    check_tensor("params", params[1], params[0], 1e-12)
+
+
+# -------------------------------------------------------------- bn_groups
+
+def test_bn_groups_validation():
+    """bn_groups must be a positive integer dividing the batch, without sync BN."""
+    net = small_net()
+    for bad in (0, 1.5, -2, "abc", float("nan"), True):
+        with pytest.raises(ValueError, match="bn_groups must be a positive integer"):
+            net.bn_groups = bad
+    assert net.bn_groups == 1
+    net.bn_groups = 3
+    with pytest.raises(ValueError, match="a batch of 10 does not split into 3 equal groups"):
+        net.forward(np.zeros((10, 3, 8, 8)), train=True)
+    set_batchnorm_mode(net, SelfComm(), "sync")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        net.forward(np.zeros((12, 3, 8, 8)), train=True)
+
+
+def test_bn_groups_equal_separate_batches():
+    """bn_groups = 3 = three models on the three parts (local BN on 3 ranks)."""
+    x = np.random.default_rng(8).standard_normal((B, 3, 8, 8))
+    grouped = small_net()
+    grouped.bn_groups = 3
+    z = grouped.forward(x, train=True)
+    parts = [small_net() for _ in range(3)]
+    z_ref = np.concatenate([net.forward(x[4 * g:4 * g + 4], train=True)
+                            for g, net in enumerate(parts)])
+    check_tensor("z", z, z_ref, 1e-12)
+    # The running statistics follow part 0 only (rank 0's, in a P-rank run).
+    check_tensor("buffers", grouped.store.buffer_data, parts[0].store.buffer_data, 1e-15)
+    assert not np.allclose(parts[1].store.buffer_data, parts[0].store.buffer_data)
+    # Negative control: the whole batch in one group gives another z.
+    assert np.abs(small_net().forward(x, train=True) - z).max() > 1e-3
