@@ -25,8 +25,8 @@ per rank.
 Prints one JSON object per P: refimpl_s, torch_s, ratio (= torch_s /
 refimpl_s: above 1 refimpl is faster), refimpl_peak_mb, torch_peak_mb,
 memory_ratio (= refimpl / torch). On the GPU, time is measured with the
-stream synchronized and peak memory is the allocators' peak (CuPy's memory
-pool, torch.cuda.max_memory_allocated).
+stream synchronized and peak memory is what the caching allocators hold
+(CuPy's memory pool total, torch.cuda.max_memory_reserved).
 """
 import argparse
 import json
@@ -96,7 +96,9 @@ def refimpl_worker(args):
         backend.synchronize()
         times.append(time.perf_counter() - t0)
     if device == "gpu":
-        peak = xp.get_default_memory_pool().total_bytes() / 2**20  # pool never shrinks here
+        # What CuPy's pool holds (it keeps freed blocks): comparable to
+        # PyTorch's reserved, not allocated, memory.
+        peak = xp.get_default_memory_pool().total_bytes() / 2**20
     else:
         peak = peak_memory_mb(start)
     mine = {"rank": comm.rank, "s": min(times[1:]), "peak_mb": peak,
@@ -142,7 +144,7 @@ def torch_worker(args):
         if dev == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda"
+    peak = (torch.cuda.max_memory_reserved() / 2**20 if dev == "cuda"
             else peak_memory_mb(start))
     print(json.dumps({"s": min(times[1:]), "peak_mb": peak, "loss": float(loss.detach()),
                       "threads": torch.get_num_threads()}), flush=True)

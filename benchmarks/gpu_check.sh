@@ -1,25 +1,33 @@
 #!/usr/bin/env bash
-# The device check, in one run: every test marked `gpu` (CuPy vs NumPy parity
-# of the layers and of a whole ResNet-18 training step, host/device copies,
-# augmentation on the GPU), after printing the GPU and the versions.
+# The device check, in one run, on a machine with a CUDA GPU:
+#   1. versions, and whether CuPy sees the GPU;
+#   2. the 1,281,167-way classifier step at B = 1024, refimpl (CuPy) vs
+#      PyTorch (CUDA) on the same card (benchmarks/bench_classifier.py);
+#   3. the sharded classifier and the collectives on CuPy arrays, 2 ranks
+#      under mpirun on this GPU, first with the detected CUDA-awareness, then
+#      forced through host buffers (REFIMPL_CUDA_AWARE_MPI=0);
+#   4. every test marked `gpu` (CuPy vs NumPy parity of the layers, the
+#      classifier, SGD and a whole ResNet-18 training step).
 #
-#   bash benchmarks/gpu_check.sh                      # on a machine with a CUDA GPU
+#   bash benchmarks/gpu_check.sh
 #   OUT=/some/dir PYTHON=/path/to/python bash benchmarks/gpu_check.sh
 #
-# Needs a Python with numpy, pytest and CuPy (torch optional); installs
-# nothing. The log goes to "${OUT:-.}/gpu_check.log" (and to stdout). Exit
-# status: pytest's, or 1 at once when CuPy sees no GPU (all-skipped tests
-# must not look like a pass).
-set -euo pipefail
+# Needs a Python with numpy, pytest, mpi4py and CuPy (torch for step 2);
+# installs nothing (refimpl is taken from this checkout via PYTHONPATH).
+# Writes gpu_check.log, classifier_gpu.json and mpi_gpu*.json to ${OUT:-.}.
+# Exit status: 1 at once when CuPy sees no GPU, else non-zero if any step failed.
+set -uo pipefail
 
-LOG="$(cd "${OUT:-.}" && pwd)/gpu_check.log"
+OUT="$(mkdir -p "${OUT:-.}" && cd "${OUT:-.}" && pwd)"
 PYTHON="${PYTHON:-python}"
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+status=0
 
 main() {
     echo "== gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) in $(pwd)"
     nvidia-smi -L || echo "nvidia-smi: not available"
-    "$PYTHON" - <<'PY'
+    "$PYTHON" - <<'PY' || exit 1
 import sys, numpy, pytest
 print("python", sys.version.split()[0], "| numpy", numpy.__version__, "| pytest", pytest.__version__)
 try:
@@ -34,9 +42,46 @@ from refimpl.backend import gpu_available
 if not gpu_available():
     sys.exit("refimpl.backend.gpu_available() is False: every gpu test would be skipped")
 PY
+
+    echo "== classifier step, N = 1,281,167, D = 128, B = 1024, fp32 (no TF32 on either side)"
+    CUPY_TF32=0 "$PYTHON" benchmarks/bench_classifier.py --device gpu --batch 1024 --ranks 1 \
+        --repeat 10 | tee "$OUT/classifier_gpu.json" || status=1
+
+    for aware in detect 0; do
+        echo "== 2 ranks on this GPU, REFIMPL_CUDA_AWARE_MPI=$aware"
+        if [ "$aware" = detect ]; then unset REFIMPL_CUDA_AWARE_MPI; else export REFIMPL_CUDA_AWARE_MPI=$aware; fi
+        CUPY_TF32=0 timeout 180 mpirun -np 2 --oversubscribe --allow-run-as-root "$PYTHON" \
+            tests/mpi_worker.py check-gpu "$OUT/mpi_gpu_$aware.json" || status=1
+        "$PYTHON" - "$OUT/mpi_gpu_$aware.json" <<'PY' || status=1
+import json, sys
+d = json.load(open(sys.argv[1]))
+worst = {}
+for r, rank in enumerate(d["ranks"]):
+    print(f"rank {r}: gpu {rank['gpu']}, cuda_aware {rank['cuda_aware']}")
+    for case, c in rank["classifier"].items():
+        if isinstance(c, dict):
+            tol = 1e-12 if case.startswith("float64") else 1e-5
+            err = max(c["loss"], c["dz"], c["dW"])
+            ok = err <= tol and c["acc"] == c["ref_acc"]
+            print(f"  {case}: worst of loss/dz/dW {err:.2e} (limit {tol:.0e}), top-k "
+                  f"{c['acc']} vs {c['ref_acc']}: {'ok' if ok else 'FAIL'}")
+            worst[case] = ok and worst.get(case, True)
+    a = rank["adjoint"]
+    print(f"  adjoint identity {a['identity']:.2e}, all_gather {a['all_gather_values']:.1e}, "
+          f"reduce_scatter {a['reduce_scatter_values']:.1e}")
+    worst["adjoint"] = a["identity"] <= 1e-12 and worst.get("adjoint", True)
+sys.exit(0 if all(worst.values()) else 1)
+PY
+    done
+    unset REFIMPL_CUDA_AWARE_MPI
+
+    echo "== pytest -m gpu"
     # float32 parity is checked at 1e-4: keep cuBLAS off TF32 (CuPy's default, made explicit).
     CUPY_TF32=0 REFIMPL_DEVICE=gpu "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider \
-        tests/test_gpu.py tests/test_backend.py tests/test_augment.py
+        tests/test_gpu.py tests/test_backend.py tests/test_augment.py || status=1
+    echo "== gpu_check done, status $status"
+    return $status
 }
 
-main 2>&1 | tee "$LOG"
+main 2>&1 | tee "$OUT/gpu_check.log"
+exit "${PIPESTATUS[0]}"

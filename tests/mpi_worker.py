@@ -2,6 +2,7 @@
 
     mpirun -np P python tests/mpi_worker.py check OUT.json
     mpirun -np P python tests/mpi_worker.py fail
+    mpirun -np P python tests/mpi_worker.py check-gpu OUT.json   (benchmarks/gpu_check.sh)
 
 ``check`` runs every P-rank check of the hybrid parallel step on this rank,
 against a dense single-process reference that every rank computes itself on
@@ -25,14 +26,14 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from refimpl.backend import rng as make_rng
+from refimpl.backend import asarray, device_of, rng as make_rng, to_numpy
 from refimpl.layers.loss import softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from refimpl.layers.normalize import l2_normalize_backward, l2_normalize_forward
 from refimpl.models import build_model
 from refimpl.parallel import (CosineClassifier, MPIComm, SelfComm, abort_on_error,
                               check_replicated, cosine_softmax_backward,
                               cosine_softmax_forward, set_batchnorm_mode, shard_range,
-                              target_entries, train_step)
+                              select_gpu, target_entries, train_step)
 from refimpl.sgd import SGD
 
 N, D, B, TAU = 37, 8, 12, 0.15  # 37 classes over 4 ranks: shards of 9 and 10 rows
@@ -75,7 +76,7 @@ def dense_reference(z, labels, W, nb, alpha):
     return float(loss), dz, dW, {1: float(np.mean(rank < 1)), 5: float(np.mean(rank < 5))}
 
 
-def check_classifier(comm):
+def check_classifier(comm, device="cpu"):
     P, r = comm.size, comm.rank
     b = B // P
     lo, hi = shard_range(N, P, r)
@@ -87,9 +88,12 @@ def check_classifier(comm):
             comm.reset_counters()
             # block=4: several blocks per shard, so the block combination is tested too.
             loss, acc, cache = cosine_softmax_forward(
-                z[r * b:(r + 1) * b].astype(dtype), labels[r * b:(r + 1) * b],
-                W[lo:hi].astype(dtype), comm, N, TAU, nb, alpha, topk=(1, 5), block=4)
+                asarray(z[r * b:(r + 1) * b].astype(dtype), device=device),
+                labels[r * b:(r + 1) * b], asarray(W[lo:hi].astype(dtype), device=device),
+                comm, N, TAU, nb, alpha, topk=(1, 5), block=4)
             dz, dW = cosine_softmax_backward(cache)
+            assert device_of(dz) == device_of(dW) == device
+            loss, dz, dW = to_numpy(loss), to_numpy(dz), to_numpy(dW)
             key = f"{np.dtype(dtype).name}_alpha{alpha}"
             out[key] = {
                 "loss": abs(float(loss) - ref_loss) / abs(ref_loss),
@@ -111,13 +115,13 @@ def check_classifier(comm):
     return out
 
 
-def check_adjoint(comm):
+def check_adjoint(comm, device="cpu"):
     """sum_r <all_gather(x)_r, g_r> == sum_r <x_r, reduce_scatter(g)_r>, and the values."""
     P, r = comm.size, comm.rank
     xs = [make_rng(1, "test", s).normal(size=(3, 5)) for s in range(P)]   # every rank's x
     gs = [make_rng(2, "test", s).normal(size=(3 * P, 5)) for s in range(P)]
-    X = comm.all_gather(xs[r])
-    G = comm.reduce_scatter(gs[r])
+    X = to_numpy(comm.all_gather(asarray(xs[r], device=device)))
+    G = to_numpy(comm.reduce_scatter(asarray(gs[r], device=device)))
     lhs = comm.all_reduce(np.array([np.sum(X * gs[r])]), "sum")[0]
     rhs = comm.all_reduce(np.array([np.sum(xs[r] * G)]), "sum")[0]
     return {"identity": abs(lhs - rhs) / abs(lhs),
@@ -204,8 +208,14 @@ def main():
             comm.all_reduce(np.zeros(1), "sum")  # the others wait here
             comm.barrier()
             return
-        result = {"classifier": check_classifier(comm), "adjoint": check_adjoint(comm),
-                  "step": check_step(comm)}
+        if mode == "check-gpu":  # the classifier and collectives on CuPy arrays
+            device = select_gpu(comm)
+            result = {"gpu": device, "cuda_aware": comm.cuda_aware,
+                      "classifier": check_classifier(comm, "gpu"),
+                      "adjoint": check_adjoint(comm, "gpu")}
+        else:
+            result = {"classifier": check_classifier(comm), "adjoint": check_adjoint(comm),
+                      "step": check_step(comm)}
         everyone = comm.comm.gather(result, root=0)  # test plumbing only (pickles)
         if comm.rank == 0:
             with open(sys.argv[2], "w") as f:
