@@ -77,7 +77,7 @@ PY
 
     echo "== pytest -m gpu"
     # float32 parity is checked at 1e-4: keep cuBLAS off TF32 (CuPy's default, made explicit).
-    CUPY_TF32=0 REFIMPL_DEVICE=gpu "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider \
+    CUPY_TF32=0 REFIMPL_DEVICE=gpu timeout 300 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider \
         tests/test_gpu.py tests/test_backend.py tests/test_augment.py || status=1
     echo "== gpu_check done, status $status"
     return $status
