@@ -8,7 +8,7 @@ CuPy/Chainer idiom
 at the top of a function and then uses only ``xp.*``, so the same code runs on
 either device. Every place where NumPy and CuPy differ is wrapped here, once:
 
-- ``scatter_add``: ``np.add.at`` vs ``cupyx.scatter_add``;
+- ``scatter_add``: ``np.add.at`` vs ``cupy.add.at`` (``cupyx.scatter_add`` before CuPy 13);
 - ``to_numpy`` / ``asarray``: host <-> device copies;
 - ``ascontiguous``: contiguity before a buffer goes to MPI or a BLAS call;
 - ``synchronize``: the current CUDA stream must be finished before MPI reads a
@@ -162,7 +162,9 @@ def scatter_add(a, indices, values):
     xp = get_array_module(a)
     if xp is np:
         np.add.at(a, indices, values)
-    else:  # pragma: no cover - GPU only
+    elif hasattr(xp.add, "at"):  # pragma: no cover - GPU only (CuPy >= 13)
+        xp.add.at(a, indices, values)
+    else:  # pragma: no cover - older CuPy
         import cupyx
         cupyx.scatter_add(a, indices, values)
     return a
