@@ -17,7 +17,7 @@ slowest rank). Peak memory: the peak resident memory of the process during
 setup + steps, minus what it held before (``common.reset_peak_memory``),
 so the weight, its gradient and momentum are included on both sides. Both
 sides use the machine's cores: PyTorch all of them, refimpl cores / P threads
-per rank.
+per rank (and as many BLAS threads per rank: ``common.run_child``).
 
     python benchmarks/bench_classifier.py [--ranks 1 2 4] [--classes N] [--repeat 3]
     python benchmarks/bench_classifier.py --device gpu --batch 1024 --ranks 1
@@ -176,7 +176,8 @@ def main():
         if P == 1:  # no MPI needed for one rank: the size-1 communicator
             ours = run_child(me + ["--worker", "refimpl"] + common)
         else:
-            ours = run_child(mpirun_command(P, *me[1:], "--worker", "refimpl", "--mpi", *common))
+            ours = run_child(mpirun_command(P, *me[1:], "--worker", "refimpl", "--mpi", *common),
+                             blas_threads=max(1, (os.cpu_count() or 1) // P))
         t = max(r["s"] for r in ours["ranks"])
         peak = max(r["peak_mb"] for r in ours["ranks"])
         emit({"benchmark": "classifier_step", "device": args.device, "N": args.classes,
