@@ -38,6 +38,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_conv.py
 	$(PY) benchmarks/bench_resnet_step.py
 	$(PY) benchmarks/bench_augment.py
+	$(PY) benchmarks/bench_comm_bytes.py
+	$(PY) benchmarks/bench_classifier.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
