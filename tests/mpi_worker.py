@@ -15,7 +15,9 @@ OUT.json (pytest asserts on them, so a failure shows the numbers):
 - adjoint: <all_gather(x), g> = <x, reduce_scatter(g)>, summed over ranks;
 - step: 3 SGD steps of encoder + head + classifier, P ranks vs 1 process,
   "sync" BN and "local" BN (vs bn_groups = P), and a negative control that
-  averages the gradients instead of summing them.
+  averages the gradients instead of summing them; every step checks that the
+  replicated parameters and BN statistics are bitwise equal on all ranks
+  (``check_replicas=True``: a difference aborts the job).
 
 ``fail``: rank 1 raises while the others wait in a collective; the job must
 end (abort_on_error), not hang.
@@ -115,6 +117,20 @@ def check_classifier(comm, device="cpu"):
     return out
 
 
+def check_replicas(comm):
+    """check_replicated passes on equal arrays and raises on every rank when the
+    last rank's copy differs in one bit."""
+    a = np.arange(10.0)
+    check_replicated(comm, {"a": a})
+    if comm.rank == comm.size - 1:
+        a[3] = np.nextafter(a[3], 10)
+    try:
+        check_replicated(comm, {"a": a, "b": np.ones(2)})
+        return None
+    except RuntimeError as e:
+        return str(e)
+
+
 def check_adjoint(comm, device="cpu"):
     """sum_r <all_gather(x)_r, g_r> == sum_r <x_r, reduce_scatter(g)_r>, and the values."""
     P, r = comm.size, comm.rank
@@ -162,13 +178,13 @@ def run_steps(comm, bn, groups, batches, steps=3):
     losses = []
     for x, labels in batches[:steps]:
         loss, _ = train_step(net, clf, x[r * b:(r + 1) * b], labels[r * b:(r + 1) * b],
-                             comm, net_opt, clf_opt)
+                             comm, net_opt, clf_opt, check_replicas=True)
         losses.append(loss)
     return net, clf, losses
 
 
 def check_step(comm):
-    P, r = comm.size, comm.rank
+    P = comm.size
     g = make_rng(3, "test")
     batches = [(g.normal(size=(B, 3, 16, 16)), g.permutation(N)[:B]) for _ in range(3)]
     out = {}
@@ -188,13 +204,6 @@ def check_step(comm):
         out[name] = {"worst_param": worst, "worst_param_err": errs[worst],
                      "buffers": errs_buf,
                      "loss": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))}
-        if name != "averaged":
-            try:
-                check_replicated(comm, {"params": net.store.data,
-                                        "buffers": net.store.buffer_data})
-                out[name]["replicated"] = True
-            except RuntimeError as e:
-                out[name]["replicated"] = str(e)
     return out
 
 
@@ -215,7 +224,7 @@ def main():
                       "adjoint": check_adjoint(comm, "gpu")}
         else:
             result = {"classifier": check_classifier(comm), "adjoint": check_adjoint(comm),
-                      "step": check_step(comm)}
+                      "replicas": check_replicas(comm), "step": check_step(comm)}
         everyone = comm.comm.gather(result, root=0)  # test plumbing only (pickles)
         if comm.rank == 0:
             with open(sys.argv[2], "w") as f:

@@ -96,7 +96,18 @@ def test_training_step_P_ranks_equals_1_rank(result, bn):
         assert s["worst_param_err"] <= 1e-10, \
             f"rank {r} bn={bn}: {s['worst_param']} off by {s['worst_param_err']:.3e}"
         assert s["buffers"] <= 1e-10 and s["loss"] <= 1e-10
-        assert s["replicated"] is True, s["replicated"]
+    # (Every step also ran check_replicated: unequal replicas abort the job.)
+
+
+def test_replica_checksum_catches_one_bit_on_one_rank(result):
+    P = result["size"]
+    for rank in result["ranks"]:
+        msg = rank["replicas"]
+        if P == 1:
+            assert msg is None  # nothing to differ from
+        else:
+            assert msg is not None and f"a (ranks [{P - 1}] differ from rank 0)" in msg
+            assert "b (" not in msg  # only the array that differs is named
 
 
 def test_negative_control_averaged_gradients_are_caught(result):

@@ -16,11 +16,12 @@ the 1-rank step up to float rounding: with "sync" BatchNorm directly, with
 import math
 
 from refimpl.backend import scalar
-from refimpl.parallel.data_parallel import allreduce_gradients, broadcast_buffers
+from refimpl.parallel.data_parallel import (allreduce_gradients, broadcast_buffers,
+                                            check_replicated)
 
 
 def train_step(net, clf, x, labels, comm, net_opt, clf_opt, lr=None, neighbours=None,
-               alpha=0.0, topk=None, step=None):
+               alpha=0.0, topk=None, step=None, check_replicas=False):
     """One SGD step of encoder + head (``net``) and classifier shard (``clf``).
 
     Inputs (this rank):
@@ -32,6 +33,9 @@ def train_step(net, clf, x, labels, comm, net_opt, clf_opt, lr=None, neighbours=
       lr        learning rate of this step (None: each optimizer's own)
       neighbours, alpha, topk   as ``CosineClassifier.forward``
       step      the step's index, only for the error message
+      check_replicas  after the update, verify that the replicated parameters
+                and BN statistics are bitwise identical on every rank
+                (``check_replicated``: one all_gather of two checksums)
     Outputs: (loss, acc): the global mean loss as a Python float (equal on
     every rank) and the top-k accuracies ({} unless topk).
 
@@ -63,4 +67,6 @@ def train_step(net, clf, x, labels, comm, net_opt, clf_opt, lr=None, neighbours=
     if net.bn_allreduce is None:
         # Local BN: ranks saw different batches; keep rank 0's statistics.
         broadcast_buffers(net.store, comm)
+    if check_replicas:
+        check_replicated(comm, {"parameters": store.data, "BN statistics": store.buffer_data})
     return loss, acc
