@@ -5,7 +5,8 @@
 #      PyTorch (CUDA) on the same card (benchmarks/bench_classifier.py);
 #   3. the sharded classifier and the collectives on CuPy arrays, 2 ranks
 #      under mpirun on this GPU, first with the detected CUDA-awareness, then
-#      forced through host buffers (REFIMPL_CUDA_AWARE_MPI=0);
+#      forced through host buffers (REFIMPL_CUDA_AWARE_MPI=0), then forced
+#      direct (=1) where ompi_info says Open MPI was built with CUDA;
 #   4. every test marked `gpu` (CuPy vs NumPy parity of the layers, the
 #      classifier, SGD and a whole ResNet-18 training step).
 #
@@ -47,7 +48,16 @@ PY
     CUPY_TF32=0 "$PYTHON" benchmarks/bench_classifier.py --device gpu --batch 1024 --ranks 1 \
         --repeat 10 | tee "$OUT/classifier_gpu.json" || status=1
 
-    for aware in detect 0; do
+    # Open MPI says whether it was built with CUDA; only then is the direct
+    # (CUDA-aware) path tried as well, forced on.
+    variants="detect 0"
+    if command -v ompi_info >/dev/null; then
+        built=$(ompi_info --parsable --all 2>/dev/null | grep -i "mpi_built_with_cuda_support:value" || true)
+        echo "ompi_info: ${built:-no mpi_built_with_cuda_support line}"
+        case "$built" in *true*) variants="detect 0 1" ;; esac
+    fi
+    "$PYTHON" -c "from mpi4py import MPI; from refimpl.parallel import detect_cuda_aware_mpi; print('detect_cuda_aware_mpi():', detect_cuda_aware_mpi())"
+    for aware in $variants; do
         echo "== 2 ranks on this GPU, REFIMPL_CUDA_AWARE_MPI=$aware"
         if [ "$aware" = detect ]; then unset REFIMPL_CUDA_AWARE_MPI; else export REFIMPL_CUDA_AWARE_MPI=$aware; fi
         CUPY_TF32=0 timeout 180 mpirun -np 2 --oversubscribe --allow-run-as-root "$PYTHON" \
