@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import emit, peak_memory_mb, reset_peak_memory, run_child  # noqa: E402
+from benchmarks.common import (best_time, emit, peak_memory_mb, reset_peak_memory,  # noqa: E402
+                               run_child)
 sys.path.insert(0, str(ROOT / "tests"))
 from helpers import mpirun_command  # noqa: E402
 
@@ -87,21 +87,22 @@ def refimpl_worker(args):
         opt.step()
         return loss
 
-    times = []
-    for i in range(1 + args.repeat):
+    losses = []
+
+    def timed_step():  # every rank starts together; the GPU has finished at the end
         comm.barrier()
+        losses.append(step())
         backend.synchronize()
-        t0 = time.perf_counter()
-        loss = step()
-        backend.synchronize()
-        times.append(time.perf_counter() - t0)
+
+    seconds = best_time(timed_step, args.repeat)
+    loss = losses[-1]
     if device == "gpu":
         # What CuPy's pool holds (it keeps freed blocks): comparable to
         # PyTorch's reserved, not allocated, memory.
         peak = xp.get_default_memory_pool().total_bytes() / 2**20
     else:
         peak = peak_memory_mb(start)
-    mine = {"rank": comm.rank, "s": min(times[1:]), "peak_mb": peak,
+    mine = {"rank": comm.rank, "s": seconds, "peak_mb": peak,
             "loss": float(backend.to_numpy(loss))}
     everyone = [mine] if not args.mpi else comm.comm.gather(mine, root=0)  # plumbing only
     if comm.rank == 0:
@@ -135,18 +136,18 @@ def torch_worker(args):
         opt.step()
         return loss
 
-    times = []
-    for i in range(1 + args.repeat):
+    losses = []
+
+    def timed_step():
+        losses.append(step())
         if dev == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = step()
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+
+    seconds = best_time(timed_step, args.repeat)
+    loss = losses[-1]
     peak = (torch.cuda.max_memory_reserved() / 2**20 if dev == "cuda"
             else peak_memory_mb(start))
-    print(json.dumps({"s": min(times[1:]), "peak_mb": peak, "loss": float(loss.detach()),
+    print(json.dumps({"s": seconds, "peak_mb": peak, "loss": float(loss.detach()),
                       "threads": torch.get_num_threads()}), flush=True)
 
 
