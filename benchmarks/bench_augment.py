@@ -13,7 +13,7 @@ For each input size S (output S x S too), one JSON line with images/s of
 
 Both use the same SimCLR settings (p = 0.5 flip, 0.8 jitter, 0.2 grayscale)
 and one thread (``--threads``): one loader worker each. Then one line with the
-synthetic-data generator's images/s (``data_tools.synthetic``, 32 x 32).
+synthetic-data generator's images/s (``refimpl.data.synthetic``, 32 x 32).
 Absolute numbers on shared machines are noise; compare the ratio.
 """
 import argparse
@@ -99,7 +99,7 @@ def main(argv=None):
         emit({"bench": "augment", "batch": b, "size": size, "threads": args.threads,
               "refimpl_img_per_s": round(b / t_ref, 1), "pillow_img_per_s": round(b / t_pil, 1),
               "ratio": round(t_pil / t_ref, 3), "machine": info})
-    from data_tools.synthetic import SyntheticDataset
+    from refimpl.data.synthetic import SyntheticDataset
     ds = SyntheticDataset(1281167, size=32, num_classes=10, seed=0)
     starts = iter(range(0, 1281167 - b, b))  # a new batch each call
 

@@ -41,8 +41,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import (best_time, emit, peak_memory_mb, reset_peak_memory,  # noqa: E402
                                run_child)
-sys.path.insert(0, str(ROOT / "tests"))
-from helpers import mpirun_command  # noqa: E402
+from refimpl.parallel.launch import mpirun_command  # noqa: E402
 
 TAU, LR, MOMENTUM, WD = 0.15, 0.1, 0.9, 1e-4
 
@@ -55,9 +54,9 @@ def global_problem(N, D, B):
 
 def refimpl_worker(args):
     """One rank: time the sharded step; rank 0 prints the job's JSON line."""
-    from refimpl import backend
+    from refimpl import backend, threads
     from refimpl.parallel import CosineClassifier, MPIComm, SelfComm
-    from refimpl.sgd import SGD
+    from refimpl.optim.sgd import SGD
     if args.mpi:
         from mpi4py import MPI
         comm = MPIComm(MPI.COMM_WORLD)
@@ -68,7 +67,7 @@ def refimpl_worker(args):
         from refimpl.parallel import select_gpu
         select_gpu(comm)
     else:
-        backend.set_num_threads(max(1, (os.cpu_count() or 1) // comm.size))
+        threads.set_num_threads(max(1, (os.cpu_count() or 1) // comm.size))
     xp = backend.xp_for(device)
     z, y = global_problem(args.classes, args.dim, args.batch)
     b = args.batch // comm.size
@@ -107,7 +106,7 @@ def refimpl_worker(args):
     everyone = [mine] if not args.mpi else comm.comm.gather(mine, root=0)  # plumbing only
     if comm.rank == 0:
         print(json.dumps({"P": comm.size, "ranks": everyone,
-                          "threads": backend.get_num_threads()}), flush=True)
+                          "threads": threads.get_num_threads()}), flush=True)
 
 
 def torch_worker(args):
@@ -124,7 +123,7 @@ def torch_worker(args):
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # refimpl's initial W, so both sides report the same first loss.
-    from refimpl.parallel.classifier import init_shard
+    from refimpl.parallel.sharding import init_shard
     W = torch.nn.Parameter(torch.from_numpy(
         init_shard(args.classes, args.dim, 0, args.classes, dtype=np.float32)).to(dev))
     opt = torch.optim.SGD([W], lr=LR, momentum=MOMENTUM, weight_decay=WD)

@@ -26,12 +26,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np  # noqa: E402
 
 from benchmarks.common import emit, run_child  # noqa: E402
-from helpers import mpirun_command  # noqa: E402
+from refimpl.parallel.launch import mpirun_command  # noqa: E402
 
 CONFIGS = [(8, 16), (32, 128), (64, 64)]  # (B, D)
 CLASSES = [64, 100_000]
@@ -52,8 +51,9 @@ def worker():
     from mpi4py import MPI
 
     from refimpl.models import build_model
-    from refimpl.parallel import CosineClassifier, MPIComm, set_batchnorm_mode, train_step
-    from refimpl.sgd import SGD
+    from refimpl.optim.sgd import SGD
+    from refimpl.parallel import CosineClassifier, MPIComm, set_batchnorm_mode
+    from refimpl.train.step import train_step
     comm = MPIComm(MPI.COMM_WORLD)
     P, r = comm.size, comm.rank
     rows = []

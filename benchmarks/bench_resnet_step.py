@@ -4,7 +4,7 @@ What is timed, identically on both sides: ResNet-18 with the CIFAR stem on
 32x32 inputs, *with* a 10-way fc (no MLP head), softmax cross-entropy against
 random labels, forward + backward + one SGD step (momentum 0.9, weight decay
 5e-4), BatchNorm in train mode. Both use 2 threads (refimpl's
-``backend.set_num_threads`` and ``torch.set_num_threads``, see
+``threads.set_num_threads`` and ``torch.set_num_threads``, see
 benchmarks/common.py). The PyTorch model is the independent one from
 tests/torch_resnet.py, loaded with refimpl's weights.
 
@@ -19,7 +19,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # torch_resnet
 
 import numpy as np  # noqa: E402
 
@@ -27,7 +26,7 @@ from benchmarks.common import compare_times, emit, machine_info, set_threads  # 
 from refimpl.layers.loss import (softmax_cross_entropy_backward,  # noqa: E402
                                  softmax_cross_entropy_forward)
 from refimpl.models.resnet import ResNet  # noqa: E402
-from refimpl.sgd import SGD  # noqa: E402
+from refimpl.optim.sgd import SGD  # noqa: E402
 
 CONFIGS = [(16, 128), (64, 64)]  # (width, batch)
 
@@ -49,7 +48,7 @@ def refimpl_step(width, batch, x, y):
 
 def torch_step(torch, model_sd, width, x, y):
     """A closure running the same step in PyTorch."""
-    from torch_resnet import TorchResNet
+    from refimpl.oracle.torch_resnet import TorchResNet
     tmodel = TorchResNet("resnet18", "cifar", width, num_classes=10).float().train()
     tmodel.load_state_dict({k: torch.from_numpy(v) for k, v in model_sd.items()})
     topt = torch.optim.SGD(tmodel.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)

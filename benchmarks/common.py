@@ -15,12 +15,12 @@ import numpy as np
 def set_threads(n):
     """Use ``n`` threads in refimpl and in PyTorch alike.
 
-    refimpl: ``backend.set_num_threads(n)``, which for n > 1 runs conv chunks
+    refimpl: ``threads.set_num_threads(n)``, which for n > 1 runs conv chunks
     on n worker threads and holds NumPy's OpenBLAS at 1 thread (see
-    refimpl/backend.py for why); PyTorch: ``torch.set_num_threads(n)``.
+    refimpl/threads.py for why); PyTorch: ``torch.set_num_threads(n)``.
     """
-    from refimpl import backend
-    backend.set_num_threads(n)
+    from refimpl import threads
+    threads.set_num_threads(n)
     try:
         import torch
         torch.set_num_threads(n)
@@ -83,11 +83,11 @@ def emit(record):
 
 def machine_info():
     """What the numbers were measured on."""
-    from refimpl import backend
+    from refimpl import threads
     info = {"cpus": os.cpu_count(), "python": sys.version.split()[0],
             "numpy": np.__version__,
             "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
-            "refimpl_threads": backend.get_num_threads()}
+            "refimpl_threads": threads.get_num_threads()}
     try:  # what NumPy's BLAS runs with now (1 while refimpl_threads > 1)
         from threadpoolctl import threadpool_info
         info["blas_threads"] = {lib["prefix"]: lib["num_threads"]

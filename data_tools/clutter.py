@@ -19,54 +19,37 @@ One placement (all numbers from ``backend.rng(seed, "clutter", digit_index, copy
   placed at a random position fully inside it, in a bright random colour
   (each channel 0.6-1.0).
 
+Every resize is ``refimpl.data.resample.resize`` (bilinear, align_corners=False,
+edges clamped), in float64; the canvas is rounded to uint8 once at the end.
+
 Why: on plain digits a nearest neighbour on raw pixels is already ~98%
 correct, so it cannot tell a learned representation from the identity. Here
 position, scale, colour and clutter break pixel alignment, and raw-pixel kNN
-falls far down (see ``raw_pixel_knn_accuracy``), leaving room for
-self-supervised features to show what they learned.
+falls far down (``refimpl.evaluate.knn.raw_pixel_knn_accuracy``; the tests
+measure it), leaving room for self-supervised features to show what they
+learned.
 
     python -m data_tools.clutter OUT --size 32 --copies 4 --seed 0
 """
 import argparse
-import functools
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from data_tools.cli import run
+from data_tools.digits import CLASS_NAMES, load_digits_arrays, split_indices
 from refimpl.backend import rng
+from refimpl.checks import check_int
+from refimpl.data.packed import write_packed
+from refimpl.data.resample import resize
 
 DIGIT_SCALE = (0.35, 0.75)       # digit side / canvas side
 FRAGMENTS = 2                    # distractor strokes per image
 FRAGMENT_CELLS = 4               # a fragment is a 4x4 patch of the 8x8 digit grid
 FRAGMENT_INTENSITY = (0.35, 0.6)
 NOISE_GRID = 4
-
-
-def load_digits_arrays():
-    """scikit-learn's digits: images float64 (1797, 8, 8) in [0, 1], labels int64 (1797,)."""
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    return d.images / 16.0, d.target.astype(np.int64)
-
-
-@functools.lru_cache(maxsize=256)
-def _resize_matrix(n_in, n_out):
-    """Bilinear sampling matrix (n_out, n_in), align_corners=False, clamped edges."""
-    c = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
-    c0 = np.floor(c).astype(np.int64)
-    c1 = np.minimum(c0 + 1, n_in - 1)
-    m = np.zeros((n_out, n_in))
-    np.add.at(m, (np.arange(n_out), c0), 1 - (c - c0))  # add.at: c0 == c1 at the edge
-    np.add.at(m, (np.arange(n_out), c1), c - c0)
-    m.flags.writeable = False  # cached and shared
-    return m
-
-
-def _resize(img, out_h, out_w):
-    """Bilinear resize (h, w) -> (out_h, out_w)."""
-    return _resize_matrix(img.shape[0], out_h) @ img @ _resize_matrix(img.shape[1], out_w).T
+MIN_SIZE = 8                     # smallest canvas side
 
 
 def _paste(canvas, alpha_img, colour, top, left):
@@ -75,11 +58,6 @@ def _paste(canvas, alpha_img, colour, top, left):
     region = canvas[top:top + h, left:left + w]
     a = np.clip(alpha_img, 0, 1)[..., None]
     canvas[top:top + h, left:left + w] = region + a * (colour - region)
-
-
-def _upsample(grid, size):
-    """(g, g, 3) -> (size, size, 3), bilinear."""
-    return np.stack([_resize(grid[..., c], size, size) for c in range(grid.shape[-1])], axis=-1)
 
 
 def place_digit(digit, others, size, seed, digit_index, copy):
@@ -91,7 +69,7 @@ def place_digit(digit, others, size, seed, digit_index, copy):
     g = rng(seed, "clutter", digit_index, copy)
     tint = g.uniform(0.0, 0.2, 3)
     canvas = tint + g.uniform(0.0, 0.2, (NOISE_GRID, NOISE_GRID, 3))
-    canvas = _upsample(canvas, size)                       # (S, S, 3)
+    canvas = resize(canvas, size, size)                    # (S, S, 3)
     side = max(4, int(round(size * g.uniform(*DIGIT_SCALE))))
     cell = side / 8.0                                      # pixels per digit-grid cell
     for _ in range(FRAGMENTS):
@@ -99,12 +77,12 @@ def place_digit(digit, others, size, seed, digit_index, copy):
         r0, c0 = g.integers(0, 8 - FRAGMENT_CELLS + 1, 2)
         patch = other[r0:r0 + FRAGMENT_CELLS, c0:c0 + FRAGMENT_CELLS]
         fside = max(2, int(round(FRAGMENT_CELLS * cell)))
-        patch = _resize(patch, fside, fside)
+        patch = resize(patch, fside, fside)
         top, left = g.integers(0, size - fside + 1, 2)
         colour = g.uniform(*FRAGMENT_INTENSITY) * g.uniform(0.6, 1.0, 3)
         _paste(canvas, patch, colour, top, left)
     top, left = g.integers(0, size - side + 1, 2)
-    _paste(canvas, _resize(digit, side, side), g.uniform(0.6, 1.0, 3), top, left)
+    _paste(canvas, resize(digit, side, side), g.uniform(0.6, 1.0, 3), top, left)
     return np.clip(np.rint(canvas * 255), 0, 255).astype(np.uint8)
 
 
@@ -134,11 +112,8 @@ def make_clutter(out_dir, size=32, copies=4, seed=0, test_fraction=0.2, overwrit
     seed and test_fraction). The manifests record ``source_indices``: the
     original sklearn index of every image, so the split can be checked.
     """
-    from data_tools.digits import CLASS_NAMES, split_indices
-    from refimpl.data.packed import write_packed
-    for name, v, lo in (("size", size, 8), ("copies", copies, 1)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    size = check_int("size", size, minimum=MIN_SIZE)
+    copies = check_int("copies", copies)
     out_dir = Path(out_dir)
     for split in ("train", "test"):
         if (out_dir / split).exists() and not overwrite:
@@ -158,54 +133,6 @@ def make_clutter(out_dir, size=32, copies=4, seed=0, test_fraction=0.2, overwrit
         paths.append(write_packed(out_dir / split, images, y, manifest=manifest,
                                   overwrite=overwrite))
     return tuple(paths)
-
-
-def _as_arrays(data):
-    """(images, labels) from a tuple or from a dataset with read() and labels."""
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        images, labels = data
-    elif hasattr(data, "read") and hasattr(data, "labels"):
-        labels = np.asarray(data.labels)
-        images = data.read(np.arange(len(labels)))
-    else:
-        raise TypeError("expected (images, labels) or a dataset with read() and labels")
-    images, labels = np.asarray(images), np.asarray(labels)
-    if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
-    return images, labels
-
-
-def raw_pixel_knn_accuracy(train, test, k=5, chunk=1024):
-    """Top-1 accuracy of a cosine k-nearest-neighbour vote on raw pixels.
-
-    train, test: (images (N, ...), labels (N,)) or datasets with read()/labels.
-    Each image is flattened to float32 and L2-normalized; a test image takes
-    the majority label of its k most similar training images; a tied vote
-    goes to the tied label with the nearest neighbour.
-    """
-    (xtr, ytr), (xte, yte) = _as_arrays(train), _as_arrays(test)
-    if not 1 <= k <= len(ytr):
-        raise ValueError(f"k must be in [1, {len(ytr)}], got {k}")
-
-    def unit(x):
-        x = x.reshape(len(x), -1).astype(np.float32)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    xtr, xte = unit(xtr), unit(xte)
-    classes, ytr_i = np.unique(ytr, return_inverse=True)
-    correct = 0
-    for s in range(0, len(xte), chunk):
-        sim = xte[s:s + chunk] @ xtr.T                      # (c, N_train)
-        nn = np.argpartition(-sim, k - 1, axis=1)[:, :k]     # k best, unordered
-        order = np.argsort(-np.take_along_axis(sim, nn, axis=1), axis=1, kind="stable")
-        nn = np.take_along_axis(nn, order, axis=1)           # nearest first
-        votes = np.zeros((len(nn), len(classes)))
-        rows = np.arange(len(nn))
-        for rank in range(k):
-            # each vote is worth 1; the tiny rank bonus breaks ties toward the nearest
-            np.add.at(votes, (rows, ytr_i[nn[:, rank]]), 1 + 1e-6 * (k - rank))
-        pred = classes[np.argmax(votes, axis=1)]
-        correct += int(np.sum(pred == yte[s:s + chunk]))
-    return correct / len(yte)
 
 
 def main(argv=None):

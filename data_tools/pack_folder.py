@@ -61,6 +61,7 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.cli import run
+from refimpl.checks import check_int
 from refimpl.data.packed import PackedWriter
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default (about 0.25 GiB of 24-bit RGB)
@@ -251,15 +252,11 @@ def pack_folder(src, out, size, resize="shorter", workers=None, skip_bad=False,
     """
     from PIL import Image
     src, out = Path(src), Path(out)
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"--size must be a positive integer, got {size!r}")
+    size = check_int("--size", size)
     if resize not in RESIZE_MODES:
         raise ValueError(f"--resize must be one of {RESIZE_MODES}, got {resize!r}")
-    workers = default_workers() if workers is None else workers
-    if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers!r}")
-    if not isinstance(max_pixels, int) or max_pixels < 0:
-        raise ValueError(f"--max-pixels must be >= 0 (0 = no limit), got {max_pixels!r}")
+    workers = check_int("--workers", default_workers() if workers is None else workers)
+    max_pixels = check_int("--max-pixels", max_pixels, minimum=0)  # 0: no limit
     if src.is_dir() and (out.resolve() == src.resolve() or src.resolve() in out.resolve().parents):
         raise ValueError(f"OUT ({out}) must not be SRC or inside it")
 

@@ -14,7 +14,7 @@ Sheet size before zoom: height ``n S + (n + 1) GAP``, width
 ``(1 + augs) S + (2 + augs) GAP`` (one extra gap column separates the
 original from its augmentations).
 
-DATASET is anything ``refimpl.data.packed.open_dataset`` accepts: a packed
+DATASET is anything ``refimpl.data.datasets.open_dataset`` accepts: a packed
 folder or a "synthetic:n=...,size=..." spec. The rows show images spread
 evenly over the dataset (indices ``linspace(0, N - 1, n)``).
 """
@@ -25,7 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.cli import run
+from refimpl.checks import check_int
 from refimpl.data.augment import AugmentConfig, augment_batch, denormalize, eval_transform
+from refimpl.data.datasets import open_dataset
+from refimpl.data.synthetic import SPEC_PREFIX
 
 GAP = 2
 GAP_VALUE = 128  # mid gray
@@ -34,11 +37,8 @@ GAP_VALUE = 128  # mid gray
 def sheet(dataset, n=8, augs=6, size=None, seed=0, config=None):
     """The contact sheet as uint8 (height, width, 3) (see the module docstring)."""
     config = AugmentConfig() if config is None else config
-    if n < 1 or augs < 0:
-        raise ValueError(f"need n >= 1 and augs >= 0, got n={n}, augs={augs}")
-    size = dataset.image_size[0] if size is None else size
-    if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
+    n, augs = check_int("n", n), check_int("augs", augs, minimum=0)
+    size = check_int("size", dataset.image_size[0] if size is None else size)
     ids = np.unique(np.round(np.linspace(0, len(dataset) - 1, n)).astype(np.int64))
     images = dataset.read(ids)                               # (n, H, W, 3)
     cols = [denormalize(eval_transform(images, size, config, device="cpu"), config)]
@@ -72,13 +72,12 @@ def main(argv=None):
     parser.add_argument("--zoom", type=int, default=1, help="enlarge the sheet Z times")
     args = parser.parse_args(argv)
     from PIL import Image
-    from refimpl.data.packed import open_dataset
+
     def work():
-        if not args.dataset.startswith("synthetic:") and not Path(args.dataset).exists():
+        if not args.dataset.startswith(SPEC_PREFIX) and not Path(args.dataset).exists():
             raise FileNotFoundError(f"dataset {args.dataset!r} not found (expected a packed "
                                     f"dataset folder or a 'synthetic:n=...' spec)")
-        if args.zoom < 1:
-            raise ValueError(f"--zoom must be >= 1, got {args.zoom}")
+        check_int("--zoom", args.zoom)
         grid = sheet(open_dataset(args.dataset), n=args.n, augs=args.augs, size=args.size,
                      seed=args.seed)
         grid = np.repeat(np.repeat(grid, args.zoom, axis=0), args.zoom, axis=1)

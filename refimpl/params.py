@@ -11,7 +11,7 @@ and hands out views: ``params[name]`` and ``grads[name]`` are reshaped slices of
 ``data`` and ``grad``, so a layer that writes ``grads[name] += dw`` writes into
 the flat buffer. This is what lets the training step sum all gradients over the
 ranks with a single ``Allreduce(grad)`` and update all parameters with one
-vectorized SGD step.
+optimizer over one flat buffer (``optim.SGD``, which walks it in blocks).
 
 BatchNorm running statistics are *buffers*, not parameters (no gradient, no
 decay, not all-reduced): the float ones (``running_mean``, ``running_var``)
@@ -106,32 +106,16 @@ class ParamStore:
         param_names = self.param_names()
         float_buffers = [n for k, n in self._order
                          if k == "buffer" and self._init[n].dtype.kind == "f"]
-        P = sum(int(np.prod(self.shapes[n])) for n in param_names)
-        Q = sum(int(np.prod(self.shapes[n])) for n in float_buffers)
 
-        # Fill on the host, then one copy to the device.
-        host = np.empty(P, dtype=self.dtype)
-        self.offsets = {}  # name -> (start, stop) in data/grad
-        start = 0
-        for n in param_names:
-            stop = start + int(np.prod(self.shapes[n]))
-            host[start:stop] = self._init[n].ravel()
-            self.offsets[n] = (start, stop)
-            start = stop
+        self.offsets, host = self._pack(param_names)               # name -> (start, stop)
         self.data = asarray(host, device=self.device)              # (P,)
-        self.grad = xp.zeros(P, dtype=self.dtype)                  # (P,)
+        self.grad = xp.zeros_like(self.data)                       # (P,)
         self.params = {n: self.data[a:b].reshape(self.shapes[n])
                        for n, (a, b) in self.offsets.items()}
         self.grads = {n: self.grad[a:b].reshape(self.shapes[n])
                       for n, (a, b) in self.offsets.items()}
 
-        host = np.empty(Q, dtype=self.dtype)
-        buffer_offsets, start = {}, 0
-        for n in float_buffers:
-            stop = start + int(np.prod(self.shapes[n]))
-            host[start:stop] = self._init[n].ravel()
-            buffer_offsets[n] = (start, stop)
-            start = stop
+        buffer_offsets, host = self._pack(float_buffers)
         self.buffer_data = asarray(host, device=self.device)       # (Q,)
         self.buffers = {}
         for k, n in self._order:
@@ -145,6 +129,19 @@ class ParamStore:
         self._init = None
         self.finalized = True
         return self
+
+    def _pack(self, names):
+        """Initial values of ``names`` back to back in one host array of the
+        store's dtype, and each name's (start, stop) in it. Filled on the host,
+        then copied to the device once."""
+        offsets, start = {}, 0
+        for n in names:
+            offsets[n] = (start, start + int(np.prod(self.shapes[n])))
+            start = offsets[n][1]
+        host = np.empty(start, dtype=self.dtype)
+        for n, (a, b) in offsets.items():
+            host[a:b] = self._init[n].ravel()
+        return offsets, host
 
     def _check_finalized(self):
         if not self.finalized:
@@ -192,6 +189,30 @@ class ParamStore:
                 if exclude(n, self.shapes[n]):
                     mask[a:b] = 0
         return asarray(mask, device=self.device)
+
+    def counter_names(self):
+        """Names of the integer buffers (num_batches_tracked), host-side counters."""
+        self._check_finalized()
+        return [n for n, v in self.buffers.items() if v.dtype.kind == "i"]
+
+    # ---- buffer snapshots --------------------------------------------------
+    def snapshot_buffers(self):
+        """A copy of every buffer: (float buffer data, {counter name: value}).
+
+        A train-mode forward updates the BatchNorm running statistics; a step
+        that must be undone (a non-finite loss) puts them back with
+        ``restore_buffers``.
+        """
+        self._check_finalized()
+        return (self.buffer_data.copy(),
+                {n: self.buffers[n].copy() for n in self.counter_names()})
+
+    def restore_buffers(self, snapshot):
+        """Write a ``snapshot_buffers()`` copy back, in place (every view stays valid)."""
+        data, counters = snapshot
+        self.buffer_data[...] = data
+        for n, v in counters.items():
+            self.buffers[n][...] = v
 
     # ---- state dict ------------------------------------------------------
     def state_dict(self):

@@ -1,12 +1,8 @@
-"""Shared pytest setup: markers skip cleanly when their dependency is absent."""
+"""Shared pytest setup: markers skip cleanly when their dependency is absent;
+the ``threads`` fixture."""
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # `import helpers` from any test file
 
 
 def _has(module):
@@ -15,8 +11,8 @@ def _has(module):
 
 def pytest_collection_modifyitems(config, items):
     from refimpl.backend import gpu_available
+    from refimpl.parallel.launch import find_mpirun
     have_torch = _has("torch")
-    from helpers import find_mpirun
     have_mpi = _has("mpi4py") and find_mpirun() is not None
     have_gpu = None  # probed lazily: importing cupy is slow
     for item in items:
@@ -29,3 +25,11 @@ def pytest_collection_modifyitems(config, items):
                 have_gpu = gpu_available()
             if not have_gpu:
                 item.add_marker(pytest.mark.skip(reason="no CuPy/CUDA device"))
+
+
+@pytest.fixture
+def threads():
+    """threads.set_num_threads, put back to 1 after the test whatever happens."""
+    from refimpl import threads as refimpl_threads
+    yield refimpl_threads.set_num_threads
+    refimpl_threads.set_num_threads(1)

@@ -13,8 +13,9 @@ OUT.json (pytest asserts on them, so a failure shows the numbers):
   the layers (float64 and float32, one-hot and smoothed targets), top-1/top-5,
   byte counters vs DESIGN.md's formula, labels out of range;
 - adjoint: <all_gather(x), g> = <x, reduce_scatter(g)>, summed over ranks;
+- uneven: all_gather_v, all_to_all_v and ring_shift on uneven shards;
 - step: 3 SGD steps of encoder + head + classifier, P ranks vs 1 process,
-  "sync" BN and "local" BN (vs bn_groups = P), and a negative control that
+  "sync" BN and "local" BN (vs net.bn.groups = P), and a negative control that
   averages the gradients instead of summing them; every step checks that the
   replicated parameters and BN statistics are bitwise equal on all ranks
   (``check_replicas=True``: a difference aborts the job).
@@ -29,22 +30,17 @@ import numpy as np
 from mpi4py import MPI
 
 from refimpl.backend import asarray, device_of, rng as make_rng, to_numpy
-from refimpl.layers.loss import softmax_cross_entropy_backward, softmax_cross_entropy_forward
-from refimpl.layers.normalize import l2_normalize_backward, l2_normalize_forward
+from refimpl.method.targets import target_entries
 from refimpl.models import build_model
+from refimpl.optim.sgd import SGD
+from refimpl.oracle import dense_cosine_softmax, scaled_error as scaled
 from refimpl.parallel import (CosineClassifier, MPIComm, SelfComm, abort_on_error,
                               check_replicated, cosine_softmax_backward,
-                              cosine_softmax_forward, set_batchnorm_mode, shard_range,
-                              select_gpu, target_entries, train_step)
-from refimpl.sgd import SGD
+                              cosine_softmax_forward, select_gpu, set_batchnorm_mode,
+                              shard_range)
+from refimpl.train.step import train_step
 
 N, D, B, TAU = 37, 8, 12, 0.15  # 37 classes over 4 ranks: shards of 9 and 10 rows
-
-
-def scaled(a, b):
-    """max |a - b| / max |b|."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
 
 
 def problem(seed):
@@ -61,23 +57,6 @@ def problem(seed):
     return z, labels, W, nb
 
 
-def dense_reference(z, labels, W, nb, alpha):
-    """Loss, dz, dW, top-1/top-5 of the dense cosine softmax, from the layers."""
-    zh, zc = l2_normalize_forward(z)
-    wh, wc = l2_normalize_forward(W)
-    L = zh @ wh.T / TAU                                                  # (B, N)
-    ids, wts = target_entries(labels, N, nb, alpha)
-    y = np.zeros((B, N))
-    np.add.at(y, (np.repeat(np.arange(B), ids.shape[1]), ids.ravel()), wts.ravel())
-    loss, cache = softmax_cross_entropy_forward(L, y)
-    dL = softmax_cross_entropy_backward(1.0, cache)
-    dz = l2_normalize_backward(dL @ wh / TAU, zc)
-    dW = l2_normalize_backward(dL.T @ zh / TAU, wc)
-    ly = L[np.arange(B), labels][:, None]
-    rank = (L > ly).sum(1) + ((L == ly) & (np.arange(N) < labels[:, None])).sum(1)
-    return float(loss), dz, dW, {1: float(np.mean(rank < 1)), 5: float(np.mean(rank < 5))}
-
-
 def check_classifier(comm, device="cpu"):
     P, r = comm.size, comm.rank
     b = B // P
@@ -86,14 +65,16 @@ def check_classifier(comm, device="cpu"):
     z, labels, W, nb = problem(0)
     for dtype in (np.float64, np.float32):
         for alpha in (0.0, 0.2):
-            ref_loss, ref_dz, ref_dW, ref_acc = dense_reference(z, labels, W, nb, alpha)
+            targets = target_entries(labels, N, nb, alpha)
+            ref_loss, ref_dz, ref_dW, ref_acc = dense_cosine_softmax(z, labels, W, TAU,
+                                                                     targets, topk=(1, 5))
             comm.reset_counters()
             # block=4: several blocks per shard, so the block combination is tested too.
             loss, acc, cache = cosine_softmax_forward(
                 asarray(z[r * b:(r + 1) * b].astype(dtype), device=device),
                 labels[r * b:(r + 1) * b], asarray(W[lo:hi].astype(dtype), device=device),
-                comm, N, TAU, nb, alpha, topk=(1, 5), block=4)
-            dz, dW = cosine_softmax_backward(cache)
+                comm, N, TAU, targets, topk=(1, 5), block=4)
+            dz, dW = cosine_softmax_backward(1.0, cache)
             assert device_of(dz) == device_of(dW) == device
             loss, dz, dW = to_numpy(loss), to_numpy(dz), to_numpy(dW)
             key = f"{np.dtype(dtype).name}_alpha{alpha}"
@@ -145,6 +126,33 @@ def check_adjoint(comm, device="cpu"):
             "reduce_scatter_values": scaled(G, sum(gs)[3 * r:3 * (r + 1)])}
 
 
+def check_uneven(comm):
+    """all_gather_v (counts given and asked for), all_to_all_v and ring_shift on
+    uneven shards (N = 37 rows): the values every rank must end up with."""
+    P, r = comm.size, comm.rank
+    W = make_rng(4, "test").normal(size=(N, 3))                          # what all ranks know
+    lo, hi = shard_range(N, P, r)
+    counts = [shard_range(N, P, q)[1] - shard_range(N, P, q)[0] for q in range(P)]
+    out = {"gather_v_given": scaled(comm.all_gather_v(W[lo:hi], counts), W),
+           "gather_v_asked": scaled(comm.all_gather_v(W[lo:hi]), W),
+           "gather_v_int": bool(np.array_equal(comm.all_gather_v(np.arange(lo, hi)),
+                                               np.arange(N)))}
+    # all_to_all_v: rank r sends row (r, q) repeated q + 1 times to rank q.
+    send = np.concatenate([np.full((q + 1, 2), 10.0 * r + q) for q in range(P)])
+    got = comm.all_to_all_v(send, [q + 1 for q in range(P)], [r + 1] * P)
+    want = np.concatenate([np.full((r + 1, 2), 10.0 * q + r) for q in range(P)])
+    out["all_to_all_v"] = bool(np.array_equal(got, want))
+    # ring_shift: after s shifts rank r holds rank (r - s)'s shard.
+    held, ok = W[lo:hi], True
+    for step in range(1, P + 1):
+        src = (r - step) % P
+        a, c = shard_range(N, P, src)
+        held = comm.ring_shift(held, (c - a, 3))
+        ok &= bool(np.array_equal(held, W[a:c]))
+    out["ring_shift"] = ok
+    return out
+
+
 class AveragingComm:
     """Negative control: a communicator whose gradient all-reduce averages (DDP's
     habit) instead of summing, i.e. gradients off by a factor of P."""
@@ -169,7 +177,7 @@ def run_steps(comm, bn, groups, batches, steps=3):
     net = build_model("resnet18", stem="cifar", width=2, head_hidden=8, dim=D,
                       dtype=np.float64, seed=0)
     set_batchnorm_mode(net, comm, bn)
-    net.bn_groups = groups
+    net.bn.groups = groups
     clf = CosineClassifier(N, D, comm, tau=TAU, dtype=np.float64, seed=0, block=4)
     net_opt = SGD(net.store.data, net.store.grad, lr=0.1, momentum=0.9, weight_decay=1e-3,
                   decay_mask=net.store.decay_mask(exclude=lambda n, s: len(s) <= 1))
@@ -224,7 +232,8 @@ def main():
                       "adjoint": check_adjoint(comm, "gpu")}
         else:
             result = {"classifier": check_classifier(comm), "adjoint": check_adjoint(comm),
-                      "replicas": check_replicas(comm), "step": check_step(comm)}
+                      "uneven": check_uneven(comm), "replicas": check_replicas(comm),
+                      "step": check_step(comm)}
         everyone = comm.comm.gather(result, root=0)  # test plumbing only (pickles)
         if comm.rank == 0:
             with open(sys.argv[2], "w") as f:

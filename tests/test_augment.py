@@ -1,4 +1,5 @@
-"""Augmentations: determinism per (seed, epoch, id), shapes/dtypes, each op's maths."""
+"""Augmentations: determinism per (seed, epoch, id), shapes/dtypes, each op's maths;
+and refimpl.data.resample, the bilinear sampler behind the crops."""
 import colorsys
 import math
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from refimpl.data import augment as A
+from refimpl.data import resample as R
 from refimpl.data.augment import AugmentConfig, augment_batch, eval_transform
 
 # everything off, no normalization: output = plain resize / 255
@@ -98,8 +100,10 @@ def test_bad_input_errors():
         augment_batch(x, np.arange(3), 0, 0, 8)
     with pytest.raises(ValueError, match=">= 0"):
         augment_batch(x, np.array([0, -1]), 0, 0, 8)
-    with pytest.raises(ValueError, match="out_size"):
+    with pytest.raises(ValueError, match="out_size must be a positive integer, got 0"):
         augment_batch(x, np.arange(2), 0, 0, 0)
+    with pytest.raises(ValueError, match="epoch must be a non-negative integer, got -1"):
+        augment_batch(x, np.arange(2), 0, -1, 8)
     with pytest.raises(ValueError, match="float32 or float64"):
         augment_batch(x, np.arange(2), 0, 0, 8, dtype=np.float16)
     with pytest.raises(ValueError, match="crop_scale"):
@@ -190,14 +194,15 @@ def _bilinear_reference(x, top, left, h, w, s):
     """Loop-based bilinear (align_corners=False) of the box: the slow twin.
 
     Sample points are clamped to the box, not the image (crop, then resize):
-    no pixel outside the box ever contributes.
+    no pixel outside the box ever contributes. s: the output side, or (s_h, s_w).
     """
     n, c, H, W = x.shape
-    out = np.zeros((n, c, s, s))
-    for p in range(s):
-        for q in range(s):
-            y = min(max(top + (p + 0.5) * h / s - 0.5, top), top + h - 1)
-            xx = min(max(left + (q + 0.5) * w / s - 0.5, left), left + w - 1)
+    s_h, s_w = (s, s) if np.isscalar(s) else s
+    out = np.zeros((n, c, s_h, s_w))
+    for p in range(s_h):
+        for q in range(s_w):
+            y = min(max(top + (p + 0.5) * h / s_h - 0.5, top), top + h - 1)
+            xx = min(max(left + (q + 0.5) * w / s_w - 0.5, left), left + w - 1)
             y0, x0 = int(np.floor(y)), int(np.floor(xx))
             y1, x1 = min(y0 + 1, top + h - 1), min(x0 + 1, left + w - 1)
             fy, fx = y - y0, xx - x0
@@ -267,6 +272,45 @@ def test_resize_matches_torch_interpolate():
         ref = F.interpolate(torch.from_numpy(planar(x)), size=(s, s), mode="bilinear",
                             align_corners=False, antialias=False).numpy()
         np.testing.assert_allclose(got, ref, atol=1e-12)
+
+
+def test_resample_resize_matches_loop_twin():
+    x = images(1, h=7, w=5)[0]                                  # (7, 5, 3) uint8
+    for oh, ow in ((13, 9), (3, 4), (7, 5)):                    # up, down, same
+        ref = _bilinear_reference(x.transpose(2, 0, 1)[None].astype(np.float64), 0, 0, 7, 5,
+                                  (oh, ow))[0].transpose(1, 2, 0)  # (oh, ow, 3)
+        got = R.resize(x, oh, ow)                               # uint8 in: float64 out
+        assert got.dtype == np.float64 and got.shape == (oh, ow, 3)
+        np.testing.assert_allclose(got, ref, atol=1e-12)
+        np.testing.assert_allclose(R.resize(x[..., 1], oh, ow), ref[..., 1], atol=1e-12)
+    same = R.resize(x.astype(np.float32), 7, 5)                 # same size: identity
+    assert same.dtype == np.float32
+    np.testing.assert_array_equal(same, x)
+    with pytest.raises(ValueError, match="out_w must be a positive integer"):
+        R.resize(x, 4, 0)
+    with pytest.raises(ValueError, match=r"\(h, w\) or \(h, w, c\)"):
+        R.resize(x[None], 4, 4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_resample_matrices_rows_flip_and_taps(dtype):
+    start, length = np.array([0, 3, 5, 9]), np.array([10, 4, 1, 1])
+    flip = np.array([False, True, False, True])
+    m = R.bilinear_matrices(start, length, 7, 10, flip=flip, dtype=dtype)
+    assert m.shape == (4, 7, 10) and m.dtype == dtype
+    np.testing.assert_array_equal(m.sum(axis=2), np.ones((4, 7), dtype))  # rows sum to 1 exactly
+    np.testing.assert_array_equal(m[1], R.bilinear_matrices(start[1:2], length[1:2], 7, 10,
+                                                            dtype=dtype)[0][::-1])
+    assert (m[1][:, :3] == 0).all() and (m[1][:, 7:] == 0).all()  # nothing outside its box
+    np.testing.assert_array_equal(m[2][:, 5], np.ones(7, dtype))  # a 1-pixel box
+    # the matrices hold the taps, so matmul and resize's gather agree
+    x = np.random.default_rng(0).random((10, 6)).astype(dtype)
+    tol = 1e-6 if dtype == np.float32 else 1e-15
+    np.testing.assert_allclose(m[0] @ x, R.resize(x, 7, 6), atol=tol)
+    with pytest.raises(ValueError, match=r"box 1 \[3, 12\) is empty or outside \[0, 10\)"):
+        R.bilinear_matrices([0, 3], [10, 9], 7, 10)
+    with pytest.raises(ValueError, match="flip must be bool"):
+        R.bilinear_matrices(start, length, 7, 10, flip=flip[:2])
 
 
 def test_flip_reverses_columns():

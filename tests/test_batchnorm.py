@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from helpers import check_tensor, numerical_grad
+from refimpl.oracle import check_tensor, numerical_grad
 from refimpl.layers.batchnorm import batchnorm_backward, batchnorm_forward
 
 SHAPES = [(7, 4), (3, 2, 3, 3)]

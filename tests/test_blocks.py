@@ -7,7 +7,7 @@ the downsample conv), in train mode (batch statistics) and in eval mode.
 import numpy as np
 import pytest
 
-from helpers import check_tensor, numerical_grad
+from refimpl.oracle import check_tensor, numerical_grad
 from refimpl.models.blocks import BasicBlock, Bottleneck
 from refimpl.params import ParamStore
 
@@ -127,7 +127,7 @@ def test_zero_init_residual_block_starts_as_identity(cls):
 def test_zero_init_residual_resnet(arch):
     """ResNet passes the option to every block; the stem's and downsample BNs stay at 1.
 
-    (tests/torch_resnet.py has no zero_init_residual, so the values are checked
+    (refimpl/oracle/torch_resnet.py has no zero_init_residual, so the values are checked
     directly: exactly the last BN weight of every block is 0.)
     """
     from refimpl.models.resnet import ARCHS, ResNet

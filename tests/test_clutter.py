@@ -1,13 +1,16 @@
-"""Cluttered digits: deterministic, split by original digit, raw-pixel kNN collapses."""
+"""Cluttered digits: deterministic, split by original digit, raw-pixel kNN collapses
+(refimpl.evaluate.knn, tested here on the data it was written for)."""
 import numpy as np
 import pytest
 
 from data_tools import clutter as C
+from data_tools.digits import load_digits_arrays
+from refimpl.evaluate.knn import knn_majority_accuracy, raw_pixel_knn_accuracy
 
 
 @pytest.fixture(scope="module")
 def digits():
-    return C.load_digits_arrays()
+    return load_digits_arrays()
 
 
 def test_placements_are_deterministic(digits):
@@ -49,10 +52,27 @@ def test_make_clutter_splits_by_original_digit(tmp_path, digits):
 def test_knn_tie_goes_to_the_nearest():
     train = (np.array([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0]]), np.array([0, 1, 2]))
     test = (np.array([[1.0, 0.05], [-0.05, 1.0]]), np.array([0, 1]))
-    assert C.raw_pixel_knn_accuracy(train, test, k=1) == 1.0
-    assert C.raw_pixel_knn_accuracy(train, test, k=3) == 1.0  # 3-way tie: nearest wins
+    assert raw_pixel_knn_accuracy(train, test, k=1) == 1.0
+    assert raw_pixel_knn_accuracy(train, test, k=3) == 1.0  # 3-way tie: nearest wins
     with pytest.raises(ValueError, match="k must be"):
-        C.raw_pixel_knn_accuracy(train, test, k=4)
+        raw_pixel_knn_accuracy(train, test, k=4)
+    # the feature function itself: the same numbers, and its checks
+    assert knn_majority_accuracy(*train, *test, k=3) == 1.0
+    with pytest.raises(ValueError, match="differ in size"):
+        knn_majority_accuracy(train[0], train[1], np.ones((2, 3)), test[1], k=1)
+    with pytest.raises(ValueError, match="3 feature rows but labels shaped"):
+        knn_majority_accuracy(train[0], train[1][:2], *test, k=1)
+    with pytest.raises(ValueError, match="chunk must be a positive integer"):
+        knn_majority_accuracy(*train, *test, k=1, chunk=0)
+
+
+def test_knn_reads_datasets_and_chunks_agree():
+    from refimpl.data.synthetic import SyntheticDataset
+    train, test = SyntheticDataset(200, 16, 4, seed=0), SyntheticDataset(50, 16, 4, seed=1)
+    acc = raw_pixel_knn_accuracy(train, test, k=3)
+    images = (train.read(np.arange(200)), train.labels), (test.read(np.arange(50)), test.labels)
+    assert raw_pixel_knn_accuracy(*images, k=3) == acc
+    assert raw_pixel_knn_accuracy(*images, k=3, chunk=7) == acc
 
 
 def test_raw_pixel_knn_collapses_on_clutter(digits):
@@ -60,10 +80,10 @@ def test_raw_pixel_knn_collapses_on_clutter(digits):
     d, y = digits
     tr, te = split_indices(y, 0.2, 0)
     plain_x, plain_y = load_digits_uint8(32)
-    plain = C.raw_pixel_knn_accuracy((plain_x[tr], plain_y[tr]), (plain_x[te], plain_y[te]), k=5)
+    plain = raw_pixel_knn_accuracy((plain_x[tr], plain_y[tr]), (plain_x[te], plain_y[te]), k=5)
     ctr = C.clutter_arrays(d, y, tr, size=32, copies=1, seed=0)
     cte = C.clutter_arrays(d, y, te, size=32, copies=1, seed=0)
-    clutter = C.raw_pixel_knn_accuracy(ctr[:2], cte[:2], k=5)
+    clutter = raw_pixel_knn_accuracy(ctr[:2], cte[:2], k=5)
     print(f"raw-pixel 5-NN accuracy: plain digits {plain:.3f}, clutter {clutter:.3f}")
     assert plain > 0.9
     assert clutter < 0.5

@@ -56,6 +56,20 @@ def test_pixel_values(digits):
     assert set(np.unique(small)) <= {int(round(v * 255 / 16)) for v in range(17)}
 
 
+@pytest.mark.parametrize("size", [9, 16, 32])
+def test_upscale_is_pillow_bilinear_up_to_its_rounding(size):
+    """Pillow's BILINEAR upscale is the same triangle filter with the same edge
+    clamp; it only rounds to 8 bits between its two passes: +-1 at most."""
+    Image = pytest.importorskip("PIL.Image")
+    ours = load_digits_uint8(size)[0][..., 0]
+    small = load_digits_uint8(8)[0][..., 0]
+    pil = np.stack([np.asarray(Image.fromarray(g).resize((size, size), Image.Resampling.BILINEAR))
+                    for g in small])
+    diff = np.abs(ours.astype(int) - pil)
+    assert diff.max() <= 1
+    print(f"size {size}: {int((diff > 0).sum())} of {diff.size} pixels differ from Pillow by 1")
+
+
 def test_deterministic_and_seeded(tmp_path, digits):
     train, test = digits
     assert main([str(tmp_path / "again")]) == 0
@@ -75,5 +89,8 @@ def test_errors(tmp_path, capsys):
         split_indices(labels, 1.0)
     with pytest.raises(ValueError, match="every class must be in both splits"):
         split_indices(labels, 0.001)
-    with pytest.raises(ValueError, match="size must be a positive integer"):
-        load_digits_uint8(0)
+    for size in (0, 7, 16.0):  # the tool only upscales the 8 x 8 scans
+        with pytest.raises(ValueError, match=f"size must be an integer >= 8, got {size}"):
+            load_digits_uint8(size)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        split_indices(labels, 0.2, -1)

@@ -23,7 +23,7 @@ and after the two steps every parameter, every BN buffer and the momentum.
 import numpy as np
 import pytest
 
-from helpers import check_tensor, scaled_error
+from refimpl.oracle import check_tensor, scaled_error
 from refimpl.backend import asarray, device_of
 from refimpl.layers.batchnorm import batchnorm_backward, batchnorm_forward
 from refimpl.layers.conv import conv2d_backward, conv2d_forward
@@ -34,7 +34,7 @@ from refimpl.layers.pool import (global_avgpool_backward, global_avgpool_forward
                                  maxpool2d_backward, maxpool2d_forward)
 from refimpl.layers.relu import relu_backward, relu_forward
 from refimpl.models import build_model
-from refimpl.sgd import SGD
+from refimpl.optim.sgd import SGD
 
 pytestmark = pytest.mark.gpu
 
@@ -320,6 +320,7 @@ def test_resnet18_two_sgd_steps(dtype):
 @pytest.mark.parametrize("alpha", [0.0, 0.2], ids=["onehot", "smoothed"])
 def test_cosine_softmax_classifier(alpha, dtype):
     """The sharded classifier's forward/backward (size-1 communicator), with top-k."""
+    from refimpl.method.targets import target_entries
     from refimpl.parallel import SelfComm, cosine_softmax_backward, cosine_softmax_forward
     r = np.random.default_rng(5)
     N, D, B = 300, 16, 24
@@ -327,13 +328,14 @@ def test_cosine_softmax_classifier(alpha, dtype):
     labels = r.integers(0, N, B)
     z = w[labels] + 0.5 * r.standard_normal((B, D))
     nb = np.stack([r.choice(np.delete(np.arange(N), i), 4, replace=False) for i in range(N)])
+    targets = target_entries(labels, N, nb, alpha)
     res = {}
     for device in ("cpu", "gpu"):
         zd, wd = on(device, [z, w], dtype)
         # block 64: several blocks on both devices, the same split
-        loss, acc, cache = cosine_softmax_forward(zd, labels, wd, SelfComm(), N, 0.15, nb,
-                                                  alpha, topk=(1, 5), block=64)
-        dz, dw = cosine_softmax_backward(cache)
+        loss, acc, cache = cosine_softmax_forward(zd, labels, wd, SelfComm(), N, 0.15,
+                                                  targets, topk=(1, 5), block=64)
+        dz, dw = cosine_softmax_backward(1.0, cache)
         for t in (loss, dz, dw):
             _check_device(t, device)
             assert t.dtype == dtype

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from helpers import check_tensor, numerical_grad
+from refimpl.oracle import check_tensor, numerical_grad
 from refimpl.layers.loss import softmax_cross_entropy_backward, softmax_cross_entropy_forward
 
 

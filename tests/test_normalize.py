@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from helpers import check_tensor, numerical_grad
+from refimpl.oracle import check_tensor, numerical_grad
 from refimpl.layers.normalize import l2_normalize_backward, l2_normalize_forward
 
 

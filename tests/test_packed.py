@@ -1,12 +1,17 @@
-"""The packed dataset format: round trip, streaming writer, memory map, every error."""
+"""The packed dataset format: round trip, streaming writer, memory map, every error;
+and open_dataset, which opens a packed folder, a synthetic spec or a dataset."""
 import json
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
 import pytest
 
+from refimpl.data.datasets import open_dataset
 from refimpl.data.packed import (FORMAT_VERSION, PackedDataset, PackedFormatError, PackedWriter,
-                                 open_dataset, write_packed)
+                                 write_packed)
+from refimpl.data.synthetic import SyntheticDataset
 
 
 def _data(n=7, h=5, w=4, seed=0):
@@ -62,6 +67,9 @@ def test_streaming_writer_truncate(tmp_path):
     with PackedWriter(tmp_path / "ds", 10, 5, 4, manifest={"files": [f"f{i}" for i in range(6)]}) as w:
         w.write(0, images[:4], labels[:4])
         w.write(4, images[4:])  # no labels -> -1
+        for bad in (0, 11, 2.0):
+            with pytest.raises(ValueError, match=r"num_images must be an integer in \[1, 10\]"):
+                w.truncate(bad)
         w.truncate(6)
     ds = PackedDataset(tmp_path / "ds")
     assert len(ds) == 6 and ds.manifest["files"][5] == "f5"
@@ -106,6 +114,10 @@ def test_write_validation(tmp_path):
         write_packed(tmp_path / "a", images, labels, {"num_images": 3})
     with pytest.raises(ValueError, match="at least one"):
         write_packed(tmp_path / "a", images[:0], labels[:0])
+    with pytest.raises(ValueError, match="num_images must be a positive integer, got 0"):
+        PackedWriter(tmp_path / "a", 0, 2, 2)
+    with pytest.raises(ValueError, match="width must be a positive integer, got 2.0"):
+        PackedWriter(tmp_path / "a", 3, 2, 2.0)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -225,14 +237,23 @@ def test_open_dataset(tmp_path):
         open_dataset(3)
 
 
-def test_open_dataset_delegates_synthetic(monkeypatch):
-    # data_tools.synthetic is another module's; a stand-in shows the delegation.
-    import sys
-    import types
-    fake = types.ModuleType("data_tools.synthetic")
-    fake.open_synthetic = lambda spec: ("opened", spec)
-    monkeypatch.setitem(sys.modules, "data_tools.synthetic", fake)
-    assert open_dataset("synthetic:n=10") == ("opened", "synthetic:n=10")
+def test_open_dataset_opens_synthetic_specs():
+    ds = open_dataset("synthetic:n=10,size=16,classes=3,seed=5")
+    assert isinstance(ds, SyntheticDataset)
+    assert (len(ds), ds.image_size, ds.num_classes, ds.seed) == (10, (16, 16), 3, 5)
+    np.testing.assert_array_equal(ds.read([2, 7]), SyntheticDataset(10, 16, 3, 5).read([2, 7]))
+    with pytest.raises(ValueError, match="unknown key"):
+        open_dataset("synthetic:n=10,colour=3")
+
+
+def test_the_library_never_imports_data_tools():
+    # a fresh interpreter: this test process has imported data_tools already
+    code = ("import sys, refimpl.data, refimpl.data.datasets, refimpl.data.synthetic, "
+            "refimpl.data.augment, refimpl.evaluate.knn\n"
+            "refimpl.data.open_dataset('synthetic:n=4,size=8').read([0, 3])\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'data_tools')\n"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_open_rejects_out_of_range_labels(tmp_path):

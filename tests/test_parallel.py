@@ -8,7 +8,8 @@
 - ``SelfComm``'s collectives and byte counters, ``detect_cuda_aware_mpi``,
   ``abort_on_error``, ``check_replicated`` / ``checksum``;
 - ``train_step`` with ``SelfComm``, ``set_batchnorm_mode`` and the one-process
-  stand-in for per-rank BatchNorm, ``Network.bn_groups``.
+  stand-in for per-rank BatchNorm, ``net.bn.groups``;
+- ``train.step.forward_backward`` / ``update``: what a trace needs, and errors.
 
 The P-rank checks (P = 1..4 under mpirun) live in test_parallel_mpi.py.
 """
@@ -17,16 +18,18 @@ import io
 import numpy as np
 import pytest
 
-from helpers import check_tensor, numerical_grad
-from refimpl import backend
+from refimpl.oracle import check_tensor, numerical_grad
+from refimpl.method.targets import target_entries
 from refimpl.models import build_model
+from refimpl.optim.sgd import SGD
+from refimpl.oracle.dense import dense_cosine_softmax, label_ranks
 from refimpl.parallel import (CosineClassifier, SelfComm, abort_on_error, check_replicated,
                               cosine_softmax_backward, cosine_softmax_forward,
-                              detect_cuda_aware_mpi, set_batchnorm_mode, shard_range,
-                              target_entries, train_step)
-from refimpl.parallel.classifier import INIT_BLOCK, init_shard
+                              detect_cuda_aware_mpi, set_batchnorm_mode, shard_owner,
+                              shard_range)
 from refimpl.parallel.data_parallel import checksum
-from refimpl.sgd import SGD
+from refimpl.parallel.sharding import INIT_BLOCK, init_shard
+from refimpl.train.step import forward_backward, train_step, update
 
 N, D, B, TAU, K, ALPHA = 37, 8, 12, 0.15, 3, 0.2
 
@@ -63,22 +66,22 @@ def dense_target(labels, n, nb=None, alpha=0.0):
 
 def run(z, labels, W, nb=None, alpha=0.0, block=5, topk=None, tau=TAU):
     """One SelfComm forward + backward: (loss, dz, dW, acc)."""
+    targets = target_entries(labels, W.shape[0], nb, alpha) if alpha else None
     loss, acc, cache = cosine_softmax_forward(z, labels, W, SelfComm(), W.shape[0], tau,
-                                              nb, alpha, topk, block)
-    dz, dW = cosine_softmax_backward(cache)
+                                              targets, topk, block)
+    dz, dW = cosine_softmax_backward(1.0, cache)
     return loss, dz, dW, acc
 
 
 def reference_ranks(z, W, labels, tau=TAU):
     """(rank, naive rank) of each label on the dense logits.
 
-    rank = #{j: l_j > l_y} + #{j < y: l_j == l_y} (ties: lower id first);
-    naive = #{j: l_j > l_y} (the label first among ties), for a negative control.
+    rank: the oracle's rule (ties: lower id first); naive = #{j: l_j > l_y}
+    (the label first among ties), for a negative control.
     """
     L = (unit_rows(z) @ unit_rows(W).T) * (1.0 / tau)                    # (B, N)
     ly = L[np.arange(len(labels)), labels][:, None]
-    before = np.arange(W.shape[0]) < labels[:, None]
-    return (L > ly).sum(1) + ((L == ly) & before).sum(1), (L > ly).sum(1)
+    return label_ranks(L, labels), (L > ly).sum(1)
 
 
 def small_net(seed=0):
@@ -87,24 +90,21 @@ def small_net(seed=0):
                        dtype=np.float64, seed=seed)
 
 
-@pytest.fixture
-def threads():
-    """backend.set_num_threads, put back to 1 after the test whatever happens."""
-    yield backend.set_num_threads
-    backend.set_num_threads(1)
-
 
 # ------------------------------------------------- cosine softmax: values
 
 def test_target_entries_match_dense_target():
     """target_entries' sparse (ids, weights) scatter to the hand-built dense y."""
     _, labels, _, nb = make_problem(0)
-    for alpha, table in ((0.0, None), (0.0, nb), (ALPHA, nb)):
+    for alpha, table in ((0.0, None), (0.0, nb), (ALPHA, nb), (0.5, nb[:, :1])):
         ids, wts = target_entries(labels, N, table, alpha)
         y = np.zeros((B, N))
         np.add.at(y, (np.arange(B)[:, None], ids), wts)
         check_tensor(f"y alpha={alpha}", y, dense_target(labels, N, table, alpha), 1e-15)
-    assert ids.shape == (B, K + 1)
+    assert ids.shape == (B, 2)  # the last case: K = 1
+    assert target_entries(labels, N, nb, 0.0)[0].shape == (B, 1)  # alpha 0: one-hot
+    with pytest.raises(ValueError, match="alpha = 0.2 smooths over the neighbour table"):
+        target_entries(labels, N, None, ALPHA)
 
 
 @pytest.mark.torch
@@ -131,8 +131,10 @@ def test_gradients_match_finite_differences():
     z, labels, W, nb = make_problem(2, n=7, d=4, b=5, k=2)
     W *= np.array([[0.3], [1], [2], [5], [1], [0.7], [3]])  # rows of different norms
 
+    targets = target_entries(labels, 7, nb, ALPHA)
+
     def loss_of(z_, W_):
-        return cosine_softmax_forward(z_, labels, W_, SelfComm(), 7, TAU, nb, ALPHA,
+        return cosine_softmax_forward(z_, labels, W_, SelfComm(), 7, TAU, targets,
                                       block=3)[0]
 
     _, dz, dW, _ = run(z, labels, W, nb, ALPHA, block=3)
@@ -188,7 +190,8 @@ def test_classifier_object_equals_functional_and_writes_grad():
     comm = SelfComm()
     clf = CosineClassifier(N, D, comm, tau=TAU, dtype=np.float64, block=5)
     grad = clf.grad
-    loss, acc = clf.forward(z, labels, nb, ALPHA, topk=(1, 5))
+    targets = target_entries(labels, N, nb, ALPHA)
+    loss, acc = clf.forward(z, labels, targets, topk=(1, 5))
     dz = clf.backward()
     ref_loss, ref_dz, ref_dW, ref_acc = run(z, labels, clf.weight, nb, ALPHA, block=5,
                                             topk=(1, 5))
@@ -196,7 +199,7 @@ def test_classifier_object_equals_functional_and_writes_grad():
     assert np.array_equal(dz, ref_dz) and np.array_equal(clf.grad, ref_dW)
     assert clf.grad is grad and clf.cache is None  # the optimizer's view stays valid
     first = clf.grad.copy()
-    clf.forward(z, labels, nb, ALPHA)
+    clf.forward(z, labels, targets)
     clf.backward()
     np.testing.assert_array_equal(clf.grad, first)  # written, not accumulated (2x)
     assert np.abs(first).max() > 0
@@ -226,30 +229,44 @@ def test_errors():
         fwd(w=W[:36])
     with pytest.raises(ValueError, match="must share D"):
         fwd(w=W[:, :7])
-    for tau in (0.0, -0.1, np.nan):
-        with pytest.raises(ValueError, match="tau must be > 0"):
+    for tau in (0.0, -0.1, np.nan, np.inf):
+        with pytest.raises(ValueError, match="tau must be > 0 and finite"):
             fwd(tau=tau)
     with pytest.raises(ValueError, match="tau must be > 0"):
         CosineClassifier(N, D, comm, tau=0.0)
+    with pytest.raises(ValueError, match="z and w must have one dtype"):
+        fwd(w=W.astype(np.float32))  # a float64 network with a float32 classifier
     for alpha in (1.0, -0.1, 1.5):
         with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\)"):
-            fwd(neighbours=nb, alpha=alpha)
+            target_entries(labels, N, nb, alpha)
     for table in (nb[:-1], nb[:, 0], nb[:, :0]):
         with pytest.raises(ValueError, match=rf"neighbours must have shape \({N}, K\)"):
-            fwd(neighbours=table, alpha=ALPHA)
+            target_entries(labels, N, table, ALPHA)
     for value in (-1, N):  # a neighbour id that no shard owns
         table = nb.copy()
         table[labels[3], 1] = value
         with pytest.raises(ValueError, match=rf"neighbours must hold integer class ids in \[0, {N}\)"):
-            fwd(neighbours=table, alpha=ALPHA)
+            target_entries(labels, N, table, ALPHA)
     table = nb.copy()
     table[labels[3], 0] = labels[3]
     with pytest.raises(ValueError, match="include the class itself"):
-        fwd(neighbours=table, alpha=ALPHA)
+        target_entries(labels, N, table, ALPHA)
+    # Targets handed to the classifier are checked too: shape, range, label first, weights.
+    ids, wts = target_entries(labels, N, nb, ALPHA)
+    bad_targets = [((ids[:-1], wts[:-1]), r"targets must be \(ids, weights\), both of shape"),
+                   ((ids + N, wts), rf"target ids must be integer class ids in \[0, {N}\)"),
+                   ((ids[:, ::-1], wts), r"target ids\[:, 0\] must be the labels"),
+                   ((ids, 2 * wts), "rows summing to 1"),
+                   ((ids, -wts), "non-negative")]
+    for targets, msg in bad_targets:
+        with pytest.raises(ValueError, match=msg):
+            fwd(targets=targets)
     _, _, cache = fwd()
     with pytest.raises(ValueError, match="dw_out must be"):
-        cosine_softmax_backward(cache, dw_out=np.empty((N, D + 1)))
-    cosine_softmax_backward(cache)  # the failed call left the cache usable
+        cosine_softmax_backward(1.0, cache, dw_out=np.empty((N, D + 1)))
+    with pytest.raises(ValueError, match="dout must be a scalar"):
+        cosine_softmax_backward(np.ones(2), cache)
+    cosine_softmax_backward(1.0, cache)  # the failed calls left the cache usable
     with pytest.raises(ValueError, match=r"every rank needs at least one row \(N >= P\)"):
         shard_range(3, 4, 0)
     for size, rank in ((0, 0), (3, 3), (3, -1)):
@@ -258,10 +275,13 @@ def test_errors():
     # Backward does not modify its cache: a second call gives the same bits.
     _, _, cache = fwd()
     logits = cache["logits"].copy()
-    first = cosine_softmax_backward(cache)
+    first = cosine_softmax_backward(1.0, cache)
     np.testing.assert_array_equal(cache["logits"], logits)
-    for a, b in zip(first, cosine_softmax_backward(cache)):
+    for a, b in zip(first, cosine_softmax_backward(1.0, cache)):
         np.testing.assert_array_equal(a, b)
+    # dout scales every gradient (the (dout, cache) contract of every backward).
+    for a, b in zip(cosine_softmax_backward(2.5, cache), first):
+        check_tensor("dout = 2.5", a, 2.5 * b, 1e-15)
 
 
 # ------------------------------------------------------ sharding and init
@@ -277,6 +297,37 @@ def test_shard_range_partitions_rows():
             assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
             assert ranges == [(r * n // p, (r + 1) * n // p) for r in range(p)]
     assert shard_range(37, 4, 3) == (27, 37)  # the MPI tests' uneven shards
+
+
+def test_shard_owner_inverts_shard_range():
+    """shard_owner(i) is the rank whose shard_range holds i, for every i, N, P."""
+    for n in (1, 5, 37, 100):
+        for p in range(1, min(n, 6) + 1):
+            want = np.concatenate([np.full(hi - lo, r) for r, (lo, hi) in
+                                   enumerate(shard_range(n, p, r) for r in range(p))])
+            np.testing.assert_array_equal(shard_owner(np.arange(n), n, p), want)
+    with pytest.raises(ValueError, match=r"row ids must lie in \[0, 37\)"):
+        shard_owner(np.array([3, 37]), 37, 4)
+
+
+def test_classifier_write_rows_and_normalized_blocks():
+    """write_rows writes W in place (the optimizer's view sees it); the blocks
+    cover the shard in order, normalized, with global ids."""
+    comm = SelfComm()
+    clf = CosineClassifier(N, D, comm, dtype=np.float64, block=5)
+    view = clf.weight.ravel()
+    rows = np.random.default_rng(0).standard_normal((3, D))
+    clf.write_rows(np.array([4, 0, 36]), rows)
+    np.testing.assert_array_equal(clf.weight[[4, 0, 36]], rows)
+    assert np.shares_memory(view, clf.weight) and view[4 * D] == rows[0, 0]
+    blocks = list(clf.normalized_blocks())
+    assert [(a, c) for a, c, _ in blocks] == [(a, min(a + 5, N)) for a in range(0, N, 5)]
+    check_tensor("w_hat", np.concatenate([w for _, _, w in blocks]), unit_rows(clf.weight),
+                 1e-15)
+    with pytest.raises(ValueError, match=r"owns rows \[0, 37\)"):
+        clf.write_rows(np.array([37]), rows[:1])
+    with pytest.raises(ValueError, match=r"rows must have shape \(2, 8\)"):
+        clf.write_rows(np.array([1, 2]), rows)
 
 
 def test_init_shard_is_world_size_invariant():
@@ -471,14 +522,15 @@ def test_train_step_updates_parameters():
     net, clf, net_opt, clf_opt, x, labels = make_step()
     nb = make_problem(0)[3]
     p0, w0 = net.store.data.copy(), clf.weight.copy()
+    targets = target_entries(labels, N, nb, ALPHA)
     loss, acc = train_step(net, clf, x, labels, SelfComm(), net_opt, clf_opt,
-                           neighbours=nb, alpha=ALPHA, topk=(1,))
+                           targets=targets, topk=(1,))
     assert type(loss) is float and np.isfinite(loss) and set(acc) == {1}
     # The same step by hand: network forward, classifier, network backward.
     ref = small_net()
     z_loss, _, cache = cosine_softmax_forward(ref.forward(x, train=True), labels, w0,
-                                              SelfComm(), N, TAU, nb, ALPHA)
-    dz, dW = cosine_softmax_backward(cache)
+                                              SelfComm(), N, TAU, targets)
+    dz, dW = cosine_softmax_backward(1.0, cache)
     ref.backward(dz)
     check_tensor("loss", loss, z_loss, 1e-13)
     check_tensor("net grad", net.store.grad, ref.store.grad, 1e-13)
@@ -507,19 +559,49 @@ def test_train_step_nan_raises_before_any_update():
     assert clf.cache is None  # the logits buffer is not kept alive by the failed step
 
 
+def test_forward_backward_returns_what_a_trace_needs():
+    """z, dz, the per-row log-sum-exp and the gradients, before any weight moves;
+    update() then moves them; a bad learning rate is refused before anything moves."""
+    net, clf, net_opt, clf_opt, x, labels = make_step()
+    p0, w0 = net.store.data.copy(), clf.weight.copy()
+    out = forward_backward(net, clf, x, labels, SelfComm(), topk=(1, 5))
+    np.testing.assert_array_equal(net.store.data, p0)
+    np.testing.assert_array_equal(clf.weight, w0)
+    ref = small_net()
+    z = ref.forward(x, train=True)
+    check_tensor("z", out.z, z, 1e-14)
+    loss, dz, dW, acc = dense_cosine_softmax(z, labels, w0, TAU, topk=(1, 5))
+    check_tensor("loss", out.loss, loss, 1e-13)
+    check_tensor("dz", out.dz, dz, 1e-12)
+    check_tensor("classifier grad", clf.grad, dW, 1e-12)
+    assert out.acc == acc
+    L = unit_rows(z) @ unit_rows(w0).T / TAU
+    lse = np.log(np.exp(L - L.max(1, keepdims=True)).sum(1)) + L.max(1)
+    check_tensor("logsumexp", out.logsumexp, lse, 1e-14)
+    for bad in (float("nan"), -0.1, float("inf")):
+        with pytest.raises(ValueError, match="learning rate must be finite and >= 0"):
+            update(net, SelfComm(), net_opt, clf_opt, lr=bad)
+    np.testing.assert_array_equal(net.store.data, p0)
+    update(net, SelfComm(), net_opt, clf_opt, lr=0.1)
+    check_tensor("params", net.store.data, p0 - 0.1 * net.store.grad, 1e-15)
+
+
 def test_set_batchnorm_mode():
     """'sync' installs a sum all-reduce hook in encoder and head; 'local' removes it."""
     net, comm = small_net(), SelfComm()
     with pytest.raises(ValueError, match=r"bn mode must be one of \('local', 'sync'\)"):
         set_batchnorm_mode(net, comm, "bogus")
-    assert net.bn_allreduce is None
+    assert net.bn.allreduce is None
+    # One setting: every BatchNorm of encoder and head holds the network's object.
+    assert net.head.bn.mode is net.bn and net.encoder.bn1.mode is net.bn
+    assert all(bn.mode is net.bn for b in net.encoder.blocks for _, bn in b.layers)
     set_batchnorm_mode(net, comm, "sync")
-    assert callable(net.bn_allreduce) and net.head.bn_allreduce is net.bn_allreduce
+    assert callable(net.bn.allreduce)
     v = np.arange(3.0)
-    np.testing.assert_array_equal(net.bn_allreduce(v), v)  # the sum over 1 rank
+    np.testing.assert_array_equal(net.bn.allreduce(v), v)  # the sum over 1 rank
     assert comm.counters["all_reduce_sum"]["calls"] == 1
     set_batchnorm_mode(net, comm, "local")
-    assert net.bn_allreduce is None and net.head.bn_allreduce is None
+    assert net.bn.allreduce is None
 
 
 def test_sync_bn_step_equals_local_bn_step_on_one_rank():
@@ -537,13 +619,13 @@ def test_sync_bn_step_equals_local_bn_step_on_one_rank():
 # -------------------------------------------------------------- bn_groups
 
 def test_bn_groups_validation():
-    """bn_groups must be a positive integer dividing the batch, without sync BN."""
+    """bn groups must be a positive integer dividing the batch, without sync BN."""
     net = small_net()
     for bad in (0, 1.5, -2, "abc", float("nan"), True):
-        with pytest.raises(ValueError, match="bn_groups must be a positive integer"):
-            net.bn_groups = bad
-    assert net.bn_groups == 1
-    net.bn_groups = 3
+        with pytest.raises(ValueError, match="bn groups must be a positive integer"):
+            net.bn.groups = bad
+    assert net.bn.groups == 1
+    net.bn.groups = 3
     with pytest.raises(ValueError, match="a batch of 10 does not split into 3 equal groups"):
         net.forward(np.zeros((10, 3, 8, 8)), train=True)
     set_batchnorm_mode(net, SelfComm(), "sync")
@@ -552,10 +634,10 @@ def test_bn_groups_validation():
 
 
 def test_bn_groups_equal_separate_batches():
-    """bn_groups = 3 = three models on the three parts (local BN on 3 ranks)."""
+    """bn groups = 3 = three models on the three parts (local BN on 3 ranks)."""
     x = np.random.default_rng(8).standard_normal((B, 3, 8, 8))
     grouped = small_net()
-    grouped.bn_groups = 3
+    grouped.bn.groups = 3
     z = grouped.forward(x, train=True)
     parts = [small_net() for _ in range(3)]
     z_ref = np.concatenate([net.forward(x[4 * g:4 * g + 4], train=True)

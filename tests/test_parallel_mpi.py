@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import mpirun_command
+from refimpl.parallel.launch import mpirun_command
 
 pytestmark = pytest.mark.mpi
 
@@ -86,6 +86,14 @@ def test_all_gather_reduce_scatter_are_adjoint(result):
         assert a["identity"] <= 1e-12
         assert a["all_gather_values"] == 0.0
         assert a["reduce_scatter_values"] <= 1e-15
+
+
+def test_uneven_collectives(result):
+    """all_gather_v, all_to_all_v and ring_shift deliver exactly the right rows."""
+    for r, rank in enumerate(result["ranks"]):
+        u = rank["uneven"]
+        assert u["gather_v_given"] == 0.0 and u["gather_v_asked"] == 0.0, (r, u)
+        assert u["gather_v_int"] and u["all_to_all_v"] and u["ring_shift"], (r, u)
 
 
 @pytest.mark.parametrize("bn", ["sync", "local"])

@@ -1,7 +1,7 @@
 """Max pool and global average pool: finite differences, twins, PyTorch, ties, dtypes."""
 import numpy as np
 import pytest
-from helpers import check_tensor, numerical_grad
+from refimpl.oracle import check_tensor, numerical_grad
 
 from refimpl.layers.pool import (global_avgpool_backward, global_avgpool_forward,
                                  maxpool2d_backward, maxpool2d_backward_naive,
@@ -181,10 +181,10 @@ def test_maxpool_nan_propagates_like_pytorch(case):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(kernel=3, stride=0, pad=1), "stride must be an int >= 1"),
-    (dict(kernel=3, stride=2, pad=-1), "pad must be an int >= 0"),
-    (dict(kernel=0, stride=1, pad=0), "kernel must be an int >= 1"),
-    (dict(kernel=3, stride=1.5, pad=1), "stride must be an int"),
+    (dict(kernel=3, stride=0, pad=1), "stride must be a positive integer"),
+    (dict(kernel=3, stride=2, pad=-1), "pad must be a non-negative integer"),
+    (dict(kernel=0, stride=1, pad=0), "kernel must be a positive integer"),
+    (dict(kernel=3, stride=1.5, pad=1), "stride must be a positive integer"),
     (dict(kernel=9, stride=1, pad=1), "larger than padded input"),
     (dict(kernel=3, stride=2, pad=2), "pad 2 must be <= kernel // 2"),
 ])

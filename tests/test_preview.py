@@ -14,7 +14,7 @@ def test_preview_synthetic_png_dimensions(tmp_path):
     assert im.shape == (3 * 16 + 4 * g, 5 * 16 + 7 * g, 3)
     # gaps are gray, and the original column equals the eval-transformed image
     assert (im[:g] == P.GAP_VALUE).all()
-    from data_tools.synthetic import open_synthetic
+    from refimpl.data.synthetic import open_synthetic
     ds = open_synthetic("synthetic:n=100,size=16,classes=8")
     np.testing.assert_array_equal(im[g:g + 16, g:g + 16], ds.read([0])[0])
     # augmentations differ from the original

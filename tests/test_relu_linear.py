@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from helpers import check_tensor, numerical_grad
+from refimpl.oracle import check_tensor, numerical_grad
 from refimpl.layers.linear import linear_backward, linear_forward
 from refimpl.layers.relu import relu_backward, relu_forward
 

@@ -1,6 +1,6 @@
 """Whole-model parity with an independent PyTorch implementation (float64).
 
-tests/torch_resnet.py builds the same networks in plain torch.nn with
+refimpl/oracle/torch_resnet.py builds the same networks in plain torch.nn with
 torchvision's module names; the PyTorch model gets refimpl's initial weights
 through the state dict, both see the same input and the same upstream
 gradient, and every tensor is compared with ``check_tensor`` (per tensor,
@@ -15,11 +15,11 @@ num_batches_tracked) and the momentum buffer agree within 1e-10.
 import numpy as np
 import pytest
 
-from helpers import check_tensor
+from refimpl.oracle import check_tensor
 from refimpl.layers.loss import softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from refimpl.models import build_model
 from refimpl.models.resnet import ResNet
-from refimpl.sgd import SGD
+from refimpl.optim.sgd import SGD
 
 TOL = 1e-10
 
@@ -49,7 +49,7 @@ def randomize_bn(store, seed):
 @pytest.mark.slow
 def test_resnet18_head_three_sgd_steps_match_torch():
     torch = pytest.importorskip("torch")
-    from torch_resnet import TorchNetwork
+    from refimpl.oracle.torch_resnet import TorchNetwork
     net = build_model("resnet18", stem="cifar", width=16, head_hidden=64, dim=128,
                       dtype=np.float64, seed=3)
     tnet = torch_model_like(torch, net.store.state_dict(),
@@ -111,7 +111,7 @@ def test_resnet18_head_three_sgd_steps_match_torch():
 @pytest.mark.parametrize("stem,size", [("cifar", 16), ("imagenet", 64)])
 def test_bottleneck_resnet50_forward_backward_match_torch(stem, size):
     torch = pytest.importorskip("torch")
-    from torch_resnet import TorchResNet
+    from refimpl.oracle.torch_resnet import TorchResNet
     model = ResNet("resnet50", stem=stem, width=8, num_classes=10, dtype=np.float64, seed=1)
     randomize_bn(model.store, 2)
     tmodel = torch_model_like(torch, model.store.state_dict(),
@@ -122,7 +122,7 @@ def test_bottleneck_resnet50_forward_backward_match_torch(stem, size):
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_resnet18_imagenet_stem_forward_backward_match_torch(train):
     torch = pytest.importorskip("torch")
-    from torch_resnet import TorchResNet
+    from refimpl.oracle.torch_resnet import TorchResNet
     model = ResNet("resnet18", stem="imagenet", width=8, num_classes=None,
                    dtype=np.float64, seed=4)
     randomize_bn(model.store, 5)
@@ -188,7 +188,8 @@ def test_init_reproducible_and_torchvision_like():
     assert np.abs(p["head.3.bias"]).max() <= 1 / np.sqrt(64)
 
 
-def test_bn_allreduce_hook_reaches_every_batchnorm():
+def test_bn_mode_allreduce_reaches_every_batchnorm():
+    """One setting, net.bn, reaches the encoder's and the head's BatchNorms."""
     calls = []
 
     def allreduce(v):  # a 1-rank "all-reduce" that records its calls
@@ -197,7 +198,7 @@ def test_bn_allreduce_hook_reaches_every_batchnorm():
 
     a = build_model("resnet18", width=4, head_hidden=8, dim=6, dtype=np.float64, seed=0)
     b = build_model("resnet18", width=4, head_hidden=8, dim=6, dtype=np.float64, seed=0)
-    b.bn_allreduce = allreduce
+    b.bn.allreduce = allreduce
     x = np.random.default_rng(0).standard_normal((4, 3, 8, 8))
     za, zb = a.forward(x), b.forward(x)
     n_bn = 1 + 8 * 2 + 3 + 1  # stem, 8 blocks x 2, 3 downsamples, head

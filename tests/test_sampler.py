@@ -30,7 +30,7 @@ def test_global_batches_and_steps():
     np.testing.assert_array_equal(np.sort(np.concatenate(batches)), np.arange(103))
     with pytest.raises(ValueError, match="no batch"):
         global_batches(5, 10, 0, 0)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         steps_per_epoch(5, 0)
 
 
@@ -52,9 +52,11 @@ def test_local_slice_errors():
     batch = np.arange(10)
     with pytest.raises(ValueError, match="10 is not divisible by world size 4"):
         local_slice(batch, 0, 4)
-    with pytest.raises(ValueError, match="rank must be in"):
+    with pytest.raises(ValueError, match=r"rank must be an integer in \[0, 1\], got 2"):
         local_slice(batch, 2, 2)
-    with pytest.raises(ValueError, match="world_size"):
+    with pytest.raises(ValueError, match="world_size must be a positive integer, got 0"):
         local_slice(batch, 0, 0)
+    with pytest.raises(ValueError, match="n must be a non-negative integer, got 3.0"):
+        epoch_permutation(3.0, 0, 0)
     with pytest.raises(ValueError, match="1-d"):
         local_slice(batch.reshape(2, 5), 0, 1)

@@ -4,10 +4,10 @@ import math
 import numpy as np
 import pytest
 
-from helpers import check_tensor
+from refimpl.oracle import check_tensor
 from refimpl.params import ParamStore, is_bn_or_bias
-from refimpl.schedule import warmup_cosine
-from refimpl.sgd import SGD
+from refimpl.optim.schedule import warmup_cosine
+from refimpl.optim.sgd import SGD
 
 SHAPES = {"conv.weight": (4, 3, 3, 3), "bn.weight": (4,), "bn.bias": (4,),
           "fc.weight": (5, 4), "fc.bias": (5,)}

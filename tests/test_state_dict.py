@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import check_tensor
+from refimpl.oracle import check_tensor
 from refimpl.models import build_model
 from refimpl.models.resnet import ResNet
 from refimpl.models.state_dict import export_torchvision, import_torchvision
@@ -58,7 +58,7 @@ def _random_state(model, seed):
 @pytest.mark.torch
 def test_torch_model_with_our_export_gives_our_outputs():
     torch = pytest.importorskip("torch")
-    from torch_resnet import TorchResNet
+    from refimpl.oracle.torch_resnet import TorchResNet
     model = ResNet("resnet18", stem="imagenet", width=64, num_classes=1000,
                    dtype=np.float64, seed=0)
     _random_state(model, 1)
@@ -73,7 +73,7 @@ def test_torch_model_with_our_export_gives_our_outputs():
 @pytest.mark.torch
 def test_import_torch_state_dict_roundtrips():
     torch = pytest.importorskip("torch")
-    from torch_resnet import TorchResNet
+    from refimpl.oracle.torch_resnet import TorchResNet
     torch.manual_seed(0)
     tmodel = TorchResNet("resnet50", "cifar", 8, num_classes=10).double()
     with torch.no_grad():  # non-trivial buffers

@@ -1,9 +1,12 @@
-"""Synthetic shapes x textures: a pure function of (seed, index), cheap labels, specs."""
+"""Synthetic shapes x textures: a pure function of (seed, index), cheap labels, specs;
+and the data_tools.synthetic writer, which packs the same pixels."""
 import numpy as np
 import pytest
 
-from data_tools import synthetic as S
-from data_tools.synthetic import SyntheticDataset, open_synthetic, parse_spec
+from data_tools.synthetic import main as synthetic_main
+from data_tools.synthetic import write_synthetic
+from refimpl.data import synthetic as S
+from refimpl.data.synthetic import SyntheticDataset, open_synthetic, parse_spec
 
 
 def test_pixels_are_a_pure_function_of_seed_and_index():
@@ -63,16 +66,18 @@ def test_spec_parsing_and_errors():
             open_synthetic(spec)
     with pytest.raises(ValueError, match="num_classes must be <= 32"):
         open_synthetic("synthetic:n=5,classes=33")
-    with pytest.raises(ValueError, match="num_images"):
+    with pytest.raises(ValueError, match="num_images must be a positive integer, got 0"):
         open_synthetic("synthetic:n=0")
-    with pytest.raises(ValueError, match="size"):
+    with pytest.raises(ValueError, match="size must be an integer >= 8, got 4"):
         open_synthetic("synthetic:n=5,size=4")
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        SyntheticDataset(5, seed=-1)
     with pytest.raises(IndexError, match=r"\[0, 5\)"):
         open_synthetic("synthetic:n=5").read([5])
 
 
 def test_open_dataset_dispatches_to_synthetic():
-    from refimpl.data.packed import open_dataset
+    from refimpl.data.datasets import open_dataset
     ds = open_dataset("synthetic:n=20,size=16,classes=4,seed=2")
     assert isinstance(ds, SyntheticDataset) and len(ds) == 20 and ds.num_classes == 4
     assert ds.labels.max() < 4
@@ -81,10 +86,16 @@ def test_open_dataset_dispatches_to_synthetic():
 def test_cli_packs_the_same_images(tmp_path):
     from refimpl.data.packed import PackedDataset
     out = tmp_path / "syn"
-    assert S.main([str(out), "--n", "37", "--size", "16", "--classes", "5", "--seed", "4"]) == 0
+    assert synthetic_main([str(out), "--n", "37", "--size", "16", "--classes", "5",
+                           "--seed", "4"]) == 0
     packed = PackedDataset(out)
     ds = SyntheticDataset(37, size=16, num_classes=5, seed=4)
     np.testing.assert_array_equal(packed.read(np.arange(37)), ds.read(np.arange(37)))
     np.testing.assert_array_equal(packed.labels, ds.labels)
     assert packed.class_names == ds.class_names
-    assert S.main([str(out), "--n", "3"]) == 1  # exists, no --overwrite
+    assert synthetic_main([str(out), "--n", "3"]) == 1  # exists, no --overwrite
+    # written in chunks of 4: the same images
+    chunked = PackedDataset(write_synthetic(tmp_path / "chunked", 37, 16, 5, 4, chunk=4))
+    np.testing.assert_array_equal(chunked.images, packed.images)
+    with pytest.raises(ValueError, match="chunk must be a positive integer, got 0"):
+        write_synthetic(tmp_path / "never", 3, chunk=0)

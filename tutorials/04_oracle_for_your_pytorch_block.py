@@ -23,8 +23,9 @@ import torch.nn as nn
 from refimpl.layers.loss import softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from refimpl.layers.pool import global_avgpool_backward, global_avgpool_forward
 from refimpl.models.blocks import BasicBlock
+from refimpl.optim.sgd import SGD
+from refimpl.oracle import compare_tensors, format_report
 from refimpl.params import ParamStore
-from refimpl.sgd import SGD
 
 
 class MyBlock(nn.Module):
@@ -98,28 +99,25 @@ torch_opt.step()
 # %% [markdown]
 # ## Compare every tensor by name
 #
-# The error of a tensor is max |ours - theirs| / max |theirs|. In float64 an
-# implementation that computes the same function agrees to ~1e-13; anything
-# above ~1e-8 is a bug, not rounding.
+# The error of a tensor is max |ours - theirs| / max |theirs|
+# (`refimpl.oracle.scaled_error`). In float64 an implementation that computes
+# the same function agrees to ~1e-13; anything above ~1e-8 is a bug, not
+# rounding. `compare_tensors` compares two name -> array dicts in the order
+# given and `format_report` prints one line per tensor.
 
 # %%
-def report(name, ours, theirs):
-    err = float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-300))
-    print(f"  {name:32s} {err:.1e}")
-    return err
-
-
-print("loss, input gradient:")
-errs = [report("loss", loss, loss_t.item()), report("dx", dx, xt.grad.numpy())]
-print("gradients:")
-errs += [report(n, grads[n], torch_grads[n]) for n in grads]
-print("after the SGD step (parameters, then BatchNorm running statistics):")
-theirs = mine.state_dict()
-errs += [report(n, store.state_dict()[n], theirs[n].numpy()) for n in store.names()
-         if not n.endswith("num_batches_tracked")]
-worst = max(errs)
-print(f"worst error over {len(errs)} tensors: {worst:.1e}")
-assert worst < 1e-10
+ours = {"loss": loss, "dx": dx, **{"grad " + n: g for n, g in grads.items()},
+        **{n: v for n, v in store.state_dict().items() if not n.endswith("num_batches_tracked")}}
+theirs = {"loss": loss_t.item(), "dx": xt.grad.numpy(),
+          **{"grad " + n: g for n, g in torch_grads.items()},
+          **{n: v.numpy() for n, v in mine.state_dict().items()}}
+rows, ok = compare_tensors(ours, theirs, tol=1e-10, names=list(ours))
+print("loss, input gradient, gradients, then the parameters and BatchNorm running")
+print("statistics after the SGD step:")
+print(format_report(rows))
+worst = max(d["error"] for d in rows)
+print(f"worst error over {len(rows)} tensors: {worst:.1e}")
+assert ok and worst < 1e-10
 
 # %% [markdown]
 # ## Try on your own

@@ -33,6 +33,7 @@ import numpy as np
 
 from refimpl.layers.loss import softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from refimpl.layers.normalize import l2_normalize_forward
+from refimpl.oracle import dense_cosine_softmax, scaled_error
 from refimpl.parallel import (SelfComm, cosine_softmax_backward, cosine_softmax_forward,
                               shard_range)
 
@@ -106,7 +107,9 @@ assert err_dz < 1e-14
 # with real collectives. In one process the communicator is `SelfComm`;
 # under `mpirun` it is `MPIComm(MPI.COMM_WORLD)` and each rank passes only its
 # local batch and its own rows. The counters show the bytes of each
-# collective, which do not depend on N.
+# collective, which do not depend on N. `refimpl.oracle.dense_cosine_softmax`
+# is the same classifier computed densely in one process, from the layers:
+# the reference every rank checks its gradients against.
 
 # %%
 if "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:  # under mpirun
@@ -121,12 +124,15 @@ lo, hi = shard_range(N, comm.size, comm.rank)
 rows = slice(comm.rank * b, (comm.rank + 1) * b)
 loss, acc, cache = cosine_softmax_forward(z[rows], labels[rows], W[lo:hi], comm, N, tau,
                                           topk=(1, 5))
-dz, dW = cosine_softmax_backward(cache)
+dz, dW = cosine_softmax_backward(1.0, cache)
+ref_loss, ref_dz, ref_dW, _ = dense_cosine_softmax(z, labels, W, tau)
+err_grads = max(scaled_error(dz, ref_dz[rows]), scaled_error(dW, ref_dW[lo:hi]))
 print(f"rank {comm.rank} of {comm.size}: loss {float(loss):.15f}, top-1 {acc[1]:.3f}, "
-      f"top-5 {acc[5]:.3f}, dz {dz.shape}, dW {dW.shape}")
+      f"top-5 {acc[5]:.3f}, dz {dz.shape}, dW {dW.shape}, gradient error {err_grads:.1e}")
 for op, c in comm.counters.items():
     print(f"  {op:15s} calls {c['calls']}  sent {c['sent']:5d} B  received {c['received']:5d} B")
 assert abs(float(loss) - float(dense_loss)) / float(dense_loss) < 1e-12
+assert abs(ref_loss - float(dense_loss)) < 1e-12 and err_grads < 1e-12
 assert comm.counters["all_gather"]["received"] == B * D * 8 + B * 8  # float64 features + labels
 
 # %% [markdown]
@@ -137,6 +143,7 @@ assert comm.counters["all_gather"]["received"] == B * D * 8 + B * 8  # float64 f
 # - Make tau tiny (0.01) and the arrays float32: the logits reach 100 and
 #   exp(100) = 2.7e43 overflows float32 (largest 3.4e38); the shift by M is
 #   what keeps every exponential <= 1 and the loss finite.
-# - Pass `neighbours` and `alpha=0.2` (smoothed targets): T_b becomes a
-#   weighted sum of K + 1 logits that may live on different ranks; the same
-#   SUM all-reduce collects it.
+# - Pass smoothed targets, `targets=refimpl.method.target_entries(labels, N,
+#   neighbours, alpha=0.2)` with a neighbour table `neighbours` (N, K): T_b
+#   becomes a weighted sum of K + 1 logits that may live on different ranks;
+#   the same SUM all-reduce collects it.

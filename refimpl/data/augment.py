@@ -24,8 +24,8 @@ Pipeline (torchvision names, SimCLR's order):
    without antialiasing**: exactly ``F.interpolate(mode="bilinear",
    align_corners=False, antialias=False)`` of the cropped tensor, so sample
    points are clamped to the box and no pixel outside it contributes, even at
-   the box's edges when it is upscaled. torchvision's PIL path
-   and its tensor path with ``antialias=True`` low-pass filter when
+   the box's edges when it is upscaled (``refimpl.data.resample``). torchvision's
+   PIL path and its tensor path with ``antialias=True`` low-pass filter when
    downscaling; we do not (cheap, and 32x32 inputs are mostly upscaled).
 2. ``RandomHorizontalFlip(p)``, folded into the sampling grid (free).
 3. ``RandomApply(ColorJitter(b, c, s, h), p)``: torchvision's definitions on
@@ -57,7 +57,9 @@ import math
 
 import numpy as np
 
-from refimpl.backend import asarray, get_array_module, resolve_dtype, rng
+from refimpl.backend import asarray, device_of, get_array_module, resolve_dtype, rng
+from refimpl.checks import check_int
+from refimpl.data.resample import bilinear_matrices
 
 # ITU-R 601 luma weights (PIL's convert("L")).
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
@@ -218,34 +220,6 @@ def jitter_params(u, config):
 # length-3 axis)
 
 
-def _interp_matrix(start, length, out_size, in_size, flip, xp, dtype):
-    """Bilinear sampling matrices (n, S, in_size): row o holds the 2 weights of
-    source coordinate ``start + (o + 0.5) length / S - 0.5`` (align_corners=False),
-    clamped to the box ``[start, start + length - 1]``, not to the image: this
-    is F.interpolate of the cropped box, which never reads outside it.
-    ``flip`` reverses the rows of flipped images.
-    """
-    o = np.arange(out_size, dtype=np.float64) + 0.5
-    c = start[:, None] + o[None, :] * (length[:, None] / out_size) - 0.5   # (n, S)
-    c = np.where(flip[:, None], c[:, ::-1], c)
-    last = (start + length - 1)[:, None]                                   # (n, 1)
-    c = np.clip(c, start[:, None], last)
-    c0 = np.floor(c).astype(np.int64)
-    c1 = np.minimum(c0 + 1, last)
-    frac = c - c0
-    dev = _device(xp)
-    n = c.shape[0]
-    c0, c1 = asarray(c0, device=dev), asarray(c1, device=dev)
-    frac = asarray(frac, device=dev, dtype=dtype)
-    m = xp.zeros((n, out_size, in_size), dtype=dtype)               # (n, S, in_size)
-    b, o = xp.arange(n)[:, None], xp.arange(out_size)[None, :]
-    # each (b, o) appears once per assignment, so `+=` through a fancy index is
-    # safe; at the clamped edge c0 == c1 and frac == 0, and the row still sums to 1
-    m[b, o, c0] = 1 - frac
-    m[b, o, c1] += frac
-    return m
-
-
 def resized_crop(images, top, left, height, width, out_size, flip, dtype):
     """Bilinear resize of the boxes to (out_size, out_size), optionally flipped.
 
@@ -257,11 +231,11 @@ def resized_crop(images, top, left, height, width, out_size, flip, dtype):
     left + (q + 0.5) w / S - 0.5)`` (align_corners=False), clamped to the box,
     without antialiasing: torchvision's crop, then ``F.interpolate``. Bilinear
     sampling is separable and linear, so it is two batched matmuls with sparse
-    (2 weights a row) sampling matrices: ``out = Ry @ x @ Rx^T``; BLAS/cuBLAS
-    beat a fancy-index gather here.
+    (2 weights a row) sampling matrices (``refimpl.data.resample``, built on
+    the images' device): ``out = Ry @ x @ Rx^T``; BLAS/cuBLAS beat a
+    fancy-index gather here.
     """
-    xp = get_array_module(images)
-    n, H, W, _ = images.shape
+    _, H, W, _ = images.shape
     top, left, height, width = (np.asarray(a, dtype=np.int64) for a in (top, left, height, width))
     outside = (top < 0) | (left < 0) | (height < 1) | (width < 1) | (top + height > H) \
         | (left + width > W)
@@ -269,8 +243,10 @@ def resized_crop(images, top, left, height, width, out_size, flip, dtype):
         i = int(np.argmax(outside))
         raise ValueError(f"crop box {i} (top {top[i]}, left {left[i]}, h {height[i]}, "
                          f"w {width[i]}) is empty or outside the {H}x{W} image")
-    ry = _interp_matrix(top, height, out_size, H, np.zeros(n, dtype=bool), xp, dtype)
-    rx = _interp_matrix(left, width, out_size, W, flip, xp, dtype)
+    device = device_of(images)
+    ry = bilinear_matrices(top, height, out_size, H, dtype=dtype, device=device)  # (n, S, H)
+    rx = bilinear_matrices(left, width, out_size, W, flip=flip, dtype=dtype,
+                           device=device)                                     # (n, S, W)
     x = images.transpose(0, 3, 1, 2).astype(dtype)            # (n, 3, H, W)
     x = ry[:, None] @ x                                       # (n, 3, S, W)
     x = x @ rx[:, None].transpose(0, 1, 3, 2)                 # (n, 3, S, S)
@@ -384,8 +360,7 @@ def color_jitter(x, apply, factors, order):
 
 def _color_jitter_inplace(x, apply, factors, order):
     """``color_jitter`` writing into ``x``; for augment_batch, which owns its buffer."""
-    xp = get_array_module(x)
-    dev = _device(xp)
+    dev = device_of(x)
     for step in range(4):
         for op in range(4):
             sel = np.nonzero(apply & (order[:, step] == op))[0]
@@ -407,10 +382,9 @@ def random_grayscale(x, mask):
 
 def _random_grayscale_inplace(x, mask):
     """``random_grayscale`` writing into ``x``; for augment_batch."""
-    xp = get_array_module(x)
     sel = np.nonzero(mask)[0]
     if sel.size:
-        idx = asarray(sel, device=_device(xp))
+        idx = asarray(sel, device=device_of(x))
         x[idx] = grayscale(x[idx])[:, None]  # broadcast to the 3 channels
     return x
 
@@ -443,8 +417,8 @@ def augment_batch(images, ids, seed, epoch, out_size, config=None, device=None, 
     config = AugmentConfig() if config is None else config
     dtype = resolve_dtype(dtype)
     images, ids = _check_batch(images, out_size, ids)
-    if int(seed) < 0 or int(epoch) < 0:
-        raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+    check_int("seed", seed, minimum=0)
+    check_int("epoch", epoch, minimum=0)
     n, H, W, _ = images.shape
     u = draw_uniforms(seed, epoch, ids)                     # host, (n, N_DRAWS)
     top, left, ch, cw = crop_boxes(u, H, W, config)
@@ -486,10 +460,6 @@ def denormalize(x, config=None):
     return np.clip(np.round(x * 255), 0, 255).astype(np.uint8)
 
 
-def _device(xp):
-    return "cpu" if xp is np else "gpu"
-
-
 def _check_batch(images, out_size, ids=None):
     if get_array_module(images) is not np:
         raise TypeError("images must be a host (NumPy) uint8 array; it is moved to the device here")
@@ -498,8 +468,7 @@ def _check_batch(images, out_size, ids=None):
         raise ValueError(f"images must be uint8 (n, H, W, 3), got {images.dtype} {images.shape}")
     if images.shape[1] < 1 or images.shape[2] < 1:
         raise ValueError(f"images must have H, W >= 1, got {images.shape}")
-    if isinstance(out_size, bool) or not isinstance(out_size, (int, np.integer)) or out_size < 1:
-        raise ValueError(f"out_size must be a positive int, got {out_size!r}")
+    check_int("out_size", out_size)
     if ids is not None:
         ids = np.asarray(ids)
         if ids.ndim != 1 or ids.shape[0] != images.shape[0]:

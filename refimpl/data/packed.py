@@ -30,8 +30,10 @@ Checksums are checked by ``verify()``, not on open (it reads everything).
 Public API:
     write_packed(out_dir, images, labels, manifest=None, overwrite=False) -> Path
     PackedWriter(out_dir, num_images, height, width, manifest=None, overwrite=False)
-    PackedDataset(path); open_dataset(spec)
+    PackedDataset(path)
     FORMAT_VERSION, PackedFormatError
+
+``refimpl.data.datasets.open_dataset`` opens a folder path as a PackedDataset.
 """
 import hashlib
 import json
@@ -41,6 +43,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from refimpl.checks import check_int
 
 FORMAT_VERSION = 1
 IMAGES_FILE = "images.npy"
@@ -156,10 +160,8 @@ class PackedWriter:
 
     def __init__(self, out_dir, num_images, height, width, manifest=None, overwrite=False):
         self.out_dir = Path(out_dir)
-        for name, v in (("num_images", num_images), ("height", height), ("width", width)):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        self.num_images, self.height, self.width = int(num_images), int(height), int(width)
+        self.num_images = check_int("num_images", num_images)
+        self.height, self.width = check_int("height", height), check_int("width", width)
         self.overwrite = bool(overwrite)
         self.manifest = dict(manifest or {})
         self._check_target()
@@ -235,11 +237,8 @@ class PackedWriter:
         self._written[start:start + n] = True
 
     def truncate(self, num_images):
-        """Keep only rows [0, num_images) when the writer finishes."""
-        if not 1 <= int(num_images) <= self.num_images:
-            raise ValueError(f"truncate: need 1 <= num_images <= {self.num_images}, "
-                             f"got {num_images} (a dataset needs at least one image)")
-        self._keep = int(num_images)
+        """Keep only rows [0, num_images) when the writer finishes (at least one row)."""
+        self._keep = check_int("num_images", num_images, maximum=self.num_images)
 
     # finishing -------------------------------------------------------------
 
@@ -465,19 +464,3 @@ class PackedDataset:
                                         f"or damaged")
         return True
 
-
-def open_dataset(spec):
-    """A dataset object for ``spec``.
-
-    spec: a folder path -> PackedDataset; "synthetic:..." -> generated data from
-    data_tools.synthetic.open_synthetic (same interface, minus the memmap);
-    an object that already has ``read`` and ``labels`` is returned as is.
-    """
-    if isinstance(spec, str) and spec.startswith("synthetic:"):
-        from data_tools.synthetic import open_synthetic  # lazy: data_tools is optional
-        return open_synthetic(spec)
-    if isinstance(spec, (str, os.PathLike)):
-        return PackedDataset(spec)
-    if hasattr(spec, "read") and hasattr(spec, "labels"):
-        return spec
-    raise TypeError(f"open_dataset: expected a path or 'synthetic:...', got {type(spec).__name__}")

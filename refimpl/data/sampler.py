@@ -18,27 +18,21 @@ independent of the augmentation streams ``rng(seed, "augment", epoch, id)``.
 import numpy as np
 
 from refimpl.backend import rng
-
-
-def _check_positive_int(name, v, allow_zero=False):
-    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < (0 if allow_zero else 1):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} "
-                         f"integer, got {v!r}")
-    return int(v)
+from refimpl.checks import check_int
 
 
 def epoch_permutation(n, seed, epoch):
     """int64 (n,): a permutation of 0..n-1 drawn from rng(seed, "sampler", epoch)."""
-    n = _check_positive_int("n", n, allow_zero=True)
-    _check_positive_int("seed", seed, allow_zero=True)
-    _check_positive_int("epoch", epoch, allow_zero=True)
+    n = check_int("n", n, minimum=0)
+    check_int("seed", seed, minimum=0)
+    check_int("epoch", epoch, minimum=0)
     return rng(seed, "sampler", epoch).permutation(n).astype(np.int64)
 
 
 def steps_per_epoch(n, batch_size, drop_last=True):
     """Number of global batches in an epoch: n // B, or ceil(n / B) if not drop_last."""
-    n = _check_positive_int("n", n, allow_zero=True)
-    batch_size = _check_positive_int("batch_size", batch_size)
+    n = check_int("n", n, minimum=0)
+    batch_size = check_int("batch_size", batch_size)
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
@@ -65,9 +59,8 @@ def local_slice(global_batch, rank, world_size):
     global_batch = np.asarray(global_batch)
     if global_batch.ndim != 1:
         raise ValueError(f"global_batch must be 1-d, got shape {global_batch.shape}")
-    world_size = _check_positive_int("world_size", world_size)
-    if not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
+    world_size = check_int("world_size", world_size)
+    rank = check_int("rank", rank, minimum=0, maximum=world_size - 1)
     B = global_batch.shape[0]
     if B % world_size:
         raise ValueError(f"global batch size {B} is not divisible by world size {world_size}: "

@@ -14,6 +14,12 @@ In the order a training step meets them:
     pool.py        max pool (the ImageNet stem) and global average pool
     linear.py      fully connected, with or without bias
     normalize.py   row-wise L2 normalization (F.normalize)
-    loss.py        softmax cross-entropy with hard or soft targets
     window.py      the sliding-window output size shared by conv and pool
+
+and one a training step never calls:
+
+    loss.py        dense softmax cross-entropy with hard or soft targets: the
+                   reference that the sharded loss of ``parallel/classifier.py``
+                   is checked against (``oracle/dense.py``), and the loss of
+                   small supervised models (tutorials, benchmarks)
 """

@@ -38,7 +38,7 @@ benchmarks/bench_conv.py measures them against PyTorch):
   convolution of dout with the flipped, transposed kernel (an im2col copy
   and a GEMM, faster than the GEMM-then-col2im route); the other cases use
   col2im.
-* Threads (``backend.set_num_threads``): the batch is cut into one
+* Threads (``threads.set_num_threads``): the batch is cut into one
   contiguous *shard* of images per thread, and each thread runs the chunk
   loop above on its own shard, with single-threaded BLAS (``backend``'s
   docstring says why that beats a multi-threaded GEMM here). out and dx
@@ -52,7 +52,8 @@ benchmarks/bench_conv.py measures them against PyTorch):
 positions with the equation above written out; the tests check the fast path
 against them.
 """
-from refimpl.backend import get_array_module, num_workers, parallel_map
+from refimpl.backend import get_array_module
+from refimpl.threads import num_workers, parallel_map
 from refimpl.layers.window import output_size
 
 COLS_BYTES = 4 << 20   # column-matrix bytes per chunk of images (stays in L2/L3 cache)

@@ -7,6 +7,7 @@ named ValueError rather than a ZeroDivisionError or a broadcasting error deep
 inside the layer. (The loop-based ``_naive`` twins write the formula out
 themselves, so that they stay independent of the fast paths.)
 """
+from refimpl.checks import check_int
 
 
 def output_size(layer, H, W, HH, WW, stride, pad):
@@ -17,8 +18,7 @@ def output_size(layer, H, W, HH, WW, stride, pad):
     """
     for name, value, low in (("kernel", HH, 1), ("kernel", WW, 1), ("stride", stride, 1),
                              ("pad", pad, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{layer}: {name} must be an int >= {low}, got {value!r}")
+        check_int(f"{layer}: {name}", value, minimum=low)
     if H + 2 * pad < HH or W + 2 * pad < WW:
         raise ValueError(f"{layer}: kernel {HH}x{WW} larger than padded input "
                          f"{H + 2 * pad}x{W + 2 * pad}")

@@ -9,6 +9,8 @@ gradients into the store's gradient views (so a caller zeroes them once per
 step with ``store.zero_grad()``).
 
     Conv2d       <name>.weight                       (bias-free, like torchvision)
+    BatchNormMode  how every BatchNorm of a network takes train-mode statistics
+                 (per rank, synchronized, or in groups): ONE object, shared
     BatchNorm    <name>.weight/.bias, running stats  (BatchNorm1d/2d alike)
     Linear       <name>.weight/.bias
     BasicBlock   conv1 bn1 relu conv2 bn2 (+ downsample.0/.1) + add + relu
@@ -32,6 +34,7 @@ import math
 import numpy as np
 
 from refimpl.backend import get_array_module
+from refimpl.checks import check_int
 from refimpl.layers.batchnorm import batchnorm_backward, batchnorm_forward
 from refimpl.layers.conv import conv2d_backward, conv2d_forward
 from refimpl.layers.linear import linear_backward, linear_forward
@@ -63,6 +66,36 @@ class Conv2d:
         return dx
 
 
+class BatchNormMode:
+    """How the BatchNorms of one network compute train-mode statistics.
+
+    One object per network, shared by reference by every ``BatchNorm`` in it
+    (encoder and head), so the mode is set once, in one place:
+
+      allreduce  None: each rank normalizes with its own batch ("local", like
+                 DDP); or a callable v -> sum of v over the ranks: the
+                 statistics of the global batch ("sync", ``batchnorm_forward``)
+      groups     1, or G > 1: normalize the batch as G equal consecutive parts,
+                 each with its own statistics. What P ranks with "local" BN
+                 compute, in one process (G = P), to check such a run against
+                 one process. The running statistics follow part 0 only, as a
+                 P-rank run keeps rank 0's (``broadcast_buffers``).
+    ``parallel.data_parallel.set_batchnorm_mode(net, comm, mode)`` sets it.
+    """
+
+    def __init__(self, allreduce=None, groups=1):
+        self.allreduce = allreduce
+        self.groups = groups
+
+    @property
+    def groups(self):
+        return self._groups
+
+    @groups.setter
+    def groups(self, value):
+        self._groups = check_int("bn groups", value)
+
+
 class BatchNorm:
     """BatchNorm over (N, C) or (N, C, H, W), PyTorch's convention.
 
@@ -70,11 +103,15 @@ class BatchNorm:
     ``<name>.running_mean``, ``<name>.running_var``, ``<name>.num_batches_tracked``
     (buffers). In train mode ``forward`` writes the new running statistics into
     the store's buffers and counts the batch, as ``nn.BatchNorm2d`` does.
+    ``mode`` is the network's shared ``BatchNormMode`` (default: a private
+    one, local statistics).
     """
 
-    def __init__(self, store, name, channels, zero_init=False, momentum=0.1, eps=1e-5):
+    def __init__(self, store, name, channels, zero_init=False, momentum=0.1, eps=1e-5,
+                 mode=None):
         self.store, self.name = store, name
         self.momentum, self.eps = momentum, eps
+        self.mode = BatchNormMode() if mode is None else mode
         store.add_param(name + ".weight",
                         np.zeros(channels) if zero_init else np.ones(channels))
         store.add_param(name + ".bias", np.zeros(channels))
@@ -82,19 +119,12 @@ class BatchNorm:
         store.add_buffer(name + ".running_var", np.ones(channels))
         store.add_buffer(name + ".num_batches_tracked", np.array(0, dtype=np.int64))
 
-    def forward(self, x, train=True, allreduce=None, groups=1):
-        """x (N, C[, H, W]) -> out like x.
-
-        allreduce: the synchronized-BN hook (sum over the ranks' batches).
-        groups: in train mode, normalize the batch as ``groups`` equal,
-        consecutive parts, each with its own statistics: what P ranks with
-        per-rank ("local") BN compute, in one process. The running statistics
-        follow part 0 only, as rank 0's do in a P-rank run (whose buffers are
-        then broadcast from rank 0, DDP's rule).
-        """
+    def forward(self, x, train=True):
+        """x (N, C[, H, W]) -> out like x, with the statistics ``self.mode`` says."""
         p, b, n = self.store.params, self.store.buffers, self.name
         gamma, beta = p[n + ".weight"], p[n + ".bias"]
         rm, rv = b[n + ".running_mean"], b[n + ".running_var"]
+        allreduce, groups = self.mode.allreduce, self.mode.groups
         if groups == 1 or not train:
             out, self.cache, mean, var = batchnorm_forward(
                 x, gamma, beta, rm, rv, train=train, momentum=self.momentum,
@@ -119,7 +149,7 @@ class BatchNorm:
                 if keep:
                     mean, var = m_g, v_g
             out = xp.concatenate(outs, axis=0)
-            self.groups = groups
+            self.groups = groups  # backward splits dout the same way
         if train:
             # The layer returns new statistics; the module is where state lives.
             rm[...] = mean
@@ -173,7 +203,7 @@ class _Residual:
     ``[(conv, bn), ...]`` with a ReLU after every pair but the last.
     """
 
-    def _make_downsample(self, store, prefix, in_channels, out_channels, stride, rng):
+    def _make_downsample(self, store, prefix, in_channels, out_channels, stride, rng, bn_mode):
         # A 1x1 conv (with the block's stride) + BN brings the identity to the
         # main branch's shape, only where the shapes differ (torchvision).
         self.downsample = None
@@ -181,24 +211,21 @@ class _Residual:
             self.downsample = (
                 Conv2d(store, prefix + "downsample.0", in_channels, out_channels, 1,
                        stride=stride, rng=rng),
-                BatchNorm(store, prefix + "downsample.1", out_channels))
+                BatchNorm(store, prefix + "downsample.1", out_channels, mode=bn_mode))
 
-    def forward(self, x, train=True, allreduce=None, groups=1):
-        """x (N, C_in, H, W) -> out (N, C_out, H/stride, W/stride).
-
-        allreduce, groups: passed to every BatchNorm (``BatchNorm.forward``).
-        """
+    def forward(self, x, train=True):
+        """x (N, C_in, H, W) -> out (N, C_out, H/stride, W/stride)."""
         out = x
         self.relu_caches = []
         for i, (conv, bn) in enumerate(self.layers):
-            out = bn.forward(conv.forward(out), train, allreduce, groups)
+            out = bn.forward(conv.forward(out), train)
             if i < len(self.layers) - 1:
                 out, cache = relu_forward(out)
                 self.relu_caches.append(cache)
         identity = x
         if self.downsample is not None:
             conv, bn = self.downsample
-            identity = bn.forward(conv.forward(x), train, allreduce, groups)
+            identity = bn.forward(conv.forward(x), train)
         out, self.out_relu_cache = relu_forward(out + identity)  # (N, C_out, H', W')
         return out
 
@@ -226,15 +253,17 @@ class BasicBlock(_Residual):
     expansion = 1
 
     def __init__(self, store, prefix, in_channels, channels, stride=1, rng=None,
-                 zero_init_residual=False):
+                 zero_init_residual=False, bn_mode=None):
+        bn_mode = BatchNormMode() if bn_mode is None else bn_mode  # one for the block
         self.out_channels = channels
         self.layers = [
             (Conv2d(store, prefix + "conv1", in_channels, channels, 3, stride, 1, rng),
-             BatchNorm(store, prefix + "bn1", channels)),
+             BatchNorm(store, prefix + "bn1", channels, mode=bn_mode)),
             (Conv2d(store, prefix + "conv2", channels, channels, 3, 1, 1, rng),
-             BatchNorm(store, prefix + "bn2", channels, zero_init=zero_init_residual)),
+             BatchNorm(store, prefix + "bn2", channels, zero_init=zero_init_residual,
+                       mode=bn_mode)),
         ]
-        self._make_downsample(store, prefix, in_channels, channels, stride, rng)
+        self._make_downsample(store, prefix, in_channels, channels, stride, rng, bn_mode)
 
 
 class Bottleneck(_Residual):
@@ -246,15 +275,16 @@ class Bottleneck(_Residual):
     expansion = 4
 
     def __init__(self, store, prefix, in_channels, channels, stride=1, rng=None,
-                 zero_init_residual=False):
+                 zero_init_residual=False, bn_mode=None):
+        bn_mode = BatchNormMode() if bn_mode is None else bn_mode  # one for the block
         out = channels * self.expansion
         self.out_channels = out
         self.layers = [
             (Conv2d(store, prefix + "conv1", in_channels, channels, 1, 1, 0, rng),
-             BatchNorm(store, prefix + "bn1", channels)),
+             BatchNorm(store, prefix + "bn1", channels, mode=bn_mode)),
             (Conv2d(store, prefix + "conv2", channels, channels, 3, stride, 1, rng),
-             BatchNorm(store, prefix + "bn2", channels)),
+             BatchNorm(store, prefix + "bn2", channels, mode=bn_mode)),
             (Conv2d(store, prefix + "conv3", channels, out, 1, 1, 0, rng),
-             BatchNorm(store, prefix + "bn3", out, zero_init=zero_init_residual)),
+             BatchNorm(store, prefix + "bn3", out, zero_init=zero_init_residual, mode=bn_mode)),
         ]
-        self._make_downsample(store, prefix, in_channels, out, stride, rng)
+        self._make_downsample(store, prefix, in_channels, out, stride, rng, bn_mode)

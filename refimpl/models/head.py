@@ -6,7 +6,7 @@ the unnormalized embedding z (N, dim):
     z = Linear_3( ReLU( BN_1( Linear_0(h) ) ) )
 
 with PyTorch-default biases on both Linear layers, and the names of an
-``nn.Sequential`` under ``prefix`` (default "head."):
+``nn.Sequential`` called ``head``:
 
     head.0.weight (hidden, in)   head.0.bias (hidden,)
     head.1.weight, head.1.bias, head.1.running_mean, head.1.running_var,
@@ -17,7 +17,7 @@ The L2 normalization of z belongs to the cosine classifier, not to the head.
 """
 from refimpl.backend import rng as make_rng
 from refimpl.layers.relu import relu_backward, relu_forward
-from refimpl.models.blocks import BatchNorm, Linear
+from refimpl.models.blocks import BatchNorm, BatchNormMode, Linear
 from refimpl.params import ParamStore
 
 
@@ -27,28 +27,26 @@ class MLPHead:
     Arguments:
       in_features, hidden, dim   layer sizes (dim default 128)
       dtype, device, seed        as ResNet; draws from ``backend.rng(seed, "init", 1)``
-      store, prefix, rng         as ResNet (register into a shared store)
-      bn_allreduce               synchronized-BN hook (None: local BN)
+      store, rng                 as ResNet (register into a shared store)
+      bn_mode                    the network's shared ``BatchNormMode`` (None: local)
     """
 
     def __init__(self, in_features, hidden, dim=128, dtype=None, device=None, seed=0,
-                 store=None, prefix="head.", rng=None, bn_allreduce=None):
+                 store=None, rng=None, bn_mode=None):
         own_store = store is None
         self.store = ParamStore(dtype, device) if own_store else store
         rng = make_rng(seed, "init", 1) if rng is None else rng
-        self.bn_allreduce = bn_allreduce
-        self.bn_groups = 1  # > 1: per-group BN in one process (BatchNorm.forward)
-        self.fc1 = Linear(self.store, prefix + "0", in_features, hidden, rng=rng)
-        self.bn = BatchNorm(self.store, prefix + "1", hidden)
-        self.fc2 = Linear(self.store, prefix + "3", hidden, dim, rng=rng)
+        self.bn_mode = BatchNormMode() if bn_mode is None else bn_mode
+        self.fc1 = Linear(self.store, "head.0", in_features, hidden, rng=rng)
+        self.bn = BatchNorm(self.store, "head.1", hidden, mode=self.bn_mode)
+        self.fc2 = Linear(self.store, "head.3", hidden, dim, rng=rng)
         self.in_features, self.hidden, self.dim = in_features, hidden, dim
         if own_store:
             self.store.finalize()
 
     def forward(self, h, train=True):
         """h (N, in_features) -> z (N, dim), unnormalized."""
-        out = self.bn.forward(self.fc1.forward(h), train, self.bn_allreduce,
-                              self.bn_groups)                       # (N, hidden)
+        out = self.bn.forward(self.fc1.forward(h), train)                   # (N, hidden)
         out, self.relu_cache = relu_forward(out)
         return self.fc2.forward(out)                                        # (N, dim)
 

@@ -24,10 +24,11 @@ returns dx and accumulates every parameter gradient into the store's flat
 gradient buffer (zero it with ``store.zero_grad()`` once per step).
 """
 from refimpl.backend import rng as make_rng
+from refimpl.checks import check_int
 from refimpl.layers.pool import (global_avgpool_backward, global_avgpool_forward,
                                  maxpool2d_backward, maxpool2d_forward)
 from refimpl.layers.relu import relu_backward, relu_forward
-from refimpl.models.blocks import BasicBlock, BatchNorm, Bottleneck, Conv2d, Linear
+from refimpl.models.blocks import BasicBlock, BatchNorm, BatchNormMode, Bottleneck, Conv2d, Linear
 from refimpl.params import ParamStore
 
 # arch -> (block, blocks per stage), as torchvision.
@@ -48,58 +49,56 @@ class ResNet:
       width        base width (64 = torchvision)
       num_classes  None: output the pooled feature (N, out_features);
                    int: add ``fc`` like torchvision, output (N, num_classes)
-      in_channels  image channels (3)
       zero_init_residual  torchvision's option: last BN of each block starts at 0
       dtype, device       of the parameters (float32 default; float64 for oracles)
       seed         initialization seed: draws come from ``backend.rng(seed, "init", 0)``
       store        None: own a ParamStore and finalize it; a ParamStore: only
                    register into it (the caller adds more and finalizes)
-      prefix       prepended to every name ("" = torchvision's names)
       rng          a np.random.Generator to draw from instead of ``seed``
-      bn_allreduce synchronized-BN hook passed to every BatchNorm (None: local)
+      bn_mode      the ``BatchNormMode`` every BatchNorm shares (None: a new,
+                   local one; ``Network`` passes the one of the whole network)
+    Input images have 3 channels (RGB), as torchvision's.
     """
 
     def __init__(self, arch="resnet18", stem="cifar", width=64, num_classes=None,
-                 in_channels=3, zero_init_residual=False, dtype=None, device=None,
-                 seed=0, store=None, prefix="", rng=None, bn_allreduce=None):
+                 zero_init_residual=False, dtype=None, device=None, seed=0, store=None,
+                 rng=None, bn_mode=None):
         if arch not in ARCHS:
             raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
-        if int(width) != width or width < 1:
-            raise ValueError(f"width must be a positive integer, got {width!r}")
+        width = check_int("width", width)
         own_store = store is None
         self.store = ParamStore(dtype, device) if own_store else store
         rng = make_rng(seed, "init", 0) if rng is None else rng
-        self.arch, self.stem, self.width = arch, stem, int(width)
+        self.arch, self.stem, self.width = arch, stem, width
         self.num_classes = num_classes
-        self.bn_allreduce = bn_allreduce
-        self.bn_groups = 1  # > 1: per-group BN in one process (BatchNorm.forward)
+        self.bn_mode = bn = BatchNormMode() if bn_mode is None else bn_mode
         block, depths = ARCHS[arch]
-        p, s = prefix, self.store
-        self.prefix = prefix
+        s = self.store
         n0 = len(s.names())
 
         # Registration order = torchvision's module order = state_dict order.
         if stem == "imagenet":
-            self.conv1 = Conv2d(s, p + "conv1", in_channels, width, 7, stride=2, pad=3, rng=rng)
+            self.conv1 = Conv2d(s, "conv1", 3, width, 7, stride=2, pad=3, rng=rng)
         else:
-            self.conv1 = Conv2d(s, p + "conv1", in_channels, width, 3, stride=1, pad=1, rng=rng)
-        self.bn1 = BatchNorm(s, p + "bn1", width)
+            self.conv1 = Conv2d(s, "conv1", 3, width, 3, stride=1, pad=1, rng=rng)
+        self.bn1 = BatchNorm(s, "bn1", width, mode=bn)
         self.blocks = []  # every block of layer1..layer4, in order
         channels_in = width
         for stage, depth in enumerate(depths):
             channels = width * 2 ** stage
             for i in range(depth):
                 stride = 2 if (stage > 0 and i == 0) else 1
-                b = block(s, f"{p}layer{stage + 1}.{i}.", channels_in, channels, stride,
-                          rng=rng, zero_init_residual=zero_init_residual)
+                b = block(s, f"layer{stage + 1}.{i}.", channels_in, channels, stride,
+                          rng=rng, zero_init_residual=zero_init_residual, bn_mode=bn)
                 self.blocks.append(b)
                 channels_in = b.out_channels
         self.out_features = channels_in  # 8w (BasicBlock) or 32w (Bottleneck)
         self.fc = None
         if num_classes is not None:
-            self.fc = Linear(s, p + "fc", channels_in, int(num_classes), rng=rng)
+            self.fc = Linear(s, "fc", channels_in, check_int("num_classes", num_classes),
+                             rng=rng)
         # The names this encoder owns, in order (its torchvision state dict).
         self.state_names = s.names()[n0:]
         if own_store:
@@ -111,13 +110,12 @@ class ResNet:
         train: BatchNorm uses batch statistics and updates its running ones
         (True) or uses the running ones (False).
         """
-        ar, g = self.bn_allreduce, self.bn_groups
-        out = self.bn1.forward(self.conv1.forward(x), train, ar, g)  # (N, w, H1, W1)
+        out = self.bn1.forward(self.conv1.forward(x), train)    # (N, w, H1, W1)
         out, self.relu_cache = relu_forward(out)
         if self.stem == "imagenet":
             out, self.pool_cache = maxpool2d_forward(out, 3, 2, 1)  # (N, w, H1/2, W1/2)
         for b in self.blocks:
-            out = b.forward(out, train, ar, g)                      # (N, C, H', W')
+            out = b.forward(out, train)                         # (N, C, H', W')
         out, self.avgpool_cache = global_avgpool_forward(out)   # (N, out_features)
         if self.fc is not None:
             out = self.fc.forward(out)                           # (N, num_classes)
@@ -136,17 +134,3 @@ class ResNet:
         d = relu_backward(d, self.relu_cache)
         return self.conv1.backward(self.bn1.backward(d))        # (N, C_in, H, W)
 
-
-def resnet18(**kwargs):
-    """ResNet(arch="resnet18", ...)."""
-    return ResNet("resnet18", **kwargs)
-
-
-def resnet34(**kwargs):
-    """ResNet(arch="resnet34", ...)."""
-    return ResNet("resnet34", **kwargs)
-
-
-def resnet50(**kwargs):
-    """ResNet(arch="resnet50", ...)."""
-    return ResNet("resnet50", **kwargs)

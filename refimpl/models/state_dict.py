@@ -45,7 +45,7 @@ def export_torchvision(model, dtype=None):
         v = full[name]
         if dtype is not None and v.dtype.kind == "f":
             v = v.astype(dtype)
-        out[name[len(enc.prefix):]] = v
+        out[name] = v
     return out
 
 
@@ -64,5 +64,5 @@ def import_torchvision(model, state, strict=True, drop_fc=False):
             continue
         if hasattr(value, "detach"):  # a torch tensor, without importing torch
             value = value.detach().cpu().numpy()
-        converted[enc.prefix + key] = np.asarray(to_numpy(value))
+        converted[key] = np.asarray(to_numpy(value))
     return enc.store.load_state_dict(converted, strict=strict, names=enc.state_names)

@@ -8,17 +8,14 @@ classifier weight W (N x D):
     logit_bj = <z_hat_b, w_hat_j> / tau                 for the B global rows b
     loss = (1 / B) sum_b [ log sum_j exp(logit_bj) - sum_j y_bj logit_bj ]
 
-with y_b = one-hot(label_b), or with smoothing (alpha > 0, a neighbour table
-NK of K classes per instance)
-
-    y_b = (1 - alpha) e_label + (alpha / K) sum_{j in NK(label)} e_j.
-
-Equal to ``F.cross_entropy(F.normalize(z) @ F.normalize(W).T / tau, y)`` on
-the gathered batch and the whole W, but no rank ever holds W, the B x N
-logits, or more than one B x N_r buffer.
-
-Sharding rule: rank r of P owns rows ``[floor(r N / P), floor((r+1) N / P))``
-(``shard_range``); uneven shards are normal.
+with y_b = one-hot(label_b) by default, or any sparse target rows
+``targets = (ids (B, T), weights (B, T))`` for the global batch, the label
+first (``method.targets.target_entries`` makes the smoothed labels of the
+hardest classes). Equal to
+``F.cross_entropy(F.normalize(z) @ F.normalize(W).T / tau, y)`` on the
+gathered batch and the whole W, but no rank ever holds W, the B x N logits,
+or more than one B x N_r buffer. The rows a rank owns follow
+``sharding.shard_range``.
 
 One forward + backward, per rank (b = B / P local rows, fp32 bytes):
 
@@ -30,7 +27,9 @@ One forward + backward, per rank (b = B / P local rows, fp32 bytes):
        dW_r local; dZ_r = dlogits W_hat_r / tau (a partial sum)
     7  reduce_scatter dZ (B, D) -> this rank's (b, D)                B*D*4
 
-(top-k accuracy, when asked for, adds one all_reduce of B or 2B values.)
+Top-k accuracy, when asked for, adds one all_reduce of B counts
+(``topk.py``), and with targets of more than one entry the label's own
+logit rides in the SUM message of row 5 (B more values).
 
 Layout and memory. The logits (B, N_r) are the only buffer of that size.
 They are made and used one block of ``block`` classes at a time: each block
@@ -41,7 +40,7 @@ The big buffer is written once and read once, and is not modified by
 backward. The normalized rows W_hat are recomputed block by block in
 backward instead of being kept (an N_r x D array saved). The row maxima and
 sums of exp are combined over blocks like an online softmax:
-s = sum_k s_k exp(m_k - m). Blocks run on ``backend.get_num_threads()``
+s = sum_k s_k exp(m_k - m). Blocks run on ``threads.get_num_threads()``
 threads; their partial results are combined in block order, so the bits do
 not depend on the thread count. (Reductions run along the contiguous axis:
 on a GPU a reduction over the strided axis of a (65536, 1024) block took
@@ -49,82 +48,56 @@ on a GPU a reduction over the strided axis of a (65536, 1024) block took
 """
 import numpy as np
 
-from refimpl.backend import (asarray, get_array_module, parallel_map, resolve_dtype,
-                             rng as make_rng, scatter_add, to_numpy)
+from refimpl.backend import (asarray, get_array_module, resolve_dtype, scatter_add, to_numpy,
+                             xp_for)
+from refimpl.checks import check_int
 from refimpl.layers.normalize import l2_normalize_backward, l2_normalize_forward
+from refimpl.parallel.sharding import init_shard, row_blocks, shard_range
+from refimpl.parallel.topk import topk_accuracy
+from refimpl.threads import parallel_map
 
 # Classes per block. CPU: (256, 4096) float32 logits = 4 MiB, about a cache's
 # worth. GPU: large blocks, since each block costs ~25 kernel launches.
 BLOCK = {"cpu": 4096, "gpu": 65536}
 
 
-def shard_range(num_classes, size, rank):
-    """Rows [lo, hi) of the N x D weight that rank ``rank`` of ``size`` owns."""
-    num_classes, size, rank = int(num_classes), int(size), int(rank)
-    if size < 1 or not 0 <= rank < size:
-        raise ValueError(f"shard_range: rank {rank} is not in a world of size {size}")
-    if num_classes < size:
-        raise ValueError(f"the classifier has N = {num_classes} classes for {size} ranks: "
-                         f"every rank needs at least one row (N >= P)")
-    return rank * num_classes // size, (rank + 1) * num_classes // size
-
-
-def target_entries(labels, num_classes, neighbours=None, alpha=0.0):
-    """The non-zero entries of the targets y, as (ids (B, T), weights (B, T)).
-
-    labels      (B,) int, global instance ids in [0, N)
-    neighbours  None, or (N, K) int: NK(i), the K classes nearest to class i
-    alpha       smoothing weight in [0, 1); 0 (or no table) gives one-hot targets
-    One-hot: T = 1, weight 1. Smoothed: T = K + 1, weights (1 - alpha) then
-    alpha / K each. Host arrays (NumPy): they are tiny.
-    """
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} "
-                         f"of shape {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}) (the instance ids), "
-                         f"got values in [{labels.min()}, {labels.max()}]")
-    if not 0 <= alpha < 1:
-        raise ValueError(f"alpha must lie in [0, 1), got {alpha}")
-    ids = labels.astype(np.int64).reshape(-1, 1)                    # (B, 1)
-    if neighbours is None or alpha == 0:
-        return ids, np.ones(ids.shape)
-    neighbours = np.asarray(neighbours)
-    if neighbours.ndim != 2 or neighbours.shape[0] != num_classes or neighbours.shape[1] < 1:
-        raise ValueError(f"neighbours must have shape ({num_classes}, K) with K >= 1, "
-                         f"got {neighbours.shape}")
-    K = neighbours.shape[1]
-    near = neighbours[labels]                                       # (B, K), the rows used
-    if near.dtype.kind not in "iu" or near.min() < 0 or near.max() >= num_classes:
-        raise ValueError(f"neighbours must hold integer class ids in [0, {num_classes}), "
-                         f"got {near.dtype} values in [{near.min()}, {near.max()}]")
-    if np.any(near == labels[:, None]):
-        b = int(np.nonzero(np.any(near == labels[:, None], axis=1))[0][0])
-        raise ValueError(f"neighbours of class {labels[b]} include the class itself: "
-                         f"NK(i) holds K classes j != i")
-    ids = np.concatenate([ids, near.astype(np.int64)], axis=1)      # (B, K+1)
-    weights = np.empty(ids.shape)
-    weights[:, 0] = 1 - alpha
-    weights[:, 1:] = alpha / K
-    return ids, weights
-
-
-def _blocks(n, block):
-    return [(a, min(a + block, n)) for a in range(0, n, block)]
-
-
 def _block_size(block, x):
     """block, or the default for x's device (BLOCK)."""
     if block is None:
         return BLOCK["cpu" if get_array_module(x) is np else "gpu"]
-    if int(block) != block or block < 1:
-        raise ValueError(f"block must be a positive integer, got {block!r}")
-    return int(block)
+    return check_int("block", block)
 
 
-def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, neighbours=None,
-                           alpha=0.0, topk=None, block=None, workspace=None):
+def check_targets(targets, labels, num_classes):
+    """Validated sparse targets (ids (B, T) int64, weights (B, T) float64), host arrays.
+
+    targets: None (one-hot: ids = labels, weights 1) or (ids, weights) for
+    the B rows of the global batch: ids[:, 0] must be the labels (the
+    instance's own class first), every id in [0, N), weights >= 0 with rows
+    summing to 1.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    B = labels.shape[0]
+    if targets is None:
+        return labels.reshape(-1, 1), np.ones((B, 1))
+    ids, weights = np.asarray(targets[0]), np.asarray(targets[1], dtype=np.float64)
+    if ids.ndim != 2 or ids.shape[0] != B or ids.shape[1] < 1 or weights.shape != ids.shape:
+        raise ValueError(f"targets must be (ids, weights), both of shape ({B}, T) for the "
+                         f"global batch of {B}, got {ids.shape} and {weights.shape}")
+    if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= num_classes:
+        raise ValueError(f"target ids must be integer class ids in [0, {num_classes}), got "
+                         f"{ids.dtype} values in [{ids.min()}, {ids.max()}]")
+    if not np.array_equal(ids[:, 0], labels):
+        b = int(np.nonzero(ids[:, 0] != labels)[0][0])
+        raise ValueError(f"target ids[:, 0] must be the labels (the own class first): row {b} "
+                         f"has {ids[b, 0]}, its label is {labels[b]}")
+    if not (np.all(weights >= 0) and np.all(np.abs(weights.sum(axis=1) - 1) <= 1e-8)):
+        raise ValueError("target weights must be non-negative with rows summing to 1")
+    return ids.astype(np.int64), weights
+
+
+def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, targets=None,
+                           topk=None, block=None, workspace=None):
     """Sharded cosine-softmax cross-entropy: forward (step table rows 2-5).
 
     Inputs (this rank):
@@ -134,7 +107,9 @@ def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, neighbours
       comm         communicator (``SelfComm`` or ``MPIComm``)
       num_classes  N
       tau          temperature > 0
-      neighbours, alpha  smoothed targets (``target_entries``); host arrays
+      targets      None (one-hot) or sparse target rows (ids (B, T), weights
+                   (B, T)) of the GLOBAL batch, host arrays, the label first
+                   (``check_targets``; ``method.targets.target_entries``)
       topk         None, or a tuple like (1, 5): also return the fraction of the
                    global batch whose label ranks in the top k (ties: the lower
                    class id ranks first, like argmax)
@@ -146,7 +121,8 @@ def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, neighbours
     Outputs (identical on every rank):
       loss    0-d array, the mean over the global batch B
       acc     {} or {k: fraction} for topk (host floats)
-      cache   for cosine_softmax_backward
+      cache   for cosine_softmax_backward; its "M" and "S" are the row
+              maxima and sums of exp(l - M) of the B rows (log-sum-exp = M + log S)
     """
     xp = get_array_module(z)
     P, r = comm.size, comm.rank
@@ -156,21 +132,26 @@ def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, neighbours
     if w.shape[0] != hi - lo:
         raise ValueError(f"rank {r} of {P} owns rows [{lo}, {hi}) of N = {num_classes}: "
                          f"w must have {hi - lo} rows, got {w.shape[0]}")
+    if w.dtype != z.dtype:
+        raise ValueError(f"z and w must have one dtype, got {z.dtype} and {w.dtype}")
     if labels.shape != (z.shape[0],) or np.dtype(labels.dtype).kind not in "iu":
         raise ValueError(f"labels must be integer instance ids of shape ({z.shape[0]},), "
                          f"got {labels.dtype} of shape {labels.shape}")
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
+    if not 0 < tau < float("inf"):
+        raise ValueError(f"tau must be > 0 and finite, got {tau}")
     block = _block_size(block, z)
 
     # 1 (end): normalize the local features.
     zhat, zcache = l2_normalize_forward(z)                           # (b, D)
     # 2: every rank needs every feature and label.
     Z = comm.all_gather(zhat)                                        # (B, D)
-    Y = comm.all_gather(xp.asarray(labels, dtype=xp.int64))          # (B,)
+    Y = to_numpy(comm.all_gather(xp.asarray(labels, dtype=xp.int64)))  # (B,)
     B = Z.shape[0]
     # Checked after the gather, so every rank raises the same error together.
-    ids, weights = target_entries(to_numpy(Y), num_classes, neighbours, alpha)
+    if Y.min() < 0 or Y.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}) (the instance ids), "
+                         f"got values in [{Y.min()}, {Y.max()}]")
+    ids, weights = check_targets(targets, Y, num_classes)
     # The target entries that fall in this shard, sorted by class (for block
     # lookups): t_rows indexes the global batch, t_cols the shard's classes.
     b_idx = np.broadcast_to(np.arange(B)[:, None], ids.shape)
@@ -194,7 +175,7 @@ def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, neighbours
         s = xp.sum(xp.exp(L - m[:, None]), axis=1)                   # (B,) sum exp(l - m)
         return m, s
 
-    parts = parallel_map(forward_block, _blocks(hi - lo, block))
+    parts = parallel_map(forward_block, row_blocks(hi - lo, block))
     m_loc = parts[0][0]
     for m, _ in parts[1:]:
         m_loc = xp.maximum(m_loc, m)
@@ -224,43 +205,23 @@ def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, neighbours
     acc = {}
     if want_acc:
         l_label = total[2 * B:] if smoothed else T                   # (B,)
-        acc = _topk_accuracy(logits, l_label, ids[:, 0], lo, topk, comm, block)
+        acc = topk_accuracy(logits, l_label, ids[:, 0], lo, topk, comm, block)
 
     cache = {"logits": logits, "M": M, "S": S, "Zt": Zt, "w": w, "zcache": zcache,
              "targets": (t_rows, t_cols, t_wts), "tau": tau, "block": block, "comm": comm}
     return xp.asarray(loss, dtype=z.dtype), acc, cache
 
 
-def _topk_accuracy(logits, l_label, labels, lo, topk, comm, block):
-    """{k: fraction of the B rows whose label is in the top k}, over all shards.
+def cosine_softmax_backward(dout, cache, dw_out=None):
+    """Gradients of cosine_softmax_forward (step table rows 6-7).
 
-    The label's rank = #{j : l_j > l_label} + #{j < label : l_j == l_label},
-    counted per shard and summed (one all_reduce of B counts).
-    """
-    xp = get_array_module(logits)
-    label_d = xp.asarray(labels)[:, None]                            # (B, 1)
-    l_label = l_label[:, None]                                       # (B, 1)
-
-    def count_block(ab):
-        a, c = ab
-        L = logits[:, a:c]                                           # (B, c-a)
-        before = xp.arange(lo + a, lo + c) < label_d                 # (B, c-a) lower ids
-        return xp.sum((L > l_label) | ((L == l_label) & before), axis=1)
-
-    counts = sum(parallel_map(count_block, _blocks(logits.shape[1], block)))
-    rank = to_numpy(comm.all_reduce(counts.astype(logits.dtype), "sum"))  # (B,)
-    return {int(k): float(np.mean(rank < k)) for k in topk}
-
-
-def cosine_softmax_backward(cache, dw_out=None):
-    """Gradients of cosine_softmax_forward (step table rows 6-7), for dout = 1.
-
-    Inputs:  cache from forward (not modified); dw_out: None or an (N_r, D)
+    Inputs:  dout, the scalar upstream gradient of the loss (1.0 normally);
+             cache from forward (not modified); dw_out: None or an (N_r, D)
              array to write dW_r into.
     Outputs: dz (b, D), the gradient of this rank's local features;
              dw (N_r, D), the gradient of this rank's shard.
 
-      dlogits_bj = (softmax_bj - y_bj) / B                    (local block)
+      dlogits_bj = dout (softmax_bj - y_bj) / B               (local block)
       dW_hat_r   = dlogits_r^T Z_hat / tau,  dW_r = normalize backward
       dZ_hat     = reduce_scatter( sum over shards of dlogits_r W_hat_r / tau )
       dz         = normalize backward of dZ_hat
@@ -270,32 +231,36 @@ def cosine_softmax_backward(cache, dw_out=None):
     """
     logits, M, S, Zt, w = (cache[k] for k in ("logits", "M", "S", "Zt", "w"))
     xp = get_array_module(logits)
+    if getattr(dout, "size", 1) != 1:
+        raise ValueError(f"cosine_softmax_backward: dout must be a scalar, got shape "
+                         f"{dout.shape}")
     dw = xp.empty_like(w) if dw_out is None else dw_out
     if dw.shape != w.shape or dw.dtype != w.dtype:
         raise ValueError(f"dw_out must be {w.dtype} of shape {w.shape}, "
                          f"got {dw.dtype} of shape {dw.shape}")
     B = logits.shape[0]
+    scale = float(to_numpy(dout)) / B                                # d loss / d (row term)
     inv_tau = 1.0 / cache["tau"]
     t_rows, t_cols, t_wts = cache["targets"]
     M = M[:, None]                                                   # (B, 1)
-    inv_SB = (1.0 / (S * B))[:, None]                                # (B, 1)
+    inv_SB = (scale / S)[:, None]                                    # (B, 1)
 
     def backward_block(ab):
         a, c = ab
-        D = logits[:, a:c] - M                                       # (B, c-a), a new array:
-        xp.exp(D, out=D)                                             # exp(l - M) ->
-        D *= inv_SB                                                  # softmax / B
+        dL = logits[:, a:c] - M                                      # (B, c-a), a new array:
+        xp.exp(dL, out=dL)                                           # exp(l - M) ->
+        dL *= inv_SB                                                 # dout softmax / B
         i, j = np.searchsorted(t_cols, [a, c])                       # targets in this block
         if j > i:
-            scatter_add(D, (xp.asarray(t_rows[i:j]), xp.asarray(t_cols[i:j] - a)),
-                        xp.asarray(-t_wts[i:j] / B, dtype=D.dtype))  # - y / B
+            scatter_add(dL, (xp.asarray(t_rows[i:j]), xp.asarray(t_cols[i:j] - a)),
+                        xp.asarray(-t_wts[i:j] * scale, dtype=dL.dtype))  # - dout y / B
         # W_hat recomputed here rather than kept from forward: N_r x D saved.
         what, wcache = l2_normalize_forward(w[a:c])                  # (c-a, D)
-        dwhat = D.T @ Zt                                             # (c-a, D): Z_hat / tau
+        dwhat = dL.T @ Zt                                            # (c-a, D): Z_hat / tau
         dw[a:c] = l2_normalize_backward(dwhat, wcache)
-        return D @ what                                              # (B, D) partial dZ_hat * tau
+        return dL @ what                                             # (B, D) partial dZ_hat * tau
 
-    parts = parallel_map(backward_block, _blocks(logits.shape[1], cache["block"]))
+    parts = parallel_map(backward_block, row_blocks(logits.shape[1], cache["block"]))
     dZ = parts[0]
     for p in parts[1:]:
         dZ += p                                                      # block order: same bits
@@ -306,31 +271,6 @@ def cosine_softmax_backward(cache, dw_out=None):
     return dz, dw
 
 
-
-
-INIT_BLOCK = 65536  # rows per random stream of the initial weight
-
-
-def init_shard(num_classes, dim, lo, hi, seed=0, dtype=np.float64):
-    """Rows [lo, hi) of the initial N x D weight, the same for every P.
-
-    nn.Linear's default (no bias): uniform(-1/sqrt(D), 1/sqrt(D)). The full
-    matrix is drawn in blocks of INIT_BLOCK rows, block k from
-    ``rng(seed, "init", 2, k)``, so a rank draws only the blocks its rows
-    touch and every world size sees the same W. (The contrastive prior
-    overwrites these rows before training.) Drawn in float64, stored as
-    ``dtype`` block by block (no full-size float64 temporary).
-    """
-    bound = 1.0 / np.sqrt(dim)
-    out = np.empty((hi - lo, dim), dtype=dtype)
-    for k in range(lo // INIT_BLOCK, (hi - 1) // INIT_BLOCK + 1 if hi > lo else 0):
-        a, c = k * INIT_BLOCK, min((k + 1) * INIT_BLOCK, num_classes)
-        rows = make_rng(seed, "init", 2, k).uniform(-bound, bound, (c - a, dim))
-        s, e = max(a, lo), min(c, hi)
-        out[s - lo:e - lo] = rows[s - a:e - a]
-    return out
-
-
 class CosineClassifier:
     """This rank's shard of the N-way cosine classifier, and its gradient.
 
@@ -338,18 +278,20 @@ class CosineClassifier:
       weight  (N_r, D) rows [lo, hi) of W (``shard_range``), on the device
       grad    (N_r, D) written (not accumulated) by each ``backward``
       lo, hi  the global rows this rank owns
+      cache   the last forward's cache, until ``backward`` or ``discard``
 
     The optimizer of the shard is the caller's, e.g.
     ``SGD(clf.weight.ravel(), clf.grad.ravel(), ...)``: W_r is local, nothing
-    about it is communicated.
+    about it is communicated. ``write_rows`` and ``normalized_blocks`` are
+    what the contrastive prior and the neighbour search use; both keep
+    ``weight`` the same array (the optimizer holds a view of it).
     """
 
     def __init__(self, num_classes, dim, comm, tau=0.15, dtype=None, device=None, seed=0,
                  block=None):
-        from refimpl.backend import xp_for
         self.num_classes, self.dim, self.comm = int(num_classes), int(dim), comm
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
+        if not 0 < tau < float("inf"):
+            raise ValueError(f"tau must be > 0 and finite, got {tau}")
         self.tau, self.block = tau, block
         self.lo, self.hi = shard_range(num_classes, comm.size, comm.rank)
         dtype = resolve_dtype(dtype)
@@ -357,17 +299,54 @@ class CosineClassifier:
                               device=device)
         self.grad = xp_for(device).zeros_like(self.weight)
         self.workspace = None  # the (B, N_r) logits buffer, kept across steps
+        self.cache = None
 
-    def forward(self, z, labels, neighbours=None, alpha=0.0, topk=None):
+    def forward(self, z, labels, targets=None, topk=None):
         """Local z (b, D), labels (b,) -> (loss, acc); see cosine_softmax_forward."""
         loss, acc, self.cache = cosine_softmax_forward(
-            z, labels, self.weight, self.comm, self.num_classes, self.tau,
-            neighbours, alpha, topk, self.block, self.workspace)
+            z, labels, self.weight, self.comm, self.num_classes, self.tau, targets, topk,
+            self.block, self.workspace)
         self.workspace = self.cache["logits"]
         return loss, acc
 
-    def backward(self):
+    def logsumexp(self):
+        """(B,) log sum_j exp(logit_bj) of each row of the last forward's global batch."""
+        xp = get_array_module(self.cache["M"])
+        return self.cache["M"] + xp.log(self.cache["S"])
+
+    def backward(self, dout=1.0):
         """-> dz (b, D); writes this shard's gradient into ``self.grad``."""
-        dz, _ = cosine_softmax_backward(self.cache, dw_out=self.grad)
+        dz, _ = cosine_softmax_backward(dout, self.cache, dw_out=self.grad)
         self.cache = None
         return dz
+
+    def discard(self):
+        """Forget the last forward (a step that will not be taken): frees its cache."""
+        self.cache = None
+
+    def write_rows(self, ids, rows):
+        """In place: W[ids] = rows, for global row ids this rank owns.
+
+        ids: (n,) int, each in [lo, hi); rows: (n, D). Writes into
+        ``weight`` itself (no new array), so views held elsewhere stay valid.
+        """
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.size and (ids.min() < self.lo or ids.max() >= self.hi)):
+            raise ValueError(f"write_rows: rank {self.comm.rank} owns rows [{self.lo}, "
+                             f"{self.hi}); got ids in [{ids.min()}, {ids.max()}]")
+        if rows.shape != (ids.shape[0], self.dim):
+            raise ValueError(f"write_rows: rows must have shape ({ids.shape[0]}, {self.dim}), "
+                             f"got {rows.shape}")
+        xp = get_array_module(self.weight)
+        self.weight[xp.asarray(ids - self.lo)] = xp.asarray(rows, dtype=self.weight.dtype)
+
+    def normalized_blocks(self, block=None):
+        """Yield (a, c, w_hat) for consecutive blocks of this rank's rows.
+
+        a, c: GLOBAL row ids [a, c); w_hat (c - a, D): those rows of W,
+        L2-normalized (a new array; ``weight`` is not modified).
+        """
+        block = _block_size(block if block is not None else self.block, self.weight)
+        for a, c in row_blocks(self.hi - self.lo, block):
+            what, _ = l2_normalize_forward(self.weight[a:c])
+            yield self.lo + a, self.lo + c, what

@@ -21,9 +21,14 @@ operator its backward needs (Megatron's ``copy_to`` / ``reduce_from`` pairs):
                            through it, softmax does not depend on the shift)
     bcast(x, root)         rank root's values on every rank, in place
 
+and three that move uneven rows outside the step (no gradient flows through
+them): ``all_gather_v`` (classifier shards, the neighbour table, features),
+``all_to_all_v`` (the contrastive prior's features to the owners of their
+rows) and ``ring_shift`` (shards around the ring of the neighbour search).
+
 Only MPI's buffer methods (``Allgather``, ``Reduce_scatter_block``,
-``Allreduce``, ``Bcast``) are used, on C-contiguous arrays; never the pickling
-lower-case ones.
+``Allreduce``, ``Bcast``, ``Allgatherv``, ``Alltoallv``, ``Sendrecv``) are
+used, on C-contiguous arrays; never the pickling lower-case ones.
 
 Byte counters. ``comm.counters[op]`` holds ``calls``, ``sent`` and
 ``received``: the bytes of the buffer this rank hands to the collective and of
@@ -63,8 +68,9 @@ class _Comm:
 
     A subclass provides ``rank``, ``size`` and the raw primitives
     ``_allgather(send, recv)``, ``_reduce_scatter(send, recv)``,
-    ``_allreduce(send, recv, op)`` (send None = in place) and
-    ``_bcast(buf, root)`` on contiguous arrays of one device.
+    ``_allreduce(send, recv, op)`` (send None = in place), ``_bcast(buf, root)``
+    and, for uneven rows, ``_allgatherv``, ``_alltoallv``, ``_sendrecv``, on
+    contiguous arrays of one device.
     """
 
     cuda_aware = True  # overridden by MPIComm
@@ -145,6 +151,71 @@ class _Comm:
         self._count("reduce_scatter", send.nbytes, recv.nbytes)
         return self._like(x, recv)
 
+    # ---- uneven rows: all_gather_v, all_to_all_v, ring_shift ----------------
+    def all_gather_v(self, x, counts=None):
+        """(n_r, ...) on rank r -> (sum_r n_r, ...) on every rank, rank order.
+
+        The uneven all-gather (Allgatherv): ranks may bring different numbers
+        of rows (the classifier's uneven shards), the same trailing shape and
+        dtype. counts: the n_r of every rank, if the caller knows them (e.g.
+        from ``shard_range``); None asks every rank first (one Allgather of P
+        integers).
+        """
+        self._check_rows("all_gather_v", x)
+        if counts is None:
+            counts = self.all_gather(np.array([x.shape[0]], dtype=np.int64)).tolist()
+        counts = [int(c) for c in counts]
+        if len(counts) != self.size or counts[self.rank] != x.shape[0]:
+            raise ValueError(f"all_gather_v: counts {counts} do not fit rank {self.rank}'s "
+                             f"{x.shape[0]} rows in a world of {self.size}")
+        send = self._to_mpi(x)
+        xp = get_array_module(send)
+        row = int(np.prod(x.shape[1:], dtype=np.int64))
+        recv = xp.empty((sum(counts),) + x.shape[1:], dtype=send.dtype)
+        self._allgatherv(send, recv, [c * row for c in counts])
+        self._count("all_gather_v", send.nbytes, recv.nbytes)
+        return self._like(x, recv)
+
+    def all_to_all_v(self, x, send_counts, recv_counts):
+        """Rows to the ranks that need them (Alltoallv).
+
+        x (sum(send_counts), ...): the rows for rank 0 first, then those for
+        rank 1, ...; send_counts[q] rows go to rank q. Returns
+        (sum(recv_counts), ...): recv_counts[q] rows from rank q, in rank
+        order. Every rank must know what it receives (``recv_counts``), as
+        the contrastive prior does: the ids of a global batch are known
+        everywhere.
+        """
+        self._check_rows("all_to_all_v", x)
+        send_counts, recv_counts = [int(c) for c in send_counts], [int(c) for c in recv_counts]
+        if len(send_counts) != self.size or len(recv_counts) != self.size \
+                or sum(send_counts) != x.shape[0]:
+            raise ValueError(f"all_to_all_v: send_counts {send_counts} (for {x.shape[0]} rows) "
+                             f"and recv_counts {recv_counts} need one entry per rank of "
+                             f"{self.size}")
+        send = self._to_mpi(x)
+        xp = get_array_module(send)
+        row = int(np.prod(x.shape[1:], dtype=np.int64))
+        recv = xp.empty((sum(recv_counts),) + x.shape[1:], dtype=send.dtype)
+        self._alltoallv(send, [c * row for c in send_counts], recv,
+                        [c * row for c in recv_counts])
+        self._count("all_to_all_v", send.nbytes, recv.nbytes)
+        return self._like(x, recv)
+
+    def ring_shift(self, x, recv_shape):
+        """Send x to rank r + 1, receive rank r - 1's array (mod P), one Sendrecv.
+
+        recv_shape: the shape of what rank r - 1 sends (shards have known,
+        possibly different, sizes). After P - 1 shifts every rank has seen
+        every rank's x once: the ring the neighbour search walks.
+        """
+        send = self._to_mpi(x)
+        xp = get_array_module(send)
+        recv = xp.empty(tuple(recv_shape), dtype=send.dtype)
+        self._sendrecv(send, (self.rank + 1) % self.size, recv, (self.rank - 1) % self.size)
+        self._count("ring_shift", send.nbytes, recv.nbytes)
+        return self._like(x, recv)
+
     # ---- all-reduce (self-adjoint) and broadcast ----------------------------
     def all_reduce(self, x, op="sum", inplace=False):
         """The elementwise sum (or max) of x over the ranks, on every rank.
@@ -194,6 +265,15 @@ class SelfComm(_Comm):
 
     _reduce_scatter = _allgather
 
+    def _allgatherv(self, send, recv, counts):
+        recv[...] = send
+
+    def _alltoallv(self, send, send_counts, recv, recv_counts):
+        recv[...] = send
+
+    def _sendrecv(self, send, dest, recv, source):
+        recv[...] = send
+
     def _allreduce(self, send, recv, op):
         if send is not None:
             recv[...] = send
@@ -235,6 +315,16 @@ class MPIComm(_Comm):
     def _reduce_scatter(self, send, recv):
         self.comm.Reduce_scatter_block(send, recv, op=self.MPI.SUM)
 
+    def _allgatherv(self, send, recv, counts):
+        self.comm.Allgatherv(send, [recv, (counts, _displacements(counts))])
+
+    def _alltoallv(self, send, send_counts, recv, recv_counts):
+        self.comm.Alltoallv([send, (send_counts, _displacements(send_counts))],
+                            [recv, (recv_counts, _displacements(recv_counts))])
+
+    def _sendrecv(self, send, dest, recv, source):
+        self.comm.Sendrecv(send, dest=dest, recvbuf=recv, source=source)
+
     def _allreduce(self, send, recv, op):
         self.comm.Allreduce(self.MPI.IN_PLACE if send is None else send, recv,
                             op=self._ops[op])
@@ -248,6 +338,11 @@ class MPIComm(_Comm):
     def abort(self, code=1):
         """End every rank of the job now (MPI_Abort)."""
         self.comm.Abort(code)
+
+
+def _displacements(counts):
+    """Start of each rank's part in a buffer holding ``counts`` elements per rank."""
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64).tolist()
 
 
 def detect_cuda_aware_mpi():

@@ -19,7 +19,8 @@ Contract.
   every rank, naming the arrays and the ranks. Bitwise, not approximate:
   ranks run identical float operations on identical inputs.
 
-- ``set_batchnorm_mode(net, comm, mode)``:
+- ``set_batchnorm_mode(net, comm, mode)`` sets the network's one
+  ``BatchNormMode`` (``net.bn``, shared by every BatchNorm):
     "local" (default, like DDP): every rank normalizes with its own batch's
             statistics; after each step rank 0's running statistics are
             broadcast (``broadcast_buffers``, DDP's ``broadcast_buffers``
@@ -28,7 +29,7 @@ Contract.
             ``allreduce`` hook sums [sum d, sum d^2, count] in forward and
             [sum dout, sum dout * xhat] in backward (layers/batchnorm.py).
   A 1-rank run equals a P-rank run exactly (up to float rounding) with
-  "sync", and with "local" against ``net.bn_groups = P`` in one process.
+  "sync", and with "local" against ``net.bn.groups = P`` in one process.
 """
 import zlib
 
@@ -73,7 +74,7 @@ def set_batchnorm_mode(net, comm, mode="local"):
     """Make every BatchNorm of ``net`` per-rank ("local") or synchronized ("sync")."""
     if mode not in BN_MODES:
         raise ValueError(f"bn mode must be one of {BN_MODES}, got {mode!r}")
-    net.bn_allreduce = None if mode == "local" else (lambda v: comm.all_reduce(v, "sum"))
+    net.bn.allreduce = None if mode == "local" else (lambda v: comm.all_reduce(v, "sum"))
 
 
 def broadcast_buffers(store, comm, root=0):

@@ -1,5 +1,8 @@
 """An independent PyTorch ResNet + MLP head: the second oracle for refimpl.models.
 
+Import it only where PyTorch is installed (it imports torch at once); the
+rest of refimpl never imports it.
+
 Plain ``torch.nn``, written without looking at refimpl's code path and without
 importing refimpl. Module names follow torchvision (``conv1``, ``bn1``,
 ``layer1.0.conv1``, ``layer2.0.downsample.0``, ``fc``; the head is an

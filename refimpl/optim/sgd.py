@@ -24,7 +24,8 @@ public so a checkpoint can save and restore it.
 """
 import numpy as np
 
-from refimpl.backend import get_array_module, parallel_map
+from refimpl.backend import get_array_module
+from refimpl.threads import parallel_map
 
 BLOCK = 1 << 16  # elements per block of the update: 256 KiB of float32 per array
 

@@ -1,0 +1,135 @@
+"""refimpl's intra-op threads on the CPU, and the BLAS thread limit that goes with them.
+
+``set_num_threads(n)`` / ``get_num_threads()`` are
+refimpl's own intra-op thread count (default: REFIMPL_NUM_THREADS, else 1),
+and ``parallel_map(fn, items)`` runs per-chunk work on a persistent pool of
+that many threads (serially when it is 1). NumPy releases the GIL inside its
+copies and GEMMs, so Python threads do run in parallel here. Why refimpl
+splits the work itself instead of leaving it to a multi-threaded BLAS, as
+measured on a 2-core machine, float32 ResNet-18 convolutions: OpenBLAS with 2
+threads is often *slower* than with 1 (forward of N=64, C=64, 32x32, 3x3:
+105 ms vs 76 ms), because the per-chunk GEMMs are too small to scale and the
+spinning BLAS worker fights the main thread's im2col copies. One BLAS thread
+per worker, with each worker running im2col + GEMM on its own images, gives
+(forward, ms, 2 threads) N128/C16/32x32 12.2 -> 10.6, N128/C64/8x8 17.4 ->
+5.9, N64/C64/32x32 105 -> 38.7. So while n > 1, NumPy's BLAS is limited to
+one thread (threadpoolctl, NumPy's own BLAS library only: PyTorch's threads
+are left alone), and ``set_num_threads(1)`` restores what it was. With the
+default of 1, importing refimpl changes no threading at all.
+"""
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from refimpl.backend import get_array_module
+from refimpl.checks import check_int
+_num_threads = 1        # refimpl's intra-op threads (set_num_threads)
+_blas_limiter = None    # threadpoolctl limiter while NumPy's BLAS is held at 1 thread
+_pool = None            # persistent ThreadPoolExecutor with _num_threads workers
+_in_worker = threading.local()  # set inside parallel_map: nested calls run serially
+
+
+def _numpy_blas(controller):
+    """The BLAS libraries NumPy itself calls, among those threadpoolctl found.
+
+    Selected by file path (NumPy's wheels ship OpenBLAS in ``numpy.libs`` or
+    ``numpy/.dylibs``) so that a BLAS loaded by PyTorch or SciPy keeps its
+    threads. A NumPy built against a system BLAS has none there: then every
+    BLAS in the process is limited (PyTorch's x86 wheels link MKL statically,
+    which threadpoolctl does not see, and its OpenMP pool is not a BLAS).
+    """
+    numpy_dir = os.path.dirname(os.path.realpath(np.__file__))
+    blas = controller.select(user_api="blas")
+    ours = [lib.filepath for lib in blas.lib_controllers
+            if os.path.realpath(lib.filepath).startswith((numpy_dir + os.sep, numpy_dir + ".libs"))]
+    return controller.select(filepath=ours) if ours else blas
+
+
+def set_num_threads(n):
+    """Use ``n`` threads (an int >= 1) for refimpl's CPU kernels.
+
+    n > 1: a pool of worker threads runs per-chunk work (``parallel_map``) and
+    NumPy's BLAS is limited to one thread, so that workers do not each start
+    BLAS threads of their own (module docstring: why). n == 1: everything runs
+    in the calling thread and the BLAS thread count is restored to what it was
+    before the first ``set_num_threads(n > 1)``.
+    """
+    global _num_threads, _blas_limiter, _pool
+    n = check_int("number of threads", n)
+    if n > 1 and _blas_limiter is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError as e:  # pragma: no cover - it is in install_requires
+            raise RuntimeError("refimpl threads > 1 need threadpoolctl: "
+                               "pip install threadpoolctl") from e
+        _blas_limiter = _numpy_blas(ThreadpoolController()).limit(limits=1)
+    elif n == 1 and _blas_limiter is not None:
+        _blas_limiter.restore_original_limits()
+        _blas_limiter = None
+    if _pool is not None and n != _num_threads:
+        _pool.shutdown(wait=True)
+        _pool = None
+    _num_threads = n
+
+
+def get_num_threads():
+    """refimpl's intra-op thread count (``set_num_threads``)."""
+    return _num_threads
+
+
+def num_workers(x):
+    """How many threads to split work on ``x`` over: 1 for a CuPy array.
+
+    A GPU kernel is already parallel; host threads would only contend for
+    its stream.
+    """
+    return _num_threads if get_array_module(x) is np else 1
+
+
+def parallel_map(fn, items):
+    """``[fn(item) for item in items]``, on ``get_num_threads()`` threads.
+
+    Results come back in the order of ``items`` whichever thread ran them,
+    so a caller that sums them in that order gets the same bits every run.
+    Serial when threads == 1, for a single item, and inside a worker (a
+    nested call must not wait on the pool it is running in).
+    """
+    global _pool
+    items = list(items)
+    if _num_threads == 1 or len(items) <= 1 or getattr(_in_worker, "active", False):
+        return [fn(item) for item in items]
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=_num_threads, thread_name_prefix="refimpl",
+                                   initializer=_mark_worker)
+    futures = [_pool.submit(fn, item) for item in items]
+    # wait for all before raising anything: no worker may still be writing
+    # into arrays that the caller is about to reuse or drop
+    for f in futures:
+        f.exception()
+    return [f.result() for f in futures]
+
+
+def _mark_worker():
+    _in_worker.active = True
+
+
+def _forget_pool_in_child():
+    # a fork()ed child inherits the pool object but not its threads
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+def _threads_from_env():
+    value = os.environ.get("REFIMPL_NUM_THREADS", "1")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"REFIMPL_NUM_THREADS must be an integer >= 1, got {value!r}") from None
+
+
+set_num_threads(_threads_from_env())
