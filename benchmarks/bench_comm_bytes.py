@@ -1,6 +1,6 @@
 """Bytes per rank per training step: the counters against DESIGN.md's formula.
 
-One full hybrid step (``parallel.train_step``: a tiny ResNet-18 + head, the
+One full hybrid step (``train.step.train_step``: a tiny ResNet-18 + head, the
 sharded classifier, SGD, "local" BatchNorm) runs under mpirun for each P,
 (B, D) and N below; the communicator's counters of the second step are
 compared with the step table (float32, f = 4 bytes, b = B / P):
@@ -12,7 +12,9 @@ compared with the step table (float32, f = 4 bytes, b = B / P):
                                                         reduce (local BN)
 
 G = replicated parameters, Q = BatchNorm running statistics. The classifier
-terms do not contain N: the same numbers come out for every N.
+terms do not contain N: the same numbers come out for every N. Not counted
+here: the shape check before the gather of z (``comm.check_same_shape``, 9
+int64 per rank when P > 1), which is not payload.
 
     python benchmarks/bench_comm_bytes.py [--ranks 1 2 4]
 
@@ -73,7 +75,12 @@ def worker():
             train_step(net, clf, x, y, comm, net_opt, clf_opt)      # the measured step
             rows.append({"B": B, "D": D, "N": N, "G": int(net.store.data.size),
                          "Q": int(net.store.buffer_data.size),
-                         "sent": comm.bytes_sent(), "received": comm.bytes_received(),
+                         # DESIGN.md's payload: every op but the shape check
+                         # (9 int64 per rank before the gather of z, P > 1)
+                         "sent": sum(c["sent"] for op, c in comm.counters.items()
+                                     if op != "shape_check"),
+                         "received": sum(c["received"] for op, c in comm.counters.items()
+                                         if op != "shape_check"),
                          "per_op": comm.counters})
     everyone = comm.comm.gather(rows, root=0)  # benchmark plumbing (pickles)
     if r == 0:

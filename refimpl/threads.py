@@ -47,25 +47,27 @@ def _numpy_blas(controller):
     return controller.select(filepath=ours) if ours else blas
 
 
-def set_num_threads(n):
+def set_num_threads(n, single_blas=False):
     """Use ``n`` threads (an int >= 1) for refimpl's CPU kernels.
 
     n > 1: a pool of worker threads runs per-chunk work (``parallel_map``) and
     NumPy's BLAS is limited to one thread, so that workers do not each start
     BLAS threads of their own (module docstring: why). n == 1: everything runs
     in the calling thread and the BLAS thread count is restored to what it was
-    before the first ``set_num_threads(n > 1)``.
+    before the first ``set_num_threads(n > 1)``, unless ``single_blas``: then
+    BLAS is held at one thread too (one core per rank, several ranks on a
+    machine: a BLAS thread per core in every rank would oversubscribe it).
     """
     global _num_threads, _blas_limiter, _pool
     n = check_int("number of threads", n)
-    if n > 1 and _blas_limiter is None:
+    if (n > 1 or single_blas) and _blas_limiter is None:
         try:
             from threadpoolctl import ThreadpoolController
         except ImportError as e:  # pragma: no cover - it is in install_requires
             raise RuntimeError("refimpl threads > 1 need threadpoolctl: "
                                "pip install threadpoolctl") from e
         _blas_limiter = _numpy_blas(ThreadpoolController()).limit(limits=1)
-    elif n == 1 and _blas_limiter is not None:
+    elif n == 1 and not single_blas and _blas_limiter is not None:
         _blas_limiter.restore_original_limits()
         _blas_limiter = None
     if _pool is not None and n != _num_threads:

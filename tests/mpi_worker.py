@@ -14,6 +14,7 @@ OUT.json (pytest asserts on them, so a failure shows the numbers):
   byte counters vs DESIGN.md's formula, labels out of range;
 - adjoint: <all_gather(x), g> = <x, reduce_scatter(g)>, summed over ranks;
 - uneven: all_gather_v, all_to_all_v and ring_shift on uneven shards;
+- neighbours: the ring search of the hardest classes vs the dense top-K;
 - step: 3 SGD steps of encoder + head + classifier, P ranks vs 1 process,
   "sync" BN and "local" BN (vs net.bn.groups = P), and a negative control that
   averages the gradients instead of summing them; every step checks that the
@@ -30,6 +31,7 @@ import numpy as np
 from mpi4py import MPI
 
 from refimpl.backend import asarray, device_of, rng as make_rng, to_numpy
+from refimpl.method.neighbours import dense_hardest_neighbours, hardest_neighbours
 from refimpl.method.targets import target_entries
 from refimpl.models import build_model
 from refimpl.optim.sgd import SGD
@@ -150,6 +152,34 @@ def check_uneven(comm):
         held = comm.ring_shift(held, (c - a, 3))
         ok &= bool(np.array_equal(held, W[a:c]))
     out["ring_shift"] = ok
+    # Local batches of different sizes (4, 5, 4, ...): every rank refuses, no hang.
+    try:
+        comm.all_gather(np.zeros((4 + (r == 1), 3)))
+        out["mismatch"] = None
+    except ValueError as e:
+        out["mismatch"] = str(e)
+    return out
+
+
+def check_neighbours(comm):
+    """hardest_neighbours on P ranks (uneven shards, small tiles) = the dense top-K,
+    for random rows and for rows full of exact ties; K >= N is refused everywhere."""
+    out = {}
+    g = make_rng(5, "test")
+    ties = g.choice([-0.5, 0.5], size=(N, 16))                          # cosines exact
+    ties[1:20:2] = ties[0:19:2]                                         # duplicate rows
+    for name, W in (("random", g.normal(size=(N, 16))), ("ties", ties)):
+        clf = CosineClassifier(N, 16, comm, dtype=np.float64)
+        clf.weight[...] = W[clf.lo:clf.hi]
+        ref = dense_hardest_neighbours(W, 5)
+        for rows, cols in ((2048, 4096), (4, 3)):
+            got = hardest_neighbours(clf, comm, 5, rows, cols)
+            out[f"{name}_{rows}x{cols}"] = bool(np.array_equal(got, ref))
+    try:
+        hardest_neighbours(clf, comm, N)
+        out["k_too_large"] = None
+    except ValueError as e:
+        out["k_too_large"] = str(e)
     return out
 
 
@@ -232,7 +262,8 @@ def main():
                       "adjoint": check_adjoint(comm, "gpu")}
         else:
             result = {"classifier": check_classifier(comm), "adjoint": check_adjoint(comm),
-                      "uneven": check_uneven(comm), "replicas": check_replicas(comm),
+                      "uneven": check_uneven(comm), "neighbours": check_neighbours(comm),
+                      "replicas": check_replicas(comm),
                       "step": check_step(comm)}
         everyone = comm.comm.gather(result, root=0)  # test plumbing only (pickles)
         if comm.rank == 0:

@@ -462,23 +462,28 @@ def test_abort_on_error_reports_and_propagates():
             raise KeyError("x")
 
 
-def test_abort_on_error_quiet_cases():
-    """A clean exit (SystemExit 0/None) or no error: nothing printed, no abort."""
+def test_abort_on_error_exits_and_passthrough():
+    """No error: nothing printed, no abort. Any sys.exit (0 included) inside ends
+    the job (the other ranks may wait in a collective). A passthrough type
+    (an error every rank raises together) propagates without an abort."""
     comm = AbortRecorder()
-    for code in (0, None):
-        stream = io.StringIO()
-        with pytest.raises(SystemExit) as info:
-            with abort_on_error(comm, stream=stream):
-                raise SystemExit(code)
-        assert info.value.code == code and stream.getvalue() == ""
     stream = io.StringIO()
     with abort_on_error(comm, stream=stream):
         pass
     assert stream.getvalue() == "" and comm.aborts == []
-    with pytest.raises(SystemExit):  # a failing exit status is a failure
-        with abort_on_error(comm, stream=stream):
-            raise SystemExit(3)
-    assert "rank 0/1 failed" in stream.getvalue() and comm.aborts == [1]
+    for code in (0, None, 3):
+        stream = io.StringIO()
+        with pytest.raises(SystemExit) as info:
+            with abort_on_error(comm, stream=stream):
+                raise SystemExit(code)
+        assert info.value.code == code
+        assert f"rank 0/1 left early (sys.exit({code!r}))" in stream.getvalue()
+    assert comm.aborts == [1, 1, 1]
+    stream = io.StringIO()
+    with pytest.raises(KeyError):
+        with abort_on_error(comm, stream=stream, passthrough=(KeyError,)):
+            raise KeyError("every rank")
+    assert stream.getvalue() == "" and comm.aborts == [1, 1, 1]
 
 
 class StaleRank1(SelfComm):

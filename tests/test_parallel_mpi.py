@@ -70,6 +70,8 @@ def test_bytes_per_rank_match_design_formula(result):
             # the loss message [sum exp, target logit] and top-k's count message
             "all_reduce_sum": {"calls": 2, "sent": 2 * B * f + B * f, "received": 3 * B * f},
             "reduce_scatter": {"calls": 1, "sent": B * D * f, "received": b * D * f}}
+    if P > 1:  # one shape check (9 int64) before the gather of z, none for the labels
+        want["shape_check"] = {"calls": 1, "sent": 72, "received": 72 * P}
     for rank in result["ranks"]:
         assert rank["classifier"]["float64_alpha0.0"]["counters"] == want
 
@@ -94,6 +96,24 @@ def test_uneven_collectives(result):
         u = rank["uneven"]
         assert u["gather_v_given"] == 0.0 and u["gather_v_asked"] == 0.0, (r, u)
         assert u["gather_v_int"] and u["all_to_all_v"] and u["ring_shift"], (r, u)
+        P = result["size"]
+        if P == 1:
+            assert u["mismatch"] is None
+        else:
+            B = 4 * P + 1
+            assert u["mismatch"] == ("all_gather: the ranks bring different numbers of rows ("
+                                     + ", ".join(f"rank {q}: {4 + (q == 1)}" for q in range(P))
+                                     + f"): B = {B} is not divisible by P = {P}"), u["mismatch"]
+
+
+def test_hardest_neighbours_equal_dense_top_k(result):
+    """The ring search over P uneven shards = the dense N x N top-K, ties included."""
+    for r, rank in enumerate(result["ranks"]):
+        nb = rank["neighbours"]
+        msg = nb.pop("k_too_large")
+        assert msg is not None and "needs N > K" in msg
+        assert all(nb.values()), (r, nb)
+        assert len(nb) == 4
 
 
 @pytest.mark.parametrize("bn", ["sync", "local"])

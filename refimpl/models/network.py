@@ -65,6 +65,29 @@ class Network:
         """dz (B, dim) -> dx (B, C, H, W); accumulates every gradient in store.grad."""
         return self.encoder.backward(self.head.backward(dz))
 
+    def drop_caches(self):
+        """Forget what the last forward kept for a backward (every layer's cache).
+
+        A forward that no backward follows (the contrastive prior, feature
+        extraction) would otherwise hold a batch's activations until the
+        next forward.
+        """
+        enc, head = self.encoder, self.head
+        modules = [enc, enc.conv1, enc.bn1, enc.fc, head, head.fc1, head.bn, head.fc2]
+        for block in enc.blocks:
+            modules.append(block)
+            modules += [m for pair in block.layers for m in pair]
+            modules += list(block.downsample or ())
+        for m in modules:
+            for attr in _CACHES:
+                if getattr(m, attr, None) is not None:
+                    setattr(m, attr, None)
+
+
+# The attributes in which the modules keep their forward's caches.
+_CACHES = ("cache", "relu_cache", "relu_caches", "out_relu_cache", "pool_cache",
+           "avgpool_cache")
+
 
 def build_model(arch="resnet18", stem="cifar", width=64, head_hidden=None, dim=128,
                 dtype=None, device=None, seed=0):

@@ -118,14 +118,51 @@ class _Comm:
         if x.ndim < 1:
             raise ValueError(f"{name}: needs an array with a leading row axis, got a scalar")
 
+    def check_same_shape(self, name, x):
+        """Raise ValueError on every rank unless every rank brings x's shape and dtype.
+
+        One Allgather of 9 int64 per rank (counted as "shape_check"; not part
+        of DESIGN.md's payload table). Without it, ranks with different local
+        batches make MPI hang or fail with a bare MPI_ERR_TRUNCATE.
+        """
+        if self.size == 1:
+            return
+        if x.ndim > 7:
+            raise ValueError(f"{name}: arrays of more than 7 axes are not supported")
+        desc = np.full(9, -1, dtype=np.int64)                      # ndim, shape..., dtype
+        desc[0], desc[1:1 + x.ndim], desc[8] = x.ndim, x.shape, np.dtype(x.dtype).num
+        table = np.empty((self.size, 9), dtype=np.int64)
+        self._allgather(desc, table)
+        self._count("shape_check", desc.nbytes, table.nbytes)
+        if np.all(table == table[0]):
+            return
+        shapes = [tuple(int(v) for v in row[1:1 + row[0]]) for row in table]
+        if all(s[1:] == shapes[0][1:] for s in shapes) and len(set(table[:, 8])) == 1 \
+                and all(len(s) == len(shapes[0]) for s in shapes):
+            rows = [s[0] for s in shapes]
+            B = sum(rows)
+            hint = (f"B = {B} is not divisible by P = {self.size}" if B % self.size else
+                    f"every rank needs the same number of rows")
+            raise ValueError(f"{name}: the ranks bring different numbers of rows ("
+                             + ", ".join(f"rank {q}: {n}" for q, n in enumerate(rows))
+                             + f"): {hint}")
+        bad = [q for q in range(self.size) if not np.array_equal(table[q], table[0])]
+        raise ValueError(f"{name}: rank(s) {bad} bring another shape or dtype than rank 0 "
+                         f"(rank 0: {shapes[0]} {np.dtype(x.dtype) if self.rank == 0 else ''}"
+                         f"; rank {bad[0]}: {shapes[bad[0]]})")
+
     # ---- all-gather and its adjoint, reduce-scatter ------------------------
-    def all_gather(self, x):
+    def all_gather(self, x, check=True):
         """(b, ...) on every rank -> (P*b, ...) on every rank, rank order.
 
         Rank r's rows land at [r*b, (r+1)*b). Every rank must pass the same
-        shape. Adjoint: ``reduce_scatter``.
+        shape: ``check_same_shape`` verifies it first (check=False skips
+        that, where the caller has just checked an array of the same b).
+        Adjoint: ``reduce_scatter``.
         """
         self._check_rows("all_gather", x)
+        if check:
+            self.check_same_shape("all_gather", x)
         send = self._to_mpi(x)
         xp = get_array_module(send)
         recv = xp.empty((self.size * x.shape[0],) + x.shape[1:], dtype=send.dtype)
@@ -258,7 +295,7 @@ class SelfComm(_Comm):
     path of a P-rank job.
     """
 
-    rank, size, local_rank = 0, 1, 0
+    rank, size, local_rank, local_size = 0, 1, 0, 1
 
     def _allgather(self, send, recv):
         recv[...] = send
@@ -302,9 +339,10 @@ class MPIComm(_Comm):
         self.MPI = MPI
         self.comm = mpi_comm
         self.rank, self.size = mpi_comm.Get_rank(), mpi_comm.Get_size()
-        # The rank among the processes on this node: which GPU to use.
+        # The rank among the processes on this node (which GPU to use) and their
+        # number (how many cores each may use).
         node = mpi_comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.local_rank = node.Get_rank()
+        self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
         self.cuda_aware = detect_cuda_aware_mpi() if cuda_aware is None else bool(cuda_aware)
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX}
@@ -385,7 +423,7 @@ def select_gpu(comm):
 
 
 @contextlib.contextmanager
-def abort_on_error(comm, stream=None):
+def abort_on_error(comm, stream=None, passthrough=()):
     """Run a rank's work so that an exception on any rank ends the whole job.
 
     On an exception the rank prints ``refimpl: rank r/P failed:`` and the
@@ -393,12 +431,29 @@ def abort_on_error(comm, stream=None):
     kills every rank and ``mpirun`` exits non-zero, instead of the other
     ranks waiting forever in their next collective. With ``SelfComm`` the
     exception simply propagates.
+
+    A rank that leaves early by ``sys.exit()`` (any code, 0 included) ends
+    the job the same way: the other ranks may be waiting for it in a
+    collective. passthrough: exception types that every rank raises together
+    (an error found by a collective check, the same on every rank); they
+    propagate without an abort, so every rank can exit with its own status.
     """
     try:
         yield
     except BaseException as e:
-        if isinstance(e, SystemExit) and e.code in (0, None):
+        if isinstance(e, passthrough):
             raise
+        stream = sys.stderr if stream is None else stream
+        if isinstance(e, SystemExit):
+            stream.write(f"refimpl: rank {comm.rank}/{comm.size} left early (sys.exit("
+                         f"{e.code!r})) while the other ranks may wait for it; ending the "
+                         f"job\n")
+        else:
+            stream.write(f"refimpl: rank {comm.rank}/{comm.size} failed:\n"
+                         + "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        stream.flush()
+        comm.abort(1)
+        raise
         stream = sys.stderr if stream is None else stream
         stream.write(f"refimpl: rank {comm.rank}/{comm.size} failed:\n"
                      + "".join(traceback.format_exception(type(e), e, e.__traceback__)))

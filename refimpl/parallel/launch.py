@@ -22,10 +22,11 @@ def find_mpirun():
     return str(here) if here.exists() else shutil.which("mpirun")
 
 
-def mpirun_command(P, *argv, python=True):
+def mpirun_command(P, *argv, python=True, mpi_args=()):
     """argv of ``mpirun -np P`` running ``python argv...`` (this Python) on P ranks.
 
-    python=False runs argv as it is (e.g. a console script).
+    python=False runs argv as it is (e.g. a console script); mpi_args: more
+    options for mpirun (e.g. ``("--hostfile", "hosts")``).
     """
     mpirun = find_mpirun()
     if mpirun is None:
@@ -34,4 +35,5 @@ def mpirun_command(P, *argv, python=True):
     cmd = [mpirun, "-np", str(P), "--oversubscribe"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
-    return cmd + ([sys.executable] if python else []) + [str(a) for a in argv]
+    return cmd + [str(a) for a in mpi_args] + ([sys.executable] if python else []) \
+        + [str(a) for a in argv]

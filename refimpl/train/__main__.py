@@ -1,0 +1,137 @@
+"""refimpl-train: train an instance classifier, alone or under ``mpirun -n P``.
+
+    refimpl-train CONFIG.toml [key=value ...] [--resume DIR|auto] [--dry-run]
+    python -m refimpl.train CONFIG.toml [key=value ...]
+    mpirun -n 2 refimpl-train configs/demo.toml out=runs/demo2
+
+The config file holds ``train.config.Config`` fields; ``key=value`` overrides
+them (``alpha=0``, ``augment.crop_scale=[0.2, 1.0]``). Every rank checks the
+config first; a bad one ends the job with one message listing every problem
+and exit status 2. Under mpirun every rank runs this program (one rank per
+process; MPI is found by mpi4py when the job was started by mpirun or srun).
+
+--dry-run prints, without training, what the run costs on each rank: memory
+of the replicated parameters, the classifier shard, the activations and the
+neighbour table; bytes communicated per step by DESIGN.md's formula; and
+whether it fits the memory this machine has free.
+"""
+import argparse
+import os
+import sys
+
+from refimpl.train.config import ConfigError, load_config, validate
+
+EXIT_CONFIG, EXIT_STOPPED = 2, 3
+
+
+def make_comm():
+    """MPIComm(COMM_WORLD) under mpirun/srun (or when mpi4py is importable and the
+    world has more than one rank), else SelfComm."""
+    from refimpl.parallel.comm import SelfComm
+    launched = any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK",
+                                             "SLURM_STEP_NUM_TASKS", "MPI_LOCALNRANKS"))
+    if not launched:
+        return SelfComm()
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        sys.exit("refimpl-train: started by an MPI launcher but mpi4py is not installed: "
+                 "pip install 'refimpl[mpi]'")
+    from refimpl.parallel.comm import MPIComm
+    return MPIComm(MPI.COMM_WORLD)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="refimpl-train",
+        description="Train a ResNet as an N-way instance classifier (one class per image) "
+                    "with the contrastive prior and hardest-class label smoothing; "
+                    "alone or under mpirun -n P.")
+    p.add_argument("config", nargs="?", help="TOML config file (configs/demo.toml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. epochs=5 alpha=0 out=runs/x")
+    p.add_argument("--resume", metavar="DIR|auto",
+                   help="continue from a checkpoint directory, or 'auto': the latest "
+                        "checkpoint in the run directory (a fresh start if there is none)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory and communication per rank, then exit")
+    p.add_argument("--save-on-interrupt", action="store_true",
+                   help="on SIGINT / SIGTERM / SIGUSR1, write a checkpoint before stopping "
+                        "(under Open MPI's mpirun send SIGUSR1: it kills the ranks 0.25 s "
+                        "after forwarding SIGINT or SIGTERM)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # only overrides, no file
+        config, overrides = None, [config] + overrides
+    comm = make_comm()
+    from refimpl.parallel.comm import abort_on_error
+    from refimpl.checkpoint import CheckpointError
+    from refimpl.train.loop import TrainingInterrupted, TrainingStopped
+    try:
+        cfg = load_config(config, overrides)
+        validate(cfg, None, comm.size)
+        if args.dry_run:
+            from refimpl.train.dry_run import dry_run
+            with abort_on_error(comm):
+                return dry_run(cfg, comm)
+        from refimpl.train.loop import Trainer
+        with abort_on_error(comm, passthrough=(ConfigError, CheckpointError, TrainingStopped,
+                                               TrainingInterrupted)):
+            trainer = Trainer(cfg, comm, save_on_interrupt=args.save_on_interrupt)
+            trainer.install_signal_handlers()
+            resume = args.resume
+            if resume == "auto":
+                from refimpl.checkpoint import latest_checkpoint
+                resume = latest_checkpoint(cfg.out)
+            trainer.run(resume)
+            if comm.rank == 0:
+                print(summary(trainer), flush=True)
+        return 0
+    except ConfigError as e:
+        from refimpl.train.loop import PeerFailed
+        # a config error is the same on every rank: rank 0 says it; an error
+        # found on one rank only (PeerFailed elsewhere) is said by that rank
+        if not isinstance(e, PeerFailed) and (comm.rank == 0 or getattr(e, "local", False)):
+            print(f"refimpl-train: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except CheckpointError as e:  # raised on every rank together (checkpoint.load)
+        if comm.rank == 0:
+            print(f"refimpl-train: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except TrainingStopped as e:
+        if comm.rank == 0:
+            print(f"refimpl-train: stopped: {e}", file=sys.stderr, flush=True)
+        return EXIT_STOPPED
+    except TrainingInterrupted as e:
+        if comm.rank == 0:
+            print(f"refimpl-train: interrupted: {e}", file=sys.stderr, flush=True)
+        return 128 + e.signum
+
+
+def summary(trainer):
+    """The closing lines: every kNN measured, and where the run directory is."""
+    r = trainer.results
+    lines = ["", "summary (weighted kNN on the test split, k = "
+             + ", ".join(map(str, trainer.cfg.knn_k)) + "):"]
+
+    def fmt(acc):
+        return "  ".join(f"@{k} {100 * a:.1f}%" for k, a in acc.items())
+    if r.get("raw_pixels"):
+        lines.append(f"  raw pixels                      {fmt(r['raw_pixels'])}")
+    for key, name in (("random_init", "random-init encoder"), ("after_prior", "after the prior"),
+                      ("trained", "trained encoder")):
+        if r.get(key):
+            lines.append(f"  {name:31s} {fmt(r[key]['pooled'])}   (head: {fmt(r[key]['head'])})")
+    if r.get("linear_probe") is not None:
+        lines.append(f"  linear probe (trained encoder)  {100 * r['linear_probe']:.1f}%")
+    out = trainer.out.resolve()
+    lines.append(f"run directory: {out} (metrics.jsonl, curves.png, config.toml, checkpoints)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""refimpl-train --dry-run: what a run costs on each rank, before it runs.
+
+Contract. ``cost(cfg, N, P, rank)`` returns the memory of each part of the
+run on one rank, in bytes, and the bytes one training step moves, from
+DESIGN.md's step table (f = bytes per float, b = B / P, N_r = this rank's
+rows, G = replicated parameters, Q = BatchNorm buffer elements):
+
+    replicated   G f (parameters) + G f (gradients) + G f (momentum) + Q f
+    classifier   N_r D f (weight, gradient, momentum: 3x) + B N_r f (logits)
+    activations  measured: a forward + backward at two small batch sizes
+                 (tracemalloc sees every NumPy allocation), extrapolated
+                 linearly to b images
+    neighbours   N K 8 (the table, on every rank), when it is used
+
+    all_gather z_hat, labels   sent b D f + 8 b      received B D f + 8 B
+    all_reduce MAX             B f
+    all_reduce SUM             2 B f (+ B f with smoothed targets: the label
+                               logit for top-k), + B f top-k counts
+    reduce_scatter dZ          sent B D f            received b D f
+    all_reduce gradients       G f
+    bcast BN buffers ("local") Q f (rank 0 sends, the others receive)
+
+``dry_run(cfg, comm)`` prints it (rank 0) with the memory this machine has
+free (MemAvailable / ranks on the node; a GPU's free memory), and says
+whether the run fits.
+"""
+import tracemalloc
+
+import numpy as np
+
+from refimpl.parallel.sharding import shard_range
+
+
+def _mib(nbytes):
+    return f"{nbytes / 2**20:,.1f} MiB"
+
+
+def activation_bytes(cfg, image_size, local_batch):
+    """Peak bytes of one forward + backward of the network at ``local_batch`` images.
+
+    Measured with tracemalloc at batches of 2 and 4 on the CPU (the same
+    arrays as on a GPU), then extrapolated linearly.
+    """
+    from refimpl.models.network import build_model
+    net = build_model(cfg.arch, cfg.stem, cfg.width, cfg.head_hidden or None, cfg.dim,
+                      cfg.dtype, "cpu", cfg.seed)
+    peaks = []
+    for b in (2, 4):
+        x = np.zeros((b, 3, image_size, image_size), dtype=net.store.dtype)
+        tracemalloc.start()
+        z = net.forward(x, train=True)
+        net.backward(np.ones_like(z))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    per_image = (peaks[1] - peaks[0]) / 2
+    return int(max(peaks[0] + per_image * (local_batch - 2), 0)), net
+
+
+def cost(cfg, num_instances, world_size, rank=0, image_size=32):
+    """{part: bytes} of memory on one rank and {collective: (sent, received)} per step."""
+    f = np.dtype(cfg.dtype).itemsize
+    N, P, B, D = num_instances, world_size, cfg.batch_size, cfg.dim
+    b = B // P
+    lo, hi = shard_range(N, P, rank)
+    act, net = activation_bytes(cfg, image_size, b)
+    G, Q = net.store.data.size, net.store.buffer_data.size
+    momentum = 1 if cfg.momentum > 0 else 0
+    uses_table = cfg.alpha > 0 or cfg.agreement
+    memory = {
+        "replicated parameters, gradients, momenta, BN buffers": (2 + momentum) * G * f + Q * f,
+        f"classifier shard: {hi - lo} rows x {D} (weight, gradient, momentum)":
+            (2 + momentum) * (hi - lo) * D * f,
+        f"logits buffer B x N_r = {B} x {hi - lo}": B * (hi - lo) * f,
+        f"activations of {b} images ({image_size}x{image_size})": act,
+        f"neighbour table {N} x {cfg.k}": N * cfg.k * 8 if uses_table else 0,
+    }
+    smoothed = cfg.alpha > 0
+    comm = {
+        "all_gather z_hat, labels": (b * D * f + 8 * b, B * D * f + 8 * B),
+        "all_reduce MAX": (B * f, B * f),
+        "all_reduce SUM (exp sums, target logits, top-k)":
+            ((3 + smoothed) * B * f, (3 + smoothed) * B * f),
+        "reduce_scatter dZ": (B * D * f, b * D * f),
+        "all_reduce gradients": (G * f, G * f),
+    }
+    if cfg.bn == "local":
+        comm["bcast BN buffers"] = (Q * f if rank == 0 else 0, 0 if rank == 0 else Q * f)
+    return memory, comm, {"G": int(G), "Q": int(Q)}
+
+
+def available_bytes(device, ranks_on_node=1):
+    """Memory free for one rank: the GPU's free memory, or MemAvailable / ranks."""
+    if device == "gpu":
+        from refimpl.backend import xp_for
+        free, _ = xp_for("gpu").cuda.runtime.memGetInfo()
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // max(ranks_on_node, 1)
+    except OSError:
+        pass
+    return None
+
+
+def dry_run(cfg, comm):
+    """Print the cost table of every rank's part (rank 0 prints); exit status 0."""
+    from refimpl.data.datasets import open_dataset
+    from refimpl.train.config import validate
+    from refimpl.train.loop import image_side
+    ds = open_dataset(cfg.train)
+    N, P = len(ds), comm.size
+    validate(cfg, N, P)
+    S = image_side(cfg, ds)
+    memory, moved, sizes = cost(cfg, N, P, comm.rank, S)
+    total = sum(memory.values())
+    free = available_bytes(cfg.device, comm.local_size)
+    table = comm.all_gather(np.array([[total, free or -1]], dtype=np.float64))
+    if comm.rank == 0:
+        print(f"dry run: N = {N} instances, P = {P} ranks, B = {cfg.batch_size} (b = "
+              f"{cfg.batch_size // P} per rank), D = {cfg.dim}, {cfg.dtype}, "
+              f"{cfg.arch} width {cfg.width} at {S}x{S}: G = {sizes['G']:,} replicated "
+              f"parameters, Q = {sizes['Q']:,} BN buffer elements")
+        print("memory on rank 0:")
+        for name, nbytes in memory.items():
+            print(f"  {name:62s} {_mib(nbytes):>14s}")
+        print(f"  {'total':62s} {_mib(total):>14s}")
+        print("bytes per step on rank 0 (DESIGN.md's step table; they do not grow with N):")
+        for name, (sent, received) in moved.items():
+            print(f"  {name:50s} sent {sent:>12,d}  received {received:>12,d}")
+        print(f"  {'total':50s} sent {sum(s for s, _ in moved.values()):>12,d}  received "
+              f"{sum(r for _, r in moved.values()):>12,d}")
+        worst = int(np.argmax(table[:, 0]))
+        need, have = table[worst]
+        if have < 0:
+            print(f"largest rank ({worst}) needs {_mib(need)}; free memory unknown here")
+        else:
+            verdict = "fits" if need <= have else "does NOT fit"
+            print(f"largest rank ({worst}) needs {_mib(need)}, {_mib(have)} free for it: "
+                  f"{verdict}")
+    return 0

@@ -1,0 +1,480 @@
+"""The training program: the method end to end, on P ranks.
+
+Contract. ``Trainer(cfg, comm)`` builds everything a run needs from a
+validated ``Config`` (datasets, network, sharded classifier, optimizers) on
+every rank; ``Trainer.run()`` then does, in order:
+
+    1. raw pixels, random-init encoder: kNN on the test split (if labeled)
+    2. the contrastive prior (``method.prior``): W from random-init features
+    3. for every epoch:
+         the hardest-class neighbours of every class (``method.neighbours``),
+         when smoothing is on or the label agreement is monitored;
+         the steps: the world-size-invariant global batch (``data.sampler``),
+         this rank's slice, augmented; smoothed targets of the global batch;
+         the warm-up + cosine learning rate; ``train.step``;
+         the kNN monitor, metrics, the plot, a checkpoint
+    4. the final evaluation (kNN, optionally a linear probe)
+
+Rank 0 writes the run directory ``cfg.out``: ``config.toml`` (the exact
+config), ``metrics.jsonl`` (one JSON object per step and per epoch),
+``curves.png`` (loss, instance accuracy, kNN accuracy per epoch) and the
+checkpoints (``refimpl.checkpoint``), and prints the log; every rank computes.
+A non-finite loss stops the run, naming the step and the rank-0 batch ids,
+and writes nothing over the last good checkpoint.
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from refimpl import checkpoint, threads
+from refimpl.backend import to_numpy
+from refimpl.data.augment import augment_batch
+from refimpl.data.datasets import open_dataset
+from refimpl.data.sampler import global_batches, local_slice, steps_per_epoch
+from refimpl.evaluate.agreement import neighbour_label_agreement
+from refimpl.evaluate.features import extract_features
+from refimpl.evaluate.knn import weighted_knn_accuracy
+from refimpl.method.neighbours import hardest_neighbours
+from refimpl.method.prior import contrastive_prior, prior_summary
+from refimpl.method.targets import target_entries
+from refimpl.models.network import build_model
+from refimpl.optim.schedule import warmup_cosine
+from refimpl.optim.sgd import SGD
+from refimpl.params import is_bn_or_bias
+from refimpl.parallel.classifier import CosineClassifier
+from refimpl.parallel.comm import select_gpu
+from refimpl.parallel.data_parallel import set_batchnorm_mode
+from refimpl.train.config import ConfigError, config_hash, to_toml, validate
+from refimpl.train.step import forward_backward, update
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (a non-finite loss); the message says where and why."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """A stop signal ended the run at a step boundary (every rank together)."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
+# SIGINT (Ctrl-C) and SIGTERM stop at the next step boundary; SIGUSR1 too: Open
+# MPI's mpirun kills the ranks about 0.25 s after it forwards SIGINT/SIGTERM,
+# too soon for a checkpoint, but it forwards SIGUSR1 and waits.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+class PeerFailed(ConfigError):
+    """Another rank found a problem and printed it; this rank stops quietly."""
+
+
+def image_side(cfg, dataset):
+    """The network's input side S: the config's, else the dataset's shorter side."""
+    return cfg.image_size or min(dataset.image_size)
+
+
+def has_labels(dataset):
+    return dataset is not None and bool(np.all(np.asarray(dataset.labels) >= 0))
+
+
+class Trainer:
+    """One run of the method on this rank (see the module docstring).
+
+    log: a function of one string, called on rank 0 only (default print).
+    """
+
+    def __init__(self, cfg, comm, log=None, save_on_interrupt=False):
+        self.cfg, self.comm = cfg, comm
+        self.save_on_interrupt = save_on_interrupt
+        self._stop = 0           # the stop signal this rank received (0: none)
+        self.rank0 = comm.rank == 0
+        self._log = log or (lambda s: print(s, flush=True))
+        validate(cfg, None, comm.size)
+        self._check_same_config()
+        if cfg.device == "gpu":
+            select_gpu(comm)
+        else:
+            # each rank its share of the node's cores; BLAS at one thread per rank
+            n = cfg.threads or max(1, (os.cpu_count() or 1) // comm.local_size)
+            threads.set_num_threads(n, single_blas=comm.local_size > 1)
+        self.train_set, self.test_set = self._collective(self._open_datasets)
+        self.N = len(self.train_set)
+        validate(cfg, self.N, comm.size)
+        self.S = image_side(cfg, self.train_set)
+        self.aug = cfg.augment_config()
+        self.net = build_model(cfg.arch, cfg.stem, cfg.width, cfg.head_hidden or None, cfg.dim,
+                               cfg.dtype, cfg.device, cfg.seed)
+        set_batchnorm_mode(self.net, comm, cfg.bn)
+        self.clf = CosineClassifier(self.N, cfg.dim, comm, cfg.tau, cfg.dtype, cfg.device,
+                                    cfg.seed)
+        mask = None if cfg.decay_bn_and_bias else self.net.store.decay_mask(is_bn_or_bias)
+        self.net_opt = SGD(self.net.store.data, self.net.store.grad, cfg.lr, cfg.momentum,
+                           cfg.weight_decay, cfg.nesterov, mask)
+        self.clf_opt = SGD(self.clf.weight.ravel(), self.clf.grad.ravel(), cfg.lr, cfg.momentum,
+                           cfg.weight_decay, cfg.nesterov)
+        self.steps_per_epoch = steps_per_epoch(self.N, cfg.batch_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = int(round(cfg.warmup_epochs * self.steps_per_epoch))
+        self.out = Path(cfg.out)
+        self.state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "prior_done": False}
+        self.neighbours = None   # (N, K) table of the current epoch
+        self.results = {}        # the evaluation lines of the final summary
+
+    # ---------------------------------------------------------------- setup
+    def _collective(self, fn):
+        """fn() on every rank; a ConfigError on any rank is raised on every rank.
+
+        (A dataset missing on one node only must not leave the other ranks
+        waiting in the next collective.) The error of the lowest failing rank
+        is the one its rank prints (``PeerFailed`` on the others).
+        """
+        error, result = None, None
+        try:
+            result = fn()
+        except ConfigError as e:
+            error = e
+        failed = to_numpy(self.comm.all_gather(np.array([error is not None], dtype=np.int64)))
+        if failed.any():
+            first = int(np.argmax(failed))
+            if self.comm.rank == first:
+                error.local = True  # found here only: this rank prints it
+                raise error
+            raise PeerFailed(f"rank {first} could not start (its message is above)")
+        return result
+
+    def _open_datasets(self):
+        train = self._open("train", self.cfg.train)
+        return train, (self._open("test", self.cfg.test) if self.cfg.test else None)
+
+    def _open(self, what, spec):
+        try:
+            ds = open_dataset(spec)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{what}: cannot open {spec!r}: {e}") from None
+        if len(ds) == 0:
+            raise ConfigError(f"{what}: the dataset {spec!r} is empty")
+        return ds
+
+    def _check_same_config(self):
+        """Every rank must run the same config: compare hashes (one all_gather)."""
+        digest = np.frombuffer(bytes.fromhex(config_hash(self.cfg))[:8], dtype=np.int64)
+        table = to_numpy(self.comm.all_gather(digest.copy()))
+        bad = np.nonzero(table != table[0])[0]
+        if bad.size:
+            raise ConfigError(f"ranks {bad.tolist()} run another configuration than rank 0 "
+                              f"(config hashes differ): start every rank with the same config "
+                              f"and overrides")
+
+    def log(self, text):
+        if self.rank0:
+            self._log(text)
+
+    def write_metrics(self, record):
+        if self.rank0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ----------------------------------------------------------- evaluation
+    def knn(self, label):
+        """Weighted kNN of pooled (and head) features, train split -> test split.
+
+        Returns {"pooled": {k: acc}, "head": {k: acc}} (empty without a labeled
+        test split); BatchNorm in eval mode (running statistics).
+        """
+        if not (has_labels(self.test_set) and has_labels(self.train_set)):
+            return {}
+        cfg = self.cfg
+        kw = dict(batch_size=cfg.eval_batch_size, image_size=self.S)
+        bank = extract_features(self.net, self.train_set, self.comm, **kw)
+        queries = extract_features(self.net, self.test_set, self.comm, **kw)
+        ks = [k for k in cfg.knn_k if k <= self.N]
+        out = {}
+        for kind in ("pooled", "head"):
+            out[kind] = weighted_knn_accuracy(
+                bank[kind], self.train_set.labels, queries[kind], self.test_set.labels,
+                ks=ks, temperature=cfg.knn_temperature)
+        line = "  ".join(f"@{k} {100 * a:.1f}%" for k, a in out["pooled"].items())
+        head = "  ".join(f"@{k} {100 * a:.1f}%" for k, a in out["head"].items())
+        self.log(f"kNN {label}: encoder {line} | head {head}")
+        return out
+
+    def raw_pixel_knn(self):
+        """Weighted kNN on raw pixels (the eval transform's input, flattened)."""
+        if not (has_labels(self.test_set) and has_labels(self.train_set)):
+            return {}
+        ks = [k for k in self.cfg.knn_k if k <= self.N]
+
+        def pixels(ds):
+            return ds.read(np.arange(len(ds))).reshape(len(ds), -1).astype(np.float32)
+        acc = weighted_knn_accuracy(pixels(self.train_set), self.train_set.labels,
+                                    pixels(self.test_set), self.test_set.labels, ks=ks,
+                                    temperature=self.cfg.knn_temperature)
+        self.log("kNN raw pixels: " + "  ".join(f"@{k} {100 * a:.1f}%" for k, a in acc.items()))
+        return acc
+
+    # ---------------------------------------------------------------- steps
+    def lr_at(self, step):
+        cfg = self.cfg
+        return warmup_cosine(step, cfg.lr, self.total_steps, self.warmup_steps,
+                             cfg.warmup_start_factor * cfg.lr, cfg.final_lr)
+
+    def smoothing(self, epoch):
+        return self.cfg.alpha > 0 and epoch >= self.cfg.smooth_from_epoch
+
+    def epoch_neighbours(self, epoch):
+        """The neighbour table for this epoch (None when neither smoothing nor the
+        agreement monitor needs it)."""
+        labels = np.asarray(self.train_set.labels)
+        want = self.smoothing(epoch) or (self.cfg.agreement and bool(np.any(labels >= 0)))
+        return hardest_neighbours(self.clf, self.comm, self.cfg.k) if want else None
+
+    def agreement(self):
+        """Neighbour label agreement of this epoch's table (None without one)."""
+        if self.neighbours is None:
+            return None
+        return neighbour_label_agreement(self.neighbours, self.train_set.labels)
+
+    def train_epoch(self, epoch, start_step=0):
+        """Steps start_step.. of an epoch; returns the epoch's mean loss and top-1."""
+        cfg, comm, P, r = self.cfg, self.comm, self.comm.size, self.comm.rank
+        batches = global_batches(self.N, cfg.batch_size, cfg.seed, epoch)
+        losses, top1, t0, seen = [], [], time.perf_counter(), 0
+        bar = self._progress(epoch, start_step)
+        for t in range(start_step, len(batches)):
+            batch = batches[t]
+            ids = local_slice(batch, r, P)
+            x = augment_batch(self.train_set.read(ids), ids, cfg.seed, epoch, self.S, self.aug,
+                              cfg.device, self.net.store.dtype)
+            targets = (target_entries(batch, self.N, self.neighbours, cfg.alpha)
+                       if self.smoothing(epoch) else None)
+            step = self.state["step"]
+            lr = self.lr_at(step)
+            try:
+                out = forward_backward(self.net, self.clf, x, ids, comm, targets, topk=(1, 5),
+                                       step=step)
+            except FloatingPointError as e:
+                raise TrainingStopped(
+                    f"{e} (epoch {epoch + 1}, step {t + 1} of the epoch; rank-0 batch ids "
+                    f"{local_slice(batch, 0, P)[:16].tolist()}"
+                    f"{' ...' if batch.size // P > 16 else ''}); nothing was written over "
+                    f"the last good checkpoint ({checkpoint.latest_checkpoint(self.out)})"
+                ) from None
+            update(self.net, comm, self.net_opt, self.clf_opt, lr)
+            self.state.update(step=step + 1, step_in_epoch=t + 1)
+            self.check_stop()
+            losses.append(out.loss)
+            top1.append(out.acc[1])
+            seen += batch.size
+            self.write_metrics({"kind": "step", "epoch": epoch, "step": step, "loss": out.loss,
+                                "top1": out.acc[1], "top5": out.acc[5], "lr": lr})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{out.loss:.3f}", lr=f"{lr:.3g}")
+            if (step + 1) % cfg.log_every == 0:
+                rate = seen / (time.perf_counter() - t0)
+                self.log(f"epoch {epoch + 1}/{cfg.epochs} step {t + 1}/{len(batches)} "
+                         f"loss {out.loss:.4f} top1 {100 * out.acc[1]:.1f}% lr {lr:.4g} "
+                         f"{rate:.0f} img/s")
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        return (float(np.mean(losses)) if losses else math.nan,
+                float(np.mean(top1)) if top1 else math.nan, seconds, seen)
+
+    def _progress(self, epoch, start):
+        if not self.rank0:
+            return None
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return None
+        # disable=None: a bar on a terminal, none in a log file
+        return tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}",
+                    leave=False, disable=None, file=sys.stderr)
+
+    # ------------------------------------------------------------ signals
+    def install_signal_handlers(self):
+        """SIGINT, SIGTERM, SIGUSR1: remember the signal; the run stops at the next
+        step boundary (``check_stop``), every rank together, one message."""
+        def handler(signum, frame):
+            if not self._stop:
+                self._stop = signum
+                if self.rank0:
+                    what = " after saving a checkpoint" if self.save_on_interrupt else ""
+                    os.write(2, f"refimpl-train: {signal.Signals(signum).name} received: "
+                                f"stopping at the end of this step{what}\n".encode())
+        for s in STOP_SIGNALS:
+            signal.signal(s, handler)
+
+    def check_stop(self):
+        """Has any rank received a stop signal? (one all_reduce MAX of one number)
+
+        Every rank asks at the same step, so all of them stop together: with
+        --save-on-interrupt after writing a checkpoint of this step.
+        """
+        signum = int(to_numpy(self.comm.all_reduce(np.array([float(self._stop)]), "max"))[0])
+        if not signum:
+            return
+        saved = self.save() if self.save_on_interrupt else None
+        raise TrainingInterrupted(
+            f"{signal.Signals(signum).name} at step {self.state['step']} (epoch "
+            f"{self.state['epoch'] + 1}); "
+            + (f"checkpoint {saved}" if saved else
+               f"the last checkpoint is {checkpoint.latest_checkpoint(self.out)}"), signum)
+
+    # ------------------------------------------------------------ the run
+    def save(self):
+        path = checkpoint.save(self.out, dict(self.state), self.cfg.to_dict(), self.net,
+                               self.clf, self.net_opt, self.clf_opt, self.comm,
+                               self.neighbours, self.cfg.keep)
+        self.log(f"checkpoint {path}")
+        return path
+
+    def resume(self, path):
+        state, neighbours = checkpoint.load(path, self.cfg.to_dict(), self.net, self.clf,
+                                            self.net_opt, self.clf_opt, self.comm)
+        self.state.update(state)
+        self.neighbours = neighbours
+        if self.rank0:  # the metrics of steps after the checkpoint are redone
+            metrics = self.out / "metrics.jsonl"
+            if metrics.exists():
+                keep = [line for line in metrics.read_text().splitlines()
+                        if _before(json.loads(line), self.state)]
+                metrics.write_text("".join(line + "\n" for line in keep))
+        self.log(f"resumed from {path}: epoch {self.state['epoch'] + 1}, step "
+                 f"{self.state['step']} (saved on {self.comm.size} rank(s) or another P)")
+
+    def start(self, resume):
+        """Prepare the run directory: refuse to start afresh over a run's checkpoints,
+        remove what an interrupted save left (rank 0), load the checkpoint to
+        resume from, then write config.toml (rank 0)."""
+        if resume is None:
+            found = checkpoint.latest_checkpoint(self.out)
+            if found is not None:
+                raise ConfigError(f"{self.out} already holds checkpoints (latest: {found.name}): "
+                                  f"continue that run with --resume auto, or give another "
+                                  f"out= (a fresh start would overwrite them)")
+        if self.rank0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for name in checkpoint.clean_stale(self.out):
+                self._log(f"removed {name}, left by an interrupted save")
+        self.comm.barrier()
+        if resume is not None:
+            self.resume(resume)
+        elif self.rank0 and (self.out / "metrics.jsonl").exists():
+            (self.out / "metrics.jsonl").unlink()  # a fresh run's metrics start empty
+        if self.rank0:
+            (self.out / "config.toml").write_text(to_toml(self.cfg))
+
+    def run(self, resume=None):
+        """The whole run (module docstring); returns the final results dict."""
+        cfg = self.cfg
+        self.start(resume)
+        if resume is None:
+            self.log(f"{self.N} instances, {self.steps_per_epoch} steps of B = "
+                     f"{cfg.batch_size} per epoch on {self.comm.size} rank(s); "
+                     f"image {self.S}x{self.S}; {cfg.arch} width {cfg.width}, D = {cfg.dim}")
+            self.results["raw_pixels"] = self.raw_pixel_knn()
+            self.results["random_init"] = self.knn("random init (BN running statistics at "
+                                                   "their initial values: mean 0, var 1)")
+            if cfg.prior:
+                report = contrastive_prior(self.net, self.clf, self.train_set, self.comm,
+                                           cfg.batch_size, seed=cfg.seed, image_size=self.S,
+                                           transform=cfg.prior_transform,
+                                           augment_config=self.aug)
+                self.log(prior_summary(report))
+                self.results["after_prior"] = self.knn("after the prior (BN running "
+                                                       "statistics of the prior pass)")
+            self.state["prior_done"] = bool(cfg.prior)
+        for epoch in range(self.state["epoch"], cfg.epochs):
+            start = self.state["step_in_epoch"]
+            if start == 0 or self.neighbours is None:
+                self.neighbours = self.epoch_neighbours(epoch)
+            agreement = self.agreement()
+            loss, top1, seconds, seen = self.train_epoch(epoch, start)
+            self.state.update(epoch=epoch + 1, step_in_epoch=0)
+            last = epoch + 1 == cfg.epochs
+            knn = {}
+            if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+                knn = self.knn(f"after epoch {epoch + 1}")
+            record = {"kind": "epoch", "epoch": epoch, "step": self.state["step"], "loss": loss,
+                      "top1": top1, "agreement": agreement, "seconds": seconds,
+                      "img_per_s": seen / seconds if seconds else None,
+                      "knn": {kind: {str(k): a for k, a in acc.items()}
+                              for kind, acc in knn.items()}}
+            self.write_metrics(record)
+            agree = "" if agreement is None else f", neighbour label agreement {100 * agreement:.1f}%"
+            self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}, instance top-1 "
+                     f"{100 * top1:.1f}%{agree}, {seconds:.1f} s ({seen / seconds:.0f} img/s)")
+            if self.rank0:
+                plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+            if last or (cfg.save_every and (epoch + 1) % cfg.save_every == 0):
+                self.save()
+            if knn:
+                self.results["trained"] = knn
+        if cfg.linear_probe:
+            self.results["linear_probe"] = self.linear_probe()
+        return self.results
+
+    def linear_probe(self):
+        from refimpl.evaluate.linear_probe import linear_probe_accuracy
+        if not (has_labels(self.test_set) and has_labels(self.train_set)):
+            return None
+        kw = dict(batch_size=self.cfg.eval_batch_size, image_size=self.S, which=("pooled",))
+        bank = extract_features(self.net, self.train_set, self.comm, **kw)["pooled"]
+        queries = extract_features(self.net, self.test_set, self.comm, **kw)["pooled"]
+        acc = linear_probe_accuracy(bank, self.train_set.labels, queries, self.test_set.labels)
+        self.log(f"linear probe (frozen pooled encoder features): {100 * acc:.1f}%")
+        return acc
+
+
+def _before(record, state):
+    """Does a metrics record belong to the part of the run a checkpoint holds?"""
+    if record.get("kind") == "step":
+        return record["step"] < state["step"]
+    return record.get("epoch", -1) < state["epoch"]
+
+
+def plot_curves(metrics_path, png_path):
+    """curves.png from metrics.jsonl: loss, instance top-1, kNN accuracy per epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [json.loads(line) for line in Path(metrics_path).read_text().splitlines()]
+    epochs = [e for e in epochs if e.get("kind") == "epoch"]
+    if not epochs:
+        return
+    x = [e["epoch"] + 1 for e in epochs]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(x, [e["loss"] for e in epochs], marker="o", ms=3)
+    axes[0].set_title("loss (mean over the epoch)")
+    axes[1].plot(x, [100 * e["top1"] for e in epochs], marker="o", ms=3, label="instance top-1")
+    if any(e.get("agreement") is not None for e in epochs):
+        axes[1].plot(x, [100 * e["agreement"] if e.get("agreement") is not None else np.nan
+                         for e in epochs], marker="s", ms=3, label="neighbour label agreement")
+    axes[1].set_title("instance accuracy, agreement (%)")
+    axes[1].legend(fontsize=8)
+    for kind, style in (("pooled", "-"), ("head", "--")):
+        ks = sorted({k for e in epochs for k in e.get("knn", {}).get(kind, {})}, key=int)
+        for k in ks:
+            pts = [(e["epoch"] + 1, 100 * e["knn"][kind][k]) for e in epochs
+                   if k in e.get("knn", {}).get(kind, {})]
+            axes[2].plot(*zip(*pts), style, marker="o", ms=3,
+                         label=f"{'encoder' if kind == 'pooled' else 'head'} k={k}")
+    axes[2].set_title("kNN accuracy on the test split (%)")
+    if axes[2].lines:
+        axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)

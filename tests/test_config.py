@@ -1,0 +1,81 @@
+"""The training config: TOML + key=value overrides, every bad input named up front."""
+import pytest
+
+from refimpl.train.config import (Config, ConfigError, config_hash, load_config, parse_override,
+                                  to_toml, validate)
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_toml_overrides_and_round_trip(tmp_path):
+    path = write(tmp_path, 'train = "data/x"\nalpha = 0.1\nwidth = 8\n[augment]\n'
+                           'crop_scale = [0.2, 1.0]\n')
+    cfg = load_config(path, ["alpha=0", "epochs=3", "augment.flip_p=0", 'out=runs/a b',
+                             "knn_k=[5, 10]"])
+    assert (cfg.train, cfg.alpha, cfg.width, cfg.epochs, cfg.out) == ("data/x", 0, 8, 3, "runs/a b")
+    assert cfg.knn_k == [5, 10]
+    aug = cfg.augment_config()
+    assert aug.crop_scale == (0.2, 1.0) and aug.flip_p == 0
+    again = load_config(write(tmp_path, to_toml(cfg)))
+    assert again == cfg and config_hash(again) == config_hash(cfg)
+    assert config_hash(load_config(path, ["alpha=0.3"])) != config_hash(cfg)
+    assert parse_override("train=synthetic:n=10,size=8") == ("train", "synthetic:n=10,size=8")
+    assert load_config(None, ["train=x"]).train == "x"  # no file: the defaults
+
+
+def test_unknown_keys_name_the_closest(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, 'train = "x"\nalhpa = 0.1\n[augment]\ncrop_scal = [0.2, 1]\n'),
+                    ["epoch=3", "lr=fast"])
+    msg = str(e.value)
+    assert "unknown key 'alhpa' (did you mean 'alpha'?)" in msg
+    assert "unknown key augment.crop_scal (did you mean 'crop_scale'?)" in msg
+    assert "unknown key 'epoch' (did you mean 'epochs'?)" in msg
+    assert "lr must be a float, got 'fast'" in msg  # every problem at once
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "train = \n"))
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["alpha"])
+
+
+@pytest.mark.parametrize("changes,N,P,message", [
+    (dict(k=5), 5, 1, "k = 5 hardest classes per instance needs N > K instances, got N = 5"),
+    (dict(alpha=1.0), 100, 1, r"alpha must lie in [0, 1), got 1.0"),
+    (dict(alpha=-0.1), 100, 1, r"alpha must lie in [0, 1)"),
+    (dict(tau=0.0), 100, 1, "tau must be > 0"),
+    (dict(tau=float("inf")), 100, 1, "tau must be > 0"),
+    (dict(batch_size=13), 100, 2, "batch_size B = 13 is not divisible by P = 2 ranks"),
+    (dict(batch_size=4), 3, 4, "N = 3 instances for P = 4 ranks"),
+    (dict(), 0, 1, "is empty"),
+    (dict(batch_size=64), 50, 1, "batch_size B = 64 is larger than the training set (N = 50)"),
+    (dict(train=""), 100, 1, "train: no training set given"),
+    (dict(bn="global"), 100, 1, "bn must be one of ['local', 'sync'], got 'global'"),
+    (dict(dtype="float16"), 100, 1, "dtype must be one of ['float32', 'float64']"),
+    (dict(warmup_epochs=30), 100, 1, "warmup_epochs must lie in [0, epochs = 30)"),
+    (dict(lr=float("nan")), 100, 1, "lr must be finite and >= 0"),
+    (dict(augment={"crop_scale": [0.5, 0.2]}), 100, 1, "augment: crop_scale must satisfy"),
+    (dict(knn_k=[0]), 100, 1, "knn_k must be a list of positive integers"),
+])
+def test_validate_names_each_problem(changes, N, P, message):
+    cfg = Config(**{"train": "data/x", "batch_size": 4, **changes})
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, N, P)
+    assert message in str(e.value)
+
+
+def test_validate_reports_all_problems_at_once():
+    cfg = Config(train="x", alpha=2.0, tau=-1.0, k=500, batch_size=6)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, 100, 4)
+    lines = str(e.value).splitlines()[1:]
+    assert len(lines) == 4 and any("alpha" in x for x in lines) and any("tau" in x for x in lines)
+    validate(Config(train="x", batch_size=8), 100, 4)  # a good one passes

@@ -1,0 +1,61 @@
+"""P ranks = 1 process: extract_features under real mpirun, P = 1, 2, 3, 4.
+
+Each P launches ``tests/features_worker.py`` once; every rank compares the
+gathered feature arrays with the one-process result. N = 23 images (shares
+of 5 and 6 over 4 ranks) and N = 3 (with 4 ranks, one share is empty).
+"""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from refimpl.parallel.launch import mpirun_command
+
+pytestmark = pytest.mark.mpi
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "features_worker.py"
+F, DIM, BYTES = 16, 8, 8  # pooled width (ResNet-18 of width 2), head width, float64
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda p: f"P{p}")
+def result(request, tmp_path_factory):
+    P = request.param
+    out = tmp_path_factory.mktemp(f"features{P}") / "result.json"
+    # One BLAS thread per rank: P ranks on a 2-core machine.
+    env = dict(os.environ, REFIMPL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run(mpirun_command(P, WORKER, out), capture_output=True, text=True,
+                          timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, f"mpirun -np {P} failed:\n{proc.stdout}\n{proc.stderr}"
+    data = json.loads(out.read_text())
+    assert data["size"] == P and [r["rank"] for r in data["ranks"]] == list(range(P))
+    return data
+
+
+@pytest.mark.parametrize("case,n", [("n23", 23), ("n3", 3)])
+def test_every_rank_gets_the_one_process_features(result, case, n):
+    for rank in result["ranks"]:
+        c = rank[case]
+        for kind, width in (("pooled", F), ("head", DIM)):
+            assert c[kind]["shape"] == [n, width] and c[kind]["dtype"] == "float64"
+            assert c[kind]["err"] <= 1e-12, f"rank {rank['rank']} {case} {kind}: {c[kind]['err']}"
+            assert c[kind]["rolled_err"] > 1e-3  # the comparison sees a row out of place
+        assert c["buffers_unchanged"]
+
+
+@pytest.mark.parametrize("case,n,batch", [("n23", 23, 4), ("n3", 3, 2)])
+def test_shares_and_bytes(result, case, n, batch):
+    """Rank r encodes rows [r n // P, (r + 1) n // P); one all_gather_v per kind."""
+    P = result["size"]
+    for r, rank in enumerate(result["ranks"]):
+        share = (r + 1) * n // P - r * n // P
+        want = {"all_gather_v": {"calls": 2, "sent": share * (F + DIM) * BYTES,
+                                 "received": n * (F + DIM) * BYTES}}
+        assert rank[case]["counters"] == want, (r, rank[case]["counters"])
+        # progress is reported per batch of this rank's share
+        assert rank[case]["progress"] == [[min(d, share), share]
+                                          for d in range(batch, share + batch, batch)]
+    if case == "n3" and P == 4:
+        assert result["ranks"][0]["n3"]["counters"]["all_gather_v"]["sent"] == 0
