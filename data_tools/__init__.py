@@ -1,8 +1,14 @@
 """data_tools: turn images into packed datasets (see refimpl/data/packed.py).
 
 Every tool writes a complete packed folder (images.npy, labels.npy,
-manifest.json) atomically, or nothing at all. Run ``python -m data_tools``
-for this list.
+manifest.json) atomically, or nothing at all; the converters that make
+OUT/train and OUT/test publish both or neither
+(``refimpl.data.packed.PackedSplits``). Every command ends with one line on
+stderr, ``<tool>: error: <message>`` and exit status 1 on failure
+(``data_tools.cli.run``). Sizes too large for this machine are refused from
+an estimate before anything is allocated (memory: ``data_tools.memory``; disk:
+``PackedWriter``), and a killed run's temporary folder is removed by the next
+run for the same OUT. Run ``python -m data_tools`` for this list.
 
     python -m data_tools.pack_folder SRC OUT --size S [--resize shorter|exact]
                                      [--workers K] [--skip-bad] [--max-pixels P]

@@ -9,7 +9,14 @@ SRC is one of
     Members are read into memory by name (tarfile.extractfile); nothing is
     extracted to disk, so a crafted archive cannot write outside OUT.
 
-OUT/train and OUT/test are written as packed datasets (32 x 32 RGB, uint8).
+OUT/train and OUT/test are written as packed datasets (32 x 32 RGB, uint8),
+both or neither (``refimpl.data.packed.PackedSplits``): every batch of both
+splits is read and checked first, both are written to a staging folder, and
+only then are both published. An existing OUT/train or OUT/test is replaced
+only with --overwrite, and never so that one split is new and the other old.
+
+A damaged archive (truncated download, corrupt gzip stream) is one error
+naming the file: "<file>: truncated or corrupt archive (...)".
 
   CIFAR-10:  train = data_batch_1..5 in that order, test = test_batch;
              labels from b"labels", class_names from batches.meta b"label_names".
@@ -33,15 +40,17 @@ Rows come as (N, 3072) uint8 in channel-major order (1024 red, 1024 green,
 """
 import argparse
 import io
+import lzma
 import pickle
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from data_tools.cli import run
-from refimpl.data.packed import write_packed
+from refimpl.data.packed import PackedSplits
 
 LAYOUTS = {
     "cifar10": {"folder": "cifar-10-batches-py", "meta": "batches.meta",
@@ -116,6 +125,12 @@ class _FolderSource:
         pass
 
 
+# What tarfile and its decompressors raise on a damaged archive: ReadError (a
+# TarError) for a cut-off tar, EOFError for a cut-off gzip/bz2/xz stream,
+# zlib.error / OSError for corrupt compressed data, lzma.LZMAError.
+_DAMAGED = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
+
+
 class _TarSource:
     """Members of a CIFAR tar.gz, read in memory by name (no extraction)."""
 
@@ -127,10 +142,18 @@ class _TarSource:
             raise ValueError(f"{path}: not a readable tar archive ({e})") from e
         # Regular files exactly one folder deep, e.g. "cifar-10-batches-py/data_batch_1".
         self.members = {}
-        for m in self.tar.getmembers():
+        try:
+            members = self.tar.getmembers()  # reads the whole archive: damage surfaces here
+        except _DAMAGED as e:
+            self.tar.close()
+            raise ValueError(self._damaged(e)) from e
+        for m in members:
             parts = m.name.split("/")
             if m.isfile() and len(parts) == 2:
                 self.members.setdefault(parts[0], {})[parts[1]] = m
+
+    def _damaged(self, e):
+        return f"{self.path}: truncated or corrupt archive ({type(e).__name__}: {e})"
 
     def folder(self, name):
         self.folder_name = name
@@ -140,8 +163,10 @@ class _TarSource:
         return set(self.members.get(self.folder_name, {}))
 
     def read(self, name):
-        f = self.tar.extractfile(self.members[self.folder_name][name])
-        return f.read()
+        try:
+            return self.tar.extractfile(self.members[self.folder_name][name]).read()
+        except _DAMAGED as e:
+            raise ValueError(self._damaged(e)) from e
 
     def describe(self, name):
         return f"{self.path}:{self.folder_name}/{name}"
@@ -246,19 +271,16 @@ def convert_cifar(src, out, dataset="auto", overwrite=False):
     """Convert CIFAR at ``src`` into out/train and out/test; returns (train, test) Paths."""
     if dataset not in ("auto",) + tuple(LAYOUTS):
         raise ValueError(f"--dataset must be auto, cifar10 or cifar100, got {dataset!r}")
-    out = Path(out)
     # Check both targets before reading or writing anything.
-    for split in ("train", "test"):
-        if (out / split).exists() and not overwrite:
-            raise FileExistsError(f"{out / split} already exists (use --overwrite to replace it)")
+    splits = PackedSplits(out, ("train", "test"), overwrite=overwrite)
     kind, source = _open_source(src, dataset)
     try:
         loaded, class_names, coarse_names = _read_all(source, kind)
     finally:
         source.close()
     lay = LAYOUTS[kind]
-    # Every check happens before the first write, so a bad test split cannot
-    # leave a lone train split behind.
+    # Every check of the input happens before the first write; PackedSplits
+    # publishes both splits or neither if writing fails.
     manifests = {}
     for split, (images, labels, files, coarse) in loaded.items():
         manifest = {"source": {"tool": "data_tools.cifar", "dataset": kind,
@@ -269,8 +291,10 @@ def convert_cifar(src, out, dataset="auto", overwrite=False):
             manifest["fine_to_coarse"] = fine_to_coarse_map(labels, coarse, len(class_names),
                                                             source.describe(lay[split][0]))
         manifests[split] = manifest
-    return tuple(write_packed(out / split, loaded[split][0], loaded[split][1], manifests[split],
-                              overwrite=overwrite) for split in ("train", "test"))
+    with splits:
+        for split in ("train", "test"):
+            splits.write(split, loaded[split][0], loaded[split][1], manifests[split])
+    return splits.paths
 
 
 def _read_all(source, kind):

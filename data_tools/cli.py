@@ -2,7 +2,9 @@
 
 A converter raises ValueError (bad input, named) or OSError (missing,
 unreadable or existing paths) and writes nothing; the command then prints
-``<tool>: error: <message>`` and exits 1 instead of a traceback. On success
+``<tool>: error: <message>`` and exits 1 instead of a traceback. A
+MemoryError (an allocation the converter's own estimate did not foresee)
+ends the same way, as ``<tool>: error: out of memory: <message>``. On success
 it prints ``<tool>: <what it did>`` and exits 0.
 """
 import sys
@@ -14,6 +16,12 @@ def run(tool, work, quiet=False):
         report = work()
     except (ValueError, OSError) as e:
         print(f"{tool}: error: {e}", file=sys.stderr)
+        return 1
+    except MemoryError as e:
+        text = str(e) or "MemoryError"
+        if not text.startswith("out of memory"):
+            text = f"out of memory: {text}"
+        print(f"{tool}: error: {text}", file=sys.stderr)
         return 1
     if not quiet:
         print(f"{tool}: {report}", file=sys.stderr)

@@ -29,19 +29,25 @@ falls far down (``refimpl.evaluate.knn.raw_pixel_knn_accuracy``; the tests
 measure it), leaving room for self-supervised features to show what they
 learned.
 
+Both splits are published together or not at all
+(``refimpl.data.packed.PackedSplits``). Memory: a split's images are built in
+memory (3 bytes per pixel, plus about CANVAS_BYTES_PER_PIXEL for the float64
+canvas being drawn); ``make_clutter`` checks the larger split's estimate
+against the available memory (``data_tools.memory``) before it allocates.
+
     python -m data_tools.clutter OUT --size 32 --copies 4 --seed 0
 """
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from data_tools.cli import run
 from data_tools.digits import CLASS_NAMES, load_digits_arrays, split_indices
+from data_tools.memory import check_memory
 from refimpl.backend import rng
 from refimpl.checks import check_int
-from refimpl.data.packed import write_packed
+from refimpl.data.packed import PackedSplits
 from refimpl.data.resample import resize
 
 DIGIT_SCALE = (0.35, 0.75)       # digit side / canvas side
@@ -50,6 +56,7 @@ FRAGMENT_CELLS = 4               # a fragment is a 4x4 patch of the 8x8 digit gr
 FRAGMENT_INTENSITY = (0.35, 0.6)
 NOISE_GRID = 4
 MIN_SIZE = 8                     # smallest canvas side
+CANVAS_BYTES_PER_PIXEL = 128     # one canvas in flight: float64 RGB and its temporaries
 
 
 def _paste(canvas, alpha_img, colour, top, left):
@@ -105,7 +112,7 @@ def clutter_arrays(digits, labels, indices, size=32, copies=4, seed=0):
 
 
 def make_clutter(out_dir, size=32, copies=4, seed=0, test_fraction=0.2, overwrite=False):
-    """Write out_dir/train and out_dir/test (packed); returns (train_path, test_path).
+    """Write out_dir/train and out_dir/test (packed, both or neither); returns (train_path, test_path).
 
     The split of the original digits is ``data_tools.digits.split_indices``
     (stratified by class; the same digits as ``make_digits`` with the same
@@ -114,25 +121,25 @@ def make_clutter(out_dir, size=32, copies=4, seed=0, test_fraction=0.2, overwrit
     """
     size = check_int("size", size, minimum=MIN_SIZE)
     copies = check_int("copies", copies)
-    out_dir = Path(out_dir)
-    for split in ("train", "test"):
-        if (out_dir / split).exists() and not overwrite:
-            raise FileExistsError(f"{out_dir / split} already exists (use --overwrite to replace it)")
+    splits = PackedSplits(out_dir, ("train", "test"), overwrite=overwrite)  # checks both targets
     digits, labels = load_digits_arrays()
     # the same stratified split of the original digits as data_tools.digits
     train_idx, test_idx = split_indices(labels, test_fraction, seed)
-    paths = []
-    for split, idx in (("train", train_idx), ("test", test_idx)):
-        images, y, digit_ids = clutter_arrays(digits, labels, idx, size, copies, seed)
-        manifest = {"source": "data_tools.clutter (sklearn.datasets.load_digits)",
-                    "split": split, "seed": int(seed), "test_fraction": float(test_fraction),
-                    "size": int(size), "copies": int(copies), "class_names": CLASS_NAMES,
-                    "split_rule": "data_tools.digits.split_indices over the original digits; "
-                                  "all copies of a digit stay in its split",
-                    "source_indices": digit_ids.tolist()}
-        paths.append(write_packed(out_dir / split, images, y, manifest=manifest,
-                                  overwrite=overwrite))
-    return tuple(paths)
+    largest = max(len(train_idx), len(test_idx)) * copies
+    check_memory(f"--size {size} --copies {copies}: {largest} images of {size}x{size} in one split",
+                 (largest * 3 + CANVAS_BYTES_PER_PIXEL) * size * size)
+    with splits:
+        for split, idx in (("train", train_idx), ("test", test_idx)):
+            images, y, digit_ids = clutter_arrays(digits, labels, idx, size, copies, seed)
+            manifest = {"source": "data_tools.clutter (sklearn.datasets.load_digits)",
+                        "split": split, "seed": int(seed), "test_fraction": float(test_fraction),
+                        "size": int(size), "copies": int(copies), "class_names": CLASS_NAMES,
+                        "split_rule": "data_tools.digits.split_indices over the original digits; "
+                                      "all copies of a digit stay in its split",
+                        "source_indices": digit_ids.tolist()}
+            splits.write(split, images, y, manifest)
+            del images  # the next split is built after this one is on disk
+    return splits.paths
 
 
 def main(argv=None):

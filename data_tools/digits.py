@@ -25,23 +25,32 @@ Each split is then stored in ascending order of the original index
 
 OUT/train and OUT/test manifests record source "sklearn.datasets.load_digits",
 split, seed, test_fraction, class_names "0".."9" and source_indices; files is
-null (no per-image source files).
+null (no per-image source files). Both splits are published together or not
+at all (``refimpl.data.packed.PackedSplits``).
+
+Memory: the upscale holds about BYTES_PER_PIXEL (32) bytes per output pixel of
+all 1,797 images at once (float64 result, its rounding, the RGB copy);
+``load_digits_uint8`` checks that estimate against the available memory
+(``data_tools.memory``) before it allocates, so ``--size 100000`` is one clear
+error instead of an OOM kill.
 """
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from data_tools.cli import run
+from data_tools.memory import check_memory
 from refimpl.backend import rng
 from refimpl.checks import check_int
-from refimpl.data.packed import write_packed
+from refimpl.data.packed import PackedSplits
 from refimpl.data.resample import resize
 
 SOURCE = "sklearn.datasets.load_digits"
 CLASS_NAMES = [str(d) for d in range(10)]
 DIGIT_SIDE = 8  # the scans are 8 x 8
+NUM_DIGITS = 1797
+BYTES_PER_PIXEL = 32  # peak working set of load_digits_uint8 per output pixel (measured: 25-30)
 
 
 def load_digits_arrays():
@@ -60,6 +69,8 @@ def load_digits_uint8(size=32):
     size >= 8 (pixel rule in the module docstring).
     """
     size = check_int("size", size, minimum=DIGIT_SIDE)
+    check_memory(f"--size {size}: {NUM_DIGITS} digits of {size}x{size}",
+                 NUM_DIGITS * size * size * BYTES_PER_PIXEL)
     digits, labels = load_digits_arrays()
     gray = np.round(digits * 255.0).astype(np.uint8)         # (1797, 8, 8), v * 255 / 16
     if size != DIGIT_SIDE:
@@ -92,24 +103,20 @@ def split_indices(labels, test_fraction=0.2, seed=0):
 
 
 def make_digits(out_dir, size=32, test_fraction=0.2, seed=0, overwrite=False):
-    """Write out_dir/train and out_dir/test; returns their Paths (train, test)."""
-    out_dir = Path(out_dir)
-    for split in ("train", "test"):
-        if (out_dir / split).exists() and not overwrite:
-            raise FileExistsError(f"{out_dir / split} already exists (use --overwrite to replace it)")
+    """Write out_dir/train and out_dir/test (both or neither); returns their Paths (train, test)."""
+    splits = PackedSplits(out_dir, ("train", "test"), overwrite=overwrite)  # checks both targets
     images, labels = load_digits_uint8(size)
     train, test = split_indices(labels, test_fraction, seed)
-    paths = []
-    for split, idx in (("train", train), ("test", test)):
-        manifest = {"source": SOURCE, "split": split, "seed": int(seed),
-                    "test_fraction": float(test_fraction),
-                    "split_rule": "stratified: per class, the first round(test_fraction * n_c) "
-                                  "images in rng(seed, 'split').permutation(1797) order go to test",
-                    "resize": "bilinear" if size != DIGIT_SIDE else "none",
-                    "class_names": CLASS_NAMES, "files": None, "source_indices": idx.tolist()}
-        paths.append(write_packed(out_dir / split, images[idx], labels[idx], manifest,
-                                  overwrite=overwrite))
-    return tuple(paths)
+    with splits:
+        for split, idx in (("train", train), ("test", test)):
+            manifest = {"source": SOURCE, "split": split, "seed": int(seed),
+                        "test_fraction": float(test_fraction),
+                        "split_rule": "stratified: per class, the first round(test_fraction * n_c) "
+                                      "images in rng(seed, 'split').permutation(1797) order go to test",
+                        "resize": "bilinear" if size != DIGIT_SIDE else "none",
+                        "class_names": CLASS_NAMES, "files": None, "source_indices": idx.tolist()}
+            splits.write(split, images[idx], labels[idx], manifest)
+    return splits.paths
 
 
 def build_parser():

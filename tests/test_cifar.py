@@ -178,3 +178,45 @@ def test_existing_output(tmp_path):
     with pytest.raises(FileExistsError, match="train already exists"):
         convert_cifar(src, tmp_path / "out")
     convert_cifar(src, tmp_path / "out", overwrite=True)
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_truncated_archive_is_one_clear_error(tmp_path, capsys, compressed):
+    import gzip
+    src, _ = _fake_cifar(tmp_path, tar=True)
+    data = src.read_bytes() if compressed else gzip.decompress(src.read_bytes())
+    cut = tmp_path / ("cut.tar.gz" if compressed else "cut.tar")
+    for fraction in (0.05, 0.5, 0.95):  # in the first member, in the middle, in the last
+        cut.write_bytes(data[:int(len(data) * fraction)])
+        assert main([str(cut), str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"cifar: error: {cut}: truncated or corrupt archive (")
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert ("EOFError" if compressed else "ReadError: unexpected end of data") in err
+        assert not (tmp_path / "out").exists()
+
+
+def _fail_writing_the_test_split(monkeypatch):
+    """Make every write of a split named "test" fail at its end, as a full disk would."""
+    from refimpl.data.packed import PackedWriter
+    real = PackedWriter._finish
+
+    def finish(self):
+        if self.out_dir.name == "test":
+            raise OSError(f"{self.out_dir}: No space left on device (simulated)")
+        return real(self)
+    monkeypatch.setattr(PackedWriter, "_finish", finish)
+
+
+def test_a_failing_test_split_leaves_no_lone_train(tmp_path, capsys, monkeypatch):
+    src, _ = _fake_cifar(tmp_path)
+    old = convert_cifar(src, tmp_path / "old")
+    sums = [PackedDataset(p).manifest["checksums"] for p in old]
+    _fail_writing_the_test_split(monkeypatch)
+    assert main([str(src), str(tmp_path / "out")]) == 1
+    assert "No space left on device (simulated)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-batches-py", "old"]
+    # replacing: both old splits stay as they were
+    assert main([str(src), str(tmp_path / "old"), "--overwrite"]) == 1
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["test", "train"]
+    assert [PackedDataset(p).manifest["checksums"] for p in old] == sums

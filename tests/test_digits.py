@@ -94,3 +94,25 @@ def test_errors(tmp_path, capsys):
             load_digits_uint8(size)
     with pytest.raises(ValueError, match="seed must be a non-negative integer"):
         split_indices(labels, 0.2, -1)
+
+
+def test_a_failing_test_split_leaves_no_lone_train(tmp_path, capsys, monkeypatch):
+    from refimpl.data.packed import PackedWriter
+    real = PackedWriter._finish
+
+    def finish(self):  # the test split fails at its end, as on a full disk
+        if self.out_dir.name == "test":
+            raise OSError(f"{self.out_dir}: No space left on device (simulated)")
+        return real(self)
+    monkeypatch.setattr(PackedWriter, "_finish", finish)
+    assert main([str(tmp_path / "d"), "--size", "8"]) == 1
+    assert "No space left on device (simulated)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_too_large_size_is_one_clear_error(tmp_path, capsys):
+    assert main([str(tmp_path / "d"), "--size", "100000"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("digits: error: --size 100000: 1797 digits of 100000x100000 needs about ")
+    assert "GiB of memory, more than the" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

@@ -1,5 +1,7 @@
 """data_tools.pack_folder on image files the tests write, including broken ones."""
 import io
+import multiprocessing
+import os
 import struct
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_tools import pack_folder as PF
 from data_tools.pack_folder import main, pack_folder
 from refimpl.data.packed import PackedDataset
 
@@ -263,3 +266,129 @@ def test_command_line_runs_as_a_module(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "1/1 images" in r.stderr  # the progress line
     assert PackedDataset(tmp_path / "out").read([0])[0, 0, 0].tolist() == [7, 8, 9]
+
+
+
+def test_symlinked_folders_are_followed_and_loops_skipped(tmp_path, capsys):
+    src = tmp_path / "src"
+    (src / "a" / "sub").mkdir(parents=True)
+    (src / "b").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    _solid((1, 1, 1)).save(src / "a" / "x.png")
+    _solid((2, 2, 2)).save(src / "a" / "sub" / "y.png")
+    _solid((3, 3, 3)).save(src / "b" / "u.png")
+    _solid((4, 4, 4)).save(tmp_path / "elsewhere" / "z.png")
+    os.symlink(tmp_path / "elsewhere", src / "a" / "linked")  # a folder outside SRC: followed
+    os.symlink("..", src / "a" / "sub" / "back")               # -> a: a loop
+    os.symlink("../..", src / "b" / "up")                      # -> above SRC: a loop
+    os.symlink(".", src / "b" / "here")                        # -> b itself: a loop
+    os.symlink("nowhere.png", src / "b" / "broken.png")        # a broken link: a bad file
+    assert main([str(src), str(tmp_path / "out"), "--size", "4", "--workers", "1", "--skip-bad",
+                 "--quiet"]) == 0
+    ds = PackedDataset(tmp_path / "out")
+    assert ds.manifest["files"] == ["a/linked/z.png", "a/sub/y.png", "a/x.png", "b/u.png"]
+    assert ds.labels.tolist() == [0, 0, 0, 1]
+    assert ds.read([0])[0, 0, 0].tolist() == [4, 4, 4]  # the image behind the link
+    skipped = {s["path"]: s["reason"] for s in ds.manifest["skipped"]}
+    assert skipped == {
+        "a/sub/back": "symbolic link loop: leads back to a, which it lies in; not followed",
+        "b/here": "symbolic link loop: leads back to b, which it lies in; not followed",
+        "b/up": f"symbolic link loop: leads back to {tmp_path.resolve()} (above SRC), which it "
+                f"lies in; not followed",
+        "b/broken.png": "broken symbolic link (to nowhere.png)"}
+    err = capsys.readouterr().err
+    assert "pack_folder: note: did not follow 3 symbolic link loop(s)" in err
+    # a top-level link back to SRC is no class
+    os.symlink(".", src / "all")
+    layout, classes, rels, _, loops = PF.find_images(src)
+    assert classes == ["a", "b"] and [s["path"] for s in loops][0] == "all"
+    assert loops[0]["reason"] == "symbolic link loop: leads back to SRC, which it lies in; not followed"
+
+
+def test_workers_are_clamped_to_the_cpus(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        _solid((i, i, i)).save(src / f"{i}.png")
+    started = []
+
+    class Recorder(PF.ProcessPoolExecutor):
+        def __init__(self, max_workers, **kwargs):
+            started.append(max_workers)
+            super().__init__(max_workers, **kwargs)
+    monkeypatch.setattr(PF, "ProcessPoolExecutor", Recorder)
+    monkeypatch.setattr(PF, "available_cpus", lambda: 2)
+    assert main([str(src), str(tmp_path / "out"), "--size", "4", "--workers", "100000",
+                 "--quiet"]) == 0
+    assert started == [2]  # two processes, not 100000
+    assert capsys.readouterr().err == ("pack_folder: note: --workers 100000 is more than the 2 CPUs "
+                                       "this process may use; using 2\n")
+    assert [int(v) for v in PackedDataset(tmp_path / "out").images[:, 0, 0, 0]] == list(range(6))
+    # and never more workers than files: for one file, no pool at all
+    monkeypatch.setattr(PF, "available_cpus", lambda: 64)
+    (tmp_path / "single").mkdir()
+    _solid((9, 9, 9)).save(tmp_path / "single" / "a.png")
+    pack_folder(tmp_path / "single", tmp_path / "one", 4, workers=8, progress=False)
+    assert started == [2]
+    assert capsys.readouterr().err == ""
+
+
+def test_out_of_memory_is_not_reported_as_corrupt(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.png", "c.png"):
+        _solid((5, 5, 5)).save(src / name)
+    _solid((5, 5, 5), size=(S + 1, S + 1)).save(src / "big.png")
+    real = PF.resize_square
+
+    def resize(im, size, resize="shorter"):
+        if im.size == (S + 1, S + 1):
+            raise MemoryError()  # as Pillow and NumPy raise when an allocation fails
+        return real(im, size, resize)
+    monkeypatch.setattr(PF, "resize_square", resize)
+    assert PF.decode_image(str(src / "a.png"), 4)[0] == PF.OK
+    assert PF.decode_image(str(src / "big.png"), 4) == (
+        PF.OUT_OF_MEMORY, "out of memory decoding it (MemoryError)")
+    # even with --skip-bad: the run stops, names the file, and writes nothing
+    assert main([str(src), str(tmp_path / "out"), "--size", "4", "--workers", "1", "--skip-bad",
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pack_folder: error: out of memory decoding 1 of 3 files under ")
+    assert "big.png: out of memory decoding it (MemoryError)" in err and "corrupt" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def _die_on_b(task):
+    """A decoding task whose worker process dies on b.png (as under the OOM killer)."""
+    if task[0].endswith("b.png"):
+        os._exit(9)
+    return PF.decode_image(*task)
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork",
+                    reason="the patched task reaches the workers only by fork")
+def test_a_dying_worker_is_an_error_not_a_hang(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        _solid((5, 5, 5)).save(src / name)
+    monkeypatch.setattr(PF, "_decode_task", _die_on_b)
+    monkeypatch.setattr(PF, "available_cpus", lambda: 2)
+    assert main([str(src), str(tmp_path / "out"), "--size", "4", "--workers", "2", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pack_folder: error: out of memory decoding the files under ")
+    assert "a decoding worker process died abruptly" in err and "--workers 1" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_too_large_size_is_one_clear_error(tmp_path):
+    (tmp_path / "src").mkdir()
+    _solid((7, 8, 9)).save(tmp_path / "src" / "a.png")
+    size = "99999999999999999999"
+    r = subprocess.run([sys.executable, "-m", "data_tools.pack_folder", str(tmp_path / "src"),
+                        str(tmp_path / "out"), "--size", size], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"pack_folder: error: --size {size}: decoding into {size}x{size} "
+                               f"images with 1 worker(s) needs about ")
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -1,16 +1,21 @@
 """The packed dataset format: round trip, streaming writer, memory map, every error;
 and open_dataset, which opens a packed folder, a synthetic spec or a dataset."""
 import json
+import os
+import stat
 import subprocess
 import sys
 import tracemalloc
+from collections import namedtuple
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from refimpl.data.datasets import open_dataset
-from refimpl.data.packed import (FORMAT_VERSION, PackedDataset, PackedFormatError, PackedWriter,
-                                 write_packed)
+from refimpl.data import packed
+from refimpl.data.packed import (FORMAT_VERSION, PackedDataset, PackedFormatError, PackedSplits,
+                                 PackedWriter, write_packed)
 from refimpl.data.synthetic import SyntheticDataset
 
 
@@ -275,3 +280,275 @@ def test_open_rejects_out_of_range_labels(tmp_path):
     np.save(path / "labels.npy", np.array([0, 99, -2]))
     with pytest.raises(PackedFormatError, match=r"label -2 at index 2"):
         PackedDataset(path)
+
+
+# --------------------------------------------------------------------------
+# reader: manifest types and file lengths
+
+
+def test_open_rejects_wrong_manifest_types(tmp_path):
+    images, labels = _data(n=1)  # one image: `num_images: true` would read as 1
+    path = write_packed(tmp_path / "ds", images, np.array([0]), {"class_names": ["a", "b", "c"]})
+    good = (path / "manifest.json").read_text()
+    cases = [
+        ({"checksums": "x"}, r"checksums must be \{\"images.npy\": sha256, \"labels.npy\": sha256\}"),
+        ({"checksums": {"images.npy": "x", "labels.npy": "y"}}, "checksums must be"),
+        ({"class_names": "abc"}, r"manifest\['class_names'\] must be a list of strings, got 'abc'"),
+        ({"class_names": ["a", 1]}, "class_names'] must be a list of strings"),
+        ({"num_images": True}, "num_images must be a positive int, got True"),
+        ({"image_size": [True, 4]}, r"image_size must be \[H, W\] positive ints, got \[True, 4\]"),
+        ({"format_version": True}, "format_version True, this refimpl reads version 1"),
+        ({"files": "abc"}, r"manifest\['files'\] must be null or a list of 1 paths"),
+        ({"skipped": ["x"]}, r"manifest\['skipped'\] must be a list of \{path, reason\} dicts"),
+    ]
+    for change, message in cases:
+        (path / "manifest.json").write_text(good)
+        _rewrite_manifest(path, **change)
+        with pytest.raises(PackedFormatError, match=message) as e:
+            PackedDataset(path)
+        assert str(path / "manifest.json") in str(e.value)  # names the file
+    (path / "manifest.json").write_text(good)
+    assert PackedDataset(path).class_names == ["a", "b", "c"]
+
+
+def test_open_rejects_trailing_bytes(tmp_path):
+    images, labels = _data()
+    path = write_packed(tmp_path / "ds", images, labels)
+    data = (path / "images.npy").read_bytes()
+    (path / "images.npy").write_bytes(data + b"\0" * 5)
+    with pytest.raises(PackedFormatError,
+                       match=r"images\.npy has 5 trailing bytes: .* for 7 images of 5x4x3"):
+        PackedDataset(path)
+    (path / "images.npy").write_bytes(data)
+    with open(path / "labels.npy", "ab") as f:
+        f.write(b"xyz")
+    with pytest.raises(PackedFormatError, match=r"labels\.npy has 3 trailing bytes"):
+        PackedDataset(path)
+    np.save(path / "labels.npy", labels)
+    assert len(PackedDataset(path)) == 7
+
+
+# --------------------------------------------------------------------------
+# writer: permissions, stale temporaries, disk space
+
+
+def _mode(path):
+    return stat.S_IMODE(Path(path).stat().st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_folders_get_the_permissions_of_mkdir_under_the_umask(tmp_path, umask):
+    images, labels = _data()
+    old = os.umask(umask)
+    try:
+        one = write_packed(tmp_path / "one", images, labels)
+        with PackedSplits(tmp_path / "new", ("train", "test")) as s:  # a new folder: one rename
+            for name in s.names:
+                s.write(name, images, labels)
+        (tmp_path / "existing").mkdir()
+        with PackedSplits(tmp_path / "existing", ("train", "test")) as s:  # split by split
+            for name in s.names:
+                s.write(name, images, labels)
+        (tmp_path / "reference").mkdir()  # what mkdir gives under this umask
+    finally:
+        os.umask(old)
+    want = 0o777 & ~umask
+    assert _mode(tmp_path / "reference") == want == {0o022: 0o755, 0o077: 0o700}[umask]
+    for folder in (one, tmp_path / "new", tmp_path / "new" / "train", tmp_path / "new" / "test",
+                   tmp_path / "existing" / "train", tmp_path / "existing" / "test"):
+        assert _mode(folder) == want, folder
+    for name in ("images.npy", "labels.npy", "manifest.json"):
+        assert _mode(one / name) == 0o666 & ~umask
+
+
+_WRITER_THEN_SLEEP = """
+import sys, time
+import numpy as np
+from refimpl.data.packed import PackedWriter
+with PackedWriter(sys.argv[1], 4, 2, 2) as w:
+    w.write(0, np.zeros((1, 2, 2, 3), np.uint8))
+    print("ready", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_killed_writers_temporary_folder_is_removed_by_the_next_run(tmp_path):
+    out = tmp_path / "ds"
+    child = subprocess.Popen([sys.executable, "-c", _WRITER_THEN_SLEEP, str(out)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    stale = [p.name for p in tmp_path.iterdir()]
+    assert stale == [f".ds.tmp-{packed._HOST}-{child.pid}-{stale[0][-8:]}"]
+    # What must survive: a live process's folder, another host's (a shared
+    # filesystem: that pid means nothing here), and a folder of another naming.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        keep = [f".ds.tmp-{packed._HOST}-{sleeper.pid}-0123abcd",
+                f".ds.tmp-{packed._HOST}-{os.getpid()}-0123abcd",
+                f".ds.tmp-some.other_host-{child.pid}-0123abcd",
+                ".ds.tmp-x8q2mz1a", f".other.tmp-{packed._HOST}-{child.pid}-0123abcd"]
+        for name in keep:
+            (tmp_path / name).mkdir()
+        images, labels = _data()
+        write_packed(out, images, labels)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep + ["ds"])
+    assert len(PackedDataset(out)) == 7
+
+
+def test_disk_space_is_checked_before_the_image_file_is_made(tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(packed.shutil, "disk_usage", lambda path: usage(10**6, 0, 10**6))
+    with pytest.raises(OSError, match=r"ds: 1000 images of 64x64x3 need 0\.0115 GiB on disk, but "
+                                      r"the filesystem holding .* has 0\.000931 GiB free"):
+        with PackedWriter(tmp_path / "ds", 1000, 64, 64):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------
+# PackedSplits: several datasets, published together or not at all
+
+
+def _notes(out):
+    """{split: the manifest's "note", or None where the split is absent}."""
+    return {name: (json.loads((out / name / "manifest.json").read_text())["note"]
+                   if (out / name).exists() else None) for name in ("train", "test")}
+
+
+def _write_splits(out, note, overwrite=False):
+    images, labels = _data(n=3)
+    with PackedSplits(out, ("train", "test"), overwrite=overwrite) as s:
+        for name in s.names:
+            s.write(name, images, labels, {"note": note})
+    return s.paths
+
+
+def test_splits_are_published_together(tmp_path):
+    paths = _write_splits(tmp_path / "out", "one")
+    assert paths == (tmp_path / "out" / "train", tmp_path / "out" / "test")
+    assert _notes(tmp_path / "out") == {"train": "one", "test": "one"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["test", "train"]
+    with pytest.raises(FileExistsError, match="train already exists"):
+        PackedSplits(tmp_path / "out", ("train", "test"))
+    _write_splits(tmp_path / "out", "two", overwrite=True)
+    assert _notes(tmp_path / "out") == {"train": "two", "test": "two"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["test", "train"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # other files in OUT are left alone; a non-dataset split folder is never replaced
+    (tmp_path / "out" / "README").write_text("mine")
+    (tmp_path / "out" / "test" / "manifest.json").unlink()
+    with pytest.raises(FileExistsError, match="test exists and is neither empty nor a packed"):
+        PackedSplits(tmp_path / "out", ("train", "test"), overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="file exists and is not a folder"):
+        PackedSplits(tmp_path / "file", ("train", "test"))
+    with pytest.raises(ValueError, match="distinct plain folder names"):
+        PackedSplits(tmp_path / "x", ("train", "train"))
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failing_split_publishes_neither(tmp_path, existing):
+    out = tmp_path / "out"
+    if existing:
+        _write_splits(out, "old")
+    images, labels = _data(n=3)
+    with pytest.raises(RuntimeError, match="disk full"):
+        with PackedSplits(out, ("train", "test"), overwrite=True) as s:
+            s.write("train", images, labels, {"note": "new"})
+            with s.writer("test", 3, 5, 4, {"note": "new"}) as w:
+                w.write(0, images[:1])
+                raise RuntimeError("disk full")
+    if existing:
+        assert _notes(out) == {"train": "old", "test": "old"}
+        assert sorted(p.name for p in out.iterdir()) == ["test", "train"]
+    else:
+        assert list(tmp_path.iterdir()) == []
+    # forgetting a split is an error too, and publishes nothing
+    with pytest.raises(ValueError, match="split.s. test of .*out were never written; publishing none"):
+        with PackedSplits(out, ("train", "test"), overwrite=True) as s:
+            s.write("train", images, labels, {"note": "new"})
+    assert _notes(out) == ({"train": "old", "test": "old"} if existing else
+                           {"train": None, "test": None})
+
+
+def test_a_failing_rename_is_undone(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _write_splits(out, "old")
+    real, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append((Path(src).parent.name, Path(dst).name))
+        if len(calls) == 5:  # 2 staged splits, 2 old ones moved aside, then the first new one in
+            raise OSError("rename failed (simulated)")
+        real(src, dst)
+    monkeypatch.setattr(packed.os, "rename", rename)
+    with pytest.raises(OSError, match="simulated"):
+        _write_splits(out, "new", overwrite=True)
+    # every old split was moved aside before the first new one moved in ...
+    assert [dst for _, dst in calls[2:5]] == ["train", "test", "train"]
+    assert calls[2][0] == calls[3][0] == "out" and calls[4][0].startswith(".train+test.tmp-")
+    # ... and the undo put both old splits back
+    assert _notes(out) == {"train": "old", "test": "old"}
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train"]
+
+
+_PUBLISH_AND_DIE = """
+import os, sys
+import numpy as np
+from refimpl.data.packed import PackedSplits
+out, note, die_after = sys.argv[1], sys.argv[2], int(sys.argv[3])
+real, calls = os.rename, []
+def rename(src, dst):
+    real(src, dst)
+    calls.append(dst)
+    if len(calls) == die_after:
+        os._exit(9)  # killed right after this rename: no cleanup, no undo
+os.rename = rename
+images = np.zeros((3, 5, 4, 3), np.uint8)
+with PackedSplits(out, ("train", "test"), overwrite=True) as s:
+    for name in s.names:
+        s.write(name, images, np.zeros(3, np.int64), {"note": note})
+"""
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_crash_between_renames_never_mixes_old_and_new(tmp_path, existing):
+    """Kill the writer after every single rename in turn; OUT never holds one new and one old
+    split, no old split is lost (kept in the .old- folder), and the next run completes."""
+    out = tmp_path / "out"
+    for die_after in range(1, 20):
+        if out.exists():
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+        if existing:
+            _write_splits(out, "old")
+        r = subprocess.run([sys.executable, "-c", _PUBLISH_AND_DIE, str(out), "new", str(die_after)],
+                           capture_output=True, text=True)
+        if r.returncode == 0:
+            break
+        assert r.returncode == 9, r.stderr
+        notes = _notes(out)
+        assert set(notes.values()) - {None} in (set(), {"old"}, {"new"}), (die_after, notes)
+        if existing:  # every old split is in OUT or in the .old- folder
+            aside = [p for p in out.iterdir() if p.name.startswith(".train+test.old-")]
+            for name, note in notes.items():
+                if note != "old":
+                    assert len(aside) == 1 and _notes(aside[0])[name] == "old", (die_after, name)
+        else:
+            assert notes in ({"train": None, "test": None}, {"train": "new", "test": "new"})
+        # the next run (the child's pid is gone) removes its temporaries and finishes
+        _write_splits(out, "next", overwrite=True)
+        assert _notes(out) == {"train": "next", "test": "next"}
+        leftovers = [p.name for p in list(out.iterdir()) + list(tmp_path.iterdir()) if ".tmp-" in p.name]
+        assert leftovers == [], (die_after, leftovers)
+    else:
+        pytest.fail("the writer never finished")
+    assert die_after == (6 if existing else 3) + 1  # renames: 2 staged + (2 aside + 2 in | 1 whole)
+    assert _notes(out) == {"train": "new", "test": "new"}

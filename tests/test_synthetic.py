@@ -99,3 +99,47 @@ def test_cli_packs_the_same_images(tmp_path):
     np.testing.assert_array_equal(chunked.images, packed.images)
     with pytest.raises(ValueError, match="chunk must be a positive integer, got 0"):
         write_synthetic(tmp_path / "never", 3, chunk=0)
+
+
+def test_too_large_size_is_one_clear_error(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "data_tools.synthetic", str(tmp_path / "out"),
+                        "--n", "10", "--size", "100000"], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.startswith("synthetic: error: --size 100000: rendering one 100000x100000 image "
+                               "needs about 894 GiB of memory, more than the ")
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_render_stays_within_the_writers_memory_estimate():
+    import tracemalloc
+    from data_tools.synthetic import RENDER_BYTES_PER_PIXEL
+    for n, size in ((64, 32), (4, 128), (1, 256)):
+        tracemalloc.start()
+        S.render(0, np.arange(n), size, 32)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert peak <= RENDER_BYTES_PER_PIXEL * n * size * size, (n, size, peak / (n * size * size))
+
+
+def test_chunks_shrink_to_the_available_memory(tmp_path, monkeypatch):
+    from data_tools import memory
+    from data_tools import synthetic as tool
+    from refimpl.data.packed import PackedDataset
+    rendered = []
+    real_read = SyntheticDataset.read
+    monkeypatch.setattr(SyntheticDataset, "read",
+                        lambda self, idx: rendered.append(len(idx)) or real_read(self, idx))
+    per_image = tool.RENDER_BYTES_PER_PIXEL * 16 * 16
+    monkeypatch.setattr(tool, "available_memory", lambda: 6 * per_image)  # room for 3 at half
+    monkeypatch.setattr(memory, "available_memory", lambda: 6 * per_image)
+    ds = PackedDataset(write_synthetic(tmp_path / "a", 10, size=16))
+    assert rendered == [3, 3, 3, 1]
+    np.testing.assert_array_equal(ds.images, SyntheticDataset(10, size=16).read(np.arange(10)))
+    monkeypatch.setattr(memory, "available_memory", lambda: per_image - 1)
+    with pytest.raises(ValueError, match=r"--size 16: rendering one 16x16 image needs about "
+                                         r"2\.29e-05 GiB of memory, more than the 2\.29e-05 GiB"):
+        write_synthetic(tmp_path / "b", 10, size=16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]

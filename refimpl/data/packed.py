@@ -23,14 +23,57 @@ and an existing ``out_dir`` is never replaced unless ``overwrite=True`` (and
 even then only if it is a packed dataset or empty: a user's image folder is
 never deleted by a mistyped argument).
 
+Temporary folders. A writer stages its data in ``.<name>.tmp-<host>-<pid>-<token>``
+next to the target ``<name>`` (host: this machine's name, letters, digits, "_"
+and "." only; pid: the writing process). Folders are made with ``os.mkdir``,
+so the published dataset has the permissions ``mkdir`` gives under the
+current umask (0755 under umask 022, 0700 under 077), never mkdtemp's 0700.
+When a writer starts it deletes the stale ``.<name>.tmp-*`` folders of the
+same target that a killed run left behind: only those named with this host
+and the pid of a process that no longer exists (``os.kill(pid, 0)`` fails
+with ProcessLookupError). A running writer's folder (its pid is alive), one
+from another host (a shared filesystem), and one in any other naming are
+never touched. (A recycled pid only makes a stale folder live a while longer.)
+
+Replacing. With ``overwrite=True`` the old dataset is first renamed into
+``.<name>.old-<host>-<pid>-<token>/``, then the new one is renamed into
+place, then the old one is deleted. If the second rename fails, the first is
+undone. A crash between the two renames leaves no ``<name>`` and the previous
+dataset complete in the ``.old-`` folder; ``.old-`` folders are never deleted
+automatically (they may hold the only copy), so rename it back or delete it.
+
+Several datasets that belong together (the train and test splits of one
+conversion) are written with ``PackedSplits``: both are published, or neither.
+
+  * ``out_dir`` does not exist yet (the usual case): the splits are staged as
+    ``.<out>.tmp-.../<split>/`` next to it, and ONE rename publishes the whole
+    folder. A crash leaves nothing or everything.
+  * ``out_dir`` exists: the splits are staged inside it, in
+    ``.train+test.tmp-.../``; every existing split is first moved aside into
+    ``out_dir/.train+test.old-.../``, and only then is every new split renamed
+    in. A failing rename undoes the ones before it. A crash between two
+    renames leaves only old splits or only new splits in ``out_dir`` (one of
+    them missing), never one new and one old; the old ones are in the
+    ``.old-`` folder (kept, as above), and the next run replaces the rest.
+
+Before it creates the image file, a writer checks that the filesystem has
+room for it (N * H * W * 3 bytes): the image file is a memory map, and a map
+that outgrows the disk kills the process with SIGBUS instead of an error.
+
 Reading never loads the whole image array: ``PackedDataset.images`` is a
 read-only ``np.memmap`` and ``read(indices)`` copies just the rows asked for.
-Checksums are checked by ``verify()``, not on open (it reads everything).
+Opening checks the manifest's types (num_images, image_size, format_version
+are ints, not bools; class_names a list of strings; checksums two sha256 hex
+strings; files, skipped), and that both ``.npy`` files are exactly as long as
+their headers say (shorter: truncated; longer: trailing bytes). Checksums
+themselves are checked by ``verify()``, not on open (it reads everything).
 
 Public API:
     write_packed(out_dir, images, labels, manifest=None, overwrite=False) -> Path
     PackedWriter(out_dir, num_images, height, width, manifest=None, overwrite=False)
+    PackedSplits(out_dir, names, overwrite=False)
     PackedDataset(path)
+    remove_stale_temporaries(parent, name) -> [removed Paths]
     FORMAT_VERSION, PackedFormatError
 
 ``refimpl.data.datasets.open_dataset`` opens a folder path as a PackedDataset.
@@ -38,8 +81,10 @@ Public API:
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +98,10 @@ MANIFEST_FILE = "manifest.json"
 
 # Keys the writer computes itself; a caller may pass them only with the same value.
 _COMPUTED_KEYS = ("format_version", "image_size", "num_images", "checksums")
+
+# This machine's name as it appears in temporary folder names (no "-", so the
+# name parses unambiguously from the right).
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
 
 
 class PackedFormatError(ValueError):
@@ -72,6 +121,15 @@ def _sha256(path, chunk=1 << 22):
     return h.hexdigest()
 
 
+def _format_bytes(n):
+    return f"{n / 2**30:.3g} GiB"
+
+
+def _is_int(v):
+    """True for a JSON integer (Python int), False for bools (true is an int to Python)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _read_npy_header(path):
     """(shape, fortran_order, dtype, data_offset) of a .npy file, reading only its header."""
     with open(path, "rb") as f:
@@ -84,6 +142,18 @@ def _read_npy_header(path):
         except Exception as e:  # ValueError for bad magic, truncated header, ...
             raise PackedFormatError(f"{path}: not a valid .npy file ({e})") from e
         return shape, fortran, dtype, f.tell()
+
+
+def _check_npy_length(path, offset, nbytes, what):
+    """The file must be exactly header + data bytes long: shorter is truncated, longer is damaged."""
+    expected = offset + nbytes
+    actual = Path(path).stat().st_size
+    if actual < expected:
+        raise PackedFormatError(f"{path} is truncated: {actual} bytes, expected {expected} "
+                                f"for {what}")
+    if actual > expected:
+        raise PackedFormatError(f"{path} has {actual - expected} trailing bytes: {actual} bytes, "
+                                f"expected {expected} for {what} (a damaged or foreign file)")
 
 
 def _shrink_npy(path, num_rows):
@@ -114,10 +184,10 @@ def _shrink_npy(path, num_rows):
 
 
 def _check_manifest_extras(manifest, num_images):
-    """Validate the caller-given manifest keys that have a fixed meaning."""
+    """Validate the caller-given manifest keys that have a fixed meaning (writer and reader)."""
     class_names = manifest.get("class_names", [])
     if not isinstance(class_names, (list, tuple)) or not all(isinstance(c, str) for c in class_names):
-        raise ValueError("manifest['class_names'] must be a list of strings")
+        raise ValueError(f"manifest['class_names'] must be a list of strings, got {class_names!r:.80}")
     files = manifest.get("files")
     if files is not None:
         if not isinstance(files, (list, tuple)) or len(files) != num_images:
@@ -135,6 +205,104 @@ def _is_replaceable(path):
     return path.is_dir() and (not any(path.iterdir()) or (path / MANIFEST_FILE).is_file())
 
 
+def _check_target(path, overwrite):
+    """FileExistsError unless ``path`` is free, or replaceable and ``overwrite``."""
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{path} already exists (pass overwrite=True "
+                                  f"/ --overwrite to replace it)")
+        if not _is_replaceable(path):
+            raise FileExistsError(f"{path} exists and is neither empty nor a packed "
+                                  f"dataset (no {MANIFEST_FILE}); refusing to replace it")
+
+
+# --------------------------------------------------------------------------
+# temporary folders: made with the umask, named after their owner, published by rename
+
+
+def _make_dir(parent, name, kind):
+    """Create ``parent/.<name>.<kind>-<host>-<pid>-<token>`` and return its Path.
+
+    ``os.mkdir`` applies the umask (mode 0o777 & ~umask), like ``mkdir``;
+    ``tempfile.mkdtemp`` would always give 0700.
+    """
+    for _ in range(100):
+        path = Path(parent) / f".{name}.{kind}-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:  # 32 random bits collided: draw again
+            continue
+    raise FileExistsError(f"could not create a temporary folder for {name} in {parent}")
+
+
+def _process_gone(pid):
+    """True only if no process ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):  # another user's process; or not a pid
+        return False
+    return False
+
+
+def remove_stale_temporaries(parent, name):
+    """Delete ``parent/.<name>.tmp-<host>-<pid>-<token>`` folders left by killed writers.
+
+    Only folders named with this host and the pid of a process that no
+    longer exists are removed (see the module docstring); returns their Paths.
+    """
+    pattern = re.compile(re.escape(f".{name}.tmp-") + r"(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{8}")
+    try:
+        entries = list(os.scandir(parent))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed = []
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if (m and m["host"] == _HOST and int(m["pid"]) != os.getpid()
+                and entry.is_dir(follow_symlinks=False) and _process_gone(int(m["pid"]))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _publish(pairs):
+    """Rename each complete new folder ``src`` onto ``dst``; every ``dst`` lies in one folder.
+
+    Order: every existing ``dst`` is moved aside into one ``.<names>.old-...``
+    folder first, then every ``src`` is renamed in, then the aside folder is
+    deleted. So at no moment is one ``dst`` new while another is old. If a
+    rename fails, the ones before it are undone and the error is raised.
+    """
+    parent = pairs[0][1].parent
+    old = [dst for _, dst in pairs if os.path.lexists(dst)]
+    aside = _make_dir(parent, "+".join(dst.name for _, dst in pairs), "old") if old else None
+    moved_aside, moved_in = [], []
+    try:
+        for dst in old:
+            os.rename(dst, aside / dst.name)
+            moved_aside.append(dst)
+        for src, dst in pairs:
+            os.rename(src, dst)
+            moved_in.append((src, dst))
+    except BaseException as e:
+        try:  # undo, newest first: the new folders back to staging, the old ones back in place
+            for src, dst in reversed(moved_in):
+                os.rename(dst, src)
+            for dst in reversed(moved_aside):
+                os.rename(aside / dst.name, dst)
+        except OSError as undo:
+            raise OSError(f"publishing {', '.join(str(d) for _, d in pairs)} failed ({e}) and "
+                          f"could not be undone ({undo}); the previous data is in {aside}") from e
+        if aside is not None:
+            aside.rmdir()
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------
 # writing
 
@@ -147,11 +315,13 @@ class PackedWriter:
             w.manifest["skipped"] = [...]                # may be edited until exit
             w.truncate(k)                                # optional: keep rows [0, k)
 
-    Images go straight into an ``np.lib.format.open_memmap`` inside a
-    temporary folder next to ``out_dir``. On a clean exit the writer checks
-    that every kept row was written, saves labels, computes the checksums,
-    writes the manifest and renames the folder into place. On an exception
-    the temporary folder is removed and ``out_dir`` is untouched.
+    Entering removes stale temporaries of ``out_dir`` (module docstring),
+    checks that the filesystem has room for the image file, and creates an
+    ``np.lib.format.open_memmap`` inside a temporary folder next to
+    ``out_dir``. On a clean exit the writer checks that every kept row was
+    written, saves labels, computes the checksums, writes the manifest and
+    renames the folder into place. On an exception the temporary folder is
+    removed and ``out_dir`` is untouched.
 
     Labels default to -1 (unknown) for rows written without labels.
     ``truncate`` exists for converters that learn only at the end how many
@@ -164,32 +334,41 @@ class PackedWriter:
         self.height, self.width = check_int("height", height), check_int("width", width)
         self.overwrite = bool(overwrite)
         self.manifest = dict(manifest or {})
-        self._check_target()
+        _check_target(self.out_dir, self.overwrite)
         self._tmp = None
         self._images = None
-        self.labels = np.full(self.num_images, -1, dtype=np.int64)  # (N,)
-        self._written = np.zeros(self.num_images, dtype=bool)  # which rows write() filled
+        self.labels = None  # int64 (N,), allocated on entry (after the size checks)
+        self._written = None
         self._keep = self.num_images
 
-    def _check_target(self):
-        if self.out_dir.exists() or self.out_dir.is_symlink():
-            if not self.overwrite:
-                raise FileExistsError(f"{self.out_dir} already exists (pass overwrite=True "
-                                      f"/ --overwrite to replace it)")
-            if not _is_replaceable(self.out_dir):
-                raise FileExistsError(f"{self.out_dir} exists and is neither empty nor a packed "
-                                      f"dataset (no {MANIFEST_FILE}); refusing to replace it")
+    @property
+    def image_bytes(self):
+        """Size of images.npy's data: N * H * W * 3 bytes (a Python int: never overflows)."""
+        return self.num_images * self.height * self.width * 3
 
     # context manager -------------------------------------------------------
 
     def __enter__(self):
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        parent = self.out_dir.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(parent, self.out_dir.name)
+        need = self.image_bytes + 8 * self.num_images + (1 << 16)  # images, labels, headers
+        free = shutil.disk_usage(parent).free
+        if need > free:
+            raise OSError(f"{self.out_dir}: {self.num_images} images of {self.height}x{self.width}x3 "
+                          f"need {_format_bytes(need)} on disk, but the filesystem holding {parent} "
+                          f"has {_format_bytes(free)} free")
         # Same parent as out_dir, so the final rename is atomic (same filesystem).
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-",
-                                          dir=self.out_dir.parent))
-        self._images = np.lib.format.open_memmap(
-            self._tmp / IMAGES_FILE, mode="w+", dtype=np.uint8,
-            shape=(self.num_images, self.height, self.width, 3))
+        self._tmp = _make_dir(parent, self.out_dir.name, "tmp")
+        try:
+            self.labels = np.full(self.num_images, -1, dtype=np.int64)  # (N,)
+            self._written = np.zeros(self.num_images, dtype=bool)  # which rows write() filled
+            self._images = np.lib.format.open_memmap(
+                self._tmp / IMAGES_FILE, mode="w+", dtype=np.uint8,
+                shape=(self.num_images, self.height, self.width, 3))
+        except BaseException:
+            self._abort()  # __exit__ does not run when __enter__ raises
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -288,17 +467,9 @@ class PackedWriter:
             f.flush()
             os.fsync(f.fileno())
 
-        self._check_target()  # someone may have created it while we worked
-        old = None
-        if self.out_dir.exists():
-            # Move the old dataset aside first, so a failure between the two
-            # renames still leaves one complete dataset on disk.
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent))
-            os.rename(self.out_dir, old / "data")
-        os.rename(self._tmp, self.out_dir)
+        _check_target(self.out_dir, self.overwrite)  # someone may have created it while we worked
+        _publish([(self._tmp, self.out_dir)])
         self._tmp = None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         self.path = self.out_dir
         return self.out_dir
 
@@ -326,6 +497,98 @@ def write_packed(out_dir, images, labels, manifest=None, overwrite=False):
     with PackedWriter(out_dir, n, h, w, manifest=manifest, overwrite=overwrite) as writer:
         writer.write(0, images, labels)
     return Path(out_dir)
+
+
+class PackedSplits:
+    """Several packed datasets in one folder (``out_dir/<name>``), published together or not at all.
+
+        with PackedSplits(out_dir, ("train", "test"), overwrite=False) as splits:
+            splits.write("train", images, labels, manifest)         # in memory
+            with splits.writer("test", n, H, W, manifest) as w:     # or streamed
+                w.write(0, chunk, chunk_labels)
+        splits.paths   # (out_dir/train, out_dir/test)
+
+    Construction checks every target (an existing ``out_dir/<name>`` needs
+    ``overwrite`` and must be a packed dataset or empty), so a converter can
+    fail before reading its input. Each split is written complete into a
+    staging folder; on a clean exit, with every split written, they are
+    published as the module docstring describes (one rename when ``out_dir``
+    is new; else old splits aside first, then new ones in). On an exception
+    the staging folder is removed and ``out_dir`` is untouched.
+    """
+
+    def __init__(self, out_dir, names, overwrite=False):
+        self.out_dir = Path(out_dir)
+        self.names = tuple(names)
+        if not self.names or len(set(self.names)) != len(self.names) or not all(
+                isinstance(n, str) and n and "/" not in n and not n.startswith(".")
+                for n in self.names):
+            raise ValueError(f"split names must be distinct plain folder names, got {names!r}")
+        self.overwrite = bool(overwrite)
+        self.paths = tuple(self.out_dir / n for n in self.names)
+        self._check_targets()
+        self._stage = None
+
+    def _check_targets(self):
+        if (self.out_dir.exists() or self.out_dir.is_symlink()) and not self.out_dir.is_dir():
+            raise FileExistsError(f"{self.out_dir} exists and is not a folder")
+        for path in self.paths:
+            _check_target(path, self.overwrite)
+
+    def __enter__(self):
+        parent = self.out_dir.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(parent, self.out_dir.name)
+        group = "+".join(self.names)
+        if self.out_dir.is_dir():
+            remove_stale_temporaries(self.out_dir, group)
+            self._stage = _make_dir(self.out_dir, group, "tmp")
+        else:  # staged as a whole new out_dir, published by one rename
+            self._stage = _make_dir(parent, self.out_dir.name, "tmp")
+        return self
+
+    def _staged(self, name):
+        if self._stage is None:
+            raise RuntimeError("PackedSplits.write/writer called outside its `with` block")
+        if name not in self.names:
+            raise ValueError(f"unknown split {name!r}; expected one of {self.names}")
+        return self._stage / name
+
+    def writer(self, name, num_images, height, width, manifest=None):
+        """A ``PackedWriter`` for split ``name`` (use it in a ``with`` block)."""
+        return PackedWriter(self._staged(name), num_images, height, width, manifest=manifest)
+
+    def write(self, name, images, labels, manifest=None):
+        """Write split ``name`` from memory, like ``write_packed``; returns its final Path."""
+        write_packed(self._staged(name), images, labels, manifest)
+        return self.out_dir / name
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self._publish()
+        finally:
+            if self._stage is not None:
+                shutil.rmtree(self._stage, ignore_errors=True)
+                self._stage = None
+        return False
+
+    def _publish(self):
+        missing = [n for n in self.names if not (self._stage / n / MANIFEST_FILE).is_file()]
+        if missing:
+            raise ValueError(f"split(s) {', '.join(missing)} of {self.out_dir} were never written; "
+                             f"publishing none")
+        self._check_targets()  # someone may have created them while we worked
+        if self._stage.parent == self.out_dir.parent:
+            try:
+                os.rename(self._stage, self.out_dir)  # every split at once
+                self._stage = None
+                return
+            except OSError:
+                if not self.out_dir.is_dir():
+                    raise
+                self._check_targets()  # out_dir appeared meanwhile: publish split by split
+        _publish([(self._stage / n, self.out_dir / n) for n in self.names])
 
 
 # --------------------------------------------------------------------------
@@ -366,23 +629,20 @@ class PackedDataset:
         if tuple(shape) != (n, h, w, 3):
             raise PackedFormatError(f"{img_path}: shape {tuple(shape)} does not match the manifest "
                                     f"(num_images {n}, image_size [{h}, {w}])")
-        expected = offset + n * h * w * 3
-        actual = img_path.stat().st_size
-        if actual < expected:
-            raise PackedFormatError(f"{img_path} is truncated: {actual} bytes, expected {expected} "
-                                    f"for {n} images of {h}x{w}x3")
+        _check_npy_length(img_path, offset, n * h * w * 3, f"{n} images of {h}x{w}x3")
         self.images = np.load(img_path, mmap_mode="r")
 
         lab_path = self.path / LABELS_FILE
+        shape, fortran, dtype, offset = _read_npy_header(lab_path)
+        if len(shape) != 1 or not np.issubdtype(dtype, np.integer):
+            raise PackedFormatError(f"{lab_path}: expected int64 (N,), got {dtype} {shape}")
+        if shape[0] != n:
+            raise PackedFormatError(f"{lab_path}: {shape[0]} labels for {n} images")
+        _check_npy_length(lab_path, offset, n * dtype.itemsize, f"{n} labels of {dtype}")
         try:
             labels = np.load(lab_path, allow_pickle=False)
         except Exception as e:
             raise PackedFormatError(f"{lab_path}: unreadable ({e})") from e
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise PackedFormatError(f"{lab_path}: expected int64 (N,), "
-                                    f"got {labels.dtype} {labels.shape}")
-        if labels.shape[0] != n:
-            raise PackedFormatError(f"{lab_path}: {labels.shape[0]} labels for {n} images")
         # The writer's range rule, checked again: the file may have been replaced.
         n_classes = len(self.class_names)
         bad = labels < -1
@@ -407,17 +667,28 @@ class PackedDataset:
         missing = [k for k in ("format_version", "image_size", "num_images", "checksums") if k not in m]
         if missing:
             raise PackedFormatError(f"{path}: missing keys {missing}")
-        if m["format_version"] != FORMAT_VERSION:
+        if not _is_int(m["format_version"]) or m["format_version"] != FORMAT_VERSION:
             raise PackedFormatError(f"{path}: format_version {m['format_version']!r}, this refimpl "
                                     f"reads version {FORMAT_VERSION}; re-pack the dataset")
         size = m["image_size"]
         if (not isinstance(size, list) or len(size) != 2
-                or not all(isinstance(s, int) and s > 0 for s in size)):
+                or not all(_is_int(s) and s > 0 for s in size)):
             raise PackedFormatError(f"{path}: image_size must be [H, W] positive ints, got {size!r}")
-        if not isinstance(m["num_images"], int) or m["num_images"] < 1:
+        if not _is_int(m["num_images"]) or m["num_images"] < 1:
             raise PackedFormatError(f"{path}: num_images must be a positive int, "
                                     f"got {m['num_images']!r}")
+        sums = m["checksums"]
+        if (not isinstance(sums, dict) or set(sums) != {IMAGES_FILE, LABELS_FILE}
+                or not all(isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)
+                           for v in sums.values())):
+            raise PackedFormatError(f"{path}: checksums must be {{\"{IMAGES_FILE}\": sha256, "
+                                    f"\"{LABELS_FILE}\": sha256}} (64 lowercase hex digits each), "
+                                    f"got {sums!r:.120}")
         m.setdefault("class_names", [])
+        try:
+            _check_manifest_extras(m, m["num_images"])  # the writer's rules for the same keys
+        except ValueError as e:
+            raise PackedFormatError(f"{path}: {e}") from e
         return m
 
     @property
