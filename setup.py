@@ -22,11 +22,14 @@ setup(
         # CPU PyTorch, the second oracle. Install the CPU build yourself first
         # (e.g. `pip install torch==2.13.0`): a bare `torch` pulls a CUDA build.
         "torch": ["torch>=2.0"],
-        "test": ["pytest>=7"],
+        # jupytext + nbclient: one test converts a tutorial to a notebook and
+        # executes it; nbclient needs ipykernel to start a Python kernel.
+        "test": ["pytest>=7", "jupytext>=1.14", "nbclient>=0.7", "ipykernel>=6"],
     },
     entry_points={"console_scripts": [
         "refimpl-train = refimpl.train.__main__:main",
         "refimpl-eval = refimpl.evaluate.__main__:main",
         "refimpl-export = refimpl.checkpoint:main",
+        "refimpl-oracle = refimpl.oracle.__main__:main",
     ]},
 )

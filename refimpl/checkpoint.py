@@ -33,7 +33,6 @@ the saved training state.
 Every rank calls ``save`` and ``load`` (collective: barriers and one
 broadcast); rank 0 writes the small files.
 """
-import hashlib
 import json
 import os
 import shutil
@@ -42,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from refimpl.backend import asarray, to_numpy
+from refimpl.fileio import fsync_path, sha256_file
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -57,22 +57,6 @@ MUST_MATCH = ("arch", "stem", "width", "head_hidden", "dim", "dtype")
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete, damaged or does not fit the run."""
-
-
-def _sha256(path, chunk=1 << 22):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def checkpoint_name(step):
@@ -122,7 +106,7 @@ def _write_rows(path, rows, lo, shape, dtype, rank, comm):
     mm[lo:lo + rows.shape[0]] = to_numpy(rows)
     mm.flush()
     del mm
-    _fsync(path)
+    fsync_path(path)
 
 
 def save(run_dir, state, cfg_dict, net, clf, net_opt, clf_opt, comm, neighbours=None, keep=2):
@@ -155,29 +139,29 @@ def save(run_dir, state, cfg_dict, net, clf, net_opt, clf_opt, comm, neighbours=
             for n, (a, b) in net.store.offsets.items():
                 arrays["momentum/" + n] = mom[a:b].reshape(net.store.shapes[n])
         np.savez(tmp / REPLICATED, **arrays)
-        _fsync(tmp / REPLICATED)
+        fsync_path(tmp / REPLICATED)
         files = [REPLICATED, WEIGHT] + ([MOMENTUM] if (tmp / MOMENTUM).exists() else [])
         if neighbours is not None:
             np.save(tmp / NEIGHBOURS, np.asarray(neighbours, dtype=np.int64), allow_pickle=False)
-            _fsync(tmp / NEIGHBOURS)
+            fsync_path(tmp / NEIGHBOURS)
             files.append(NEIGHBOURS)
         meta = {"format_version": FORMAT_VERSION, "state": state, "config": cfg_dict,
                 "num_classes": N, "dim": D, "dtype": dtype.name, "world_size": comm.size,
                 "sampler": {"epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"]},
                 "rng": "stateless: every draw is rng(seed, stream, keys) (refimpl.backend.rng)",
-                "files": {f: _sha256(tmp / f) for f in files}}
+                "files": {f: sha256_file(tmp / f) for f in files}}
         with open(tmp / META, "w") as f:
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp)
+        fsync_path(tmp)
         if final.exists():  # the same step saved twice (e.g. on interrupt): replace
             shutil.rmtree(final)
         os.rename(tmp, final)
         pointer = run_dir / (LATEST + ".tmp")
         pointer.write_text(name + "\n")
         os.rename(pointer, run_dir / LATEST)
-        _fsync(run_dir)
+        fsync_path(run_dir)
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     comm.barrier()
@@ -209,7 +193,7 @@ def verify(path, meta=None):
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{f}: missing (the checkpoint is incomplete)")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CheckpointError(f"{f}: checksum mismatch: the file is truncated, corrupt "
                                   f"or not this checkpoint's")
     return meta

@@ -22,7 +22,7 @@ OUT.json (pytest asserts on them, so a failure shows the numbers):
   (``check_replicas=True``: a difference aborts the job).
 
 ``fail``: rank 1 raises while the others wait in a collective; the job must
-end (abort_on_error), not hang.
+end (abort_on_error), not hang. ``exit``: rank 1 calls sys.exit(0) instead.
 """
 import json
 import sys
@@ -249,8 +249,10 @@ def main():
     comm = MPIComm(MPI.COMM_WORLD)
     mode = sys.argv[1]
     with abort_on_error(comm):
-        if mode == "fail":
+        if mode in ("fail", "exit"):
             if comm.rank == 1:
+                if mode == "exit":
+                    sys.exit(0)  # a clean-looking exit, while the others wait
                 raise RuntimeError("rank 1 failed on purpose (test_rank_failure_ends_job)")
             comm.all_reduce(np.zeros(1), "sum")  # the others wait here
             comm.barrier()

@@ -174,3 +174,18 @@ def test_hostfile_naming_this_machine_twice(tmp_path):
     assert "on 2 rank(s)" in proc.stdout
     assert train(*args, f"out={b}", ranks=2).returncode == 0
     assert max(state_errors(a, b).values()) == 0.0
+
+
+@pytest.mark.mpi
+def test_ranks_with_different_configs_refuse_to_start(tmp_path):
+    """Rank 1 started with another alpha (mpirun's MPMD form A : B): every rank
+    stops before training, with one message."""
+    from refimpl.parallel.launch import find_mpirun
+    base = [sys.executable, "-m", "refimpl.train", *TINY, f"out={tmp_path / 'run'}"]
+    cmd = [find_mpirun(), "--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0
+                                                 else [])
+    cmd += ["-np", "1", *base, "alpha=0.1", ":", "-np", "1", *base, "alpha=0.2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("ranks [1] run another configuration than rank 0") == 1
+    assert not (tmp_path / "run").exists()

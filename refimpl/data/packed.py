@@ -78,7 +78,6 @@ Public API:
 
 ``refimpl.data.datasets.open_dataset`` opens a folder path as a PackedDataset.
 """
-import hashlib
 import json
 import os
 import re
@@ -90,6 +89,7 @@ from pathlib import Path
 import numpy as np
 
 from refimpl.checks import check_int
+from refimpl.fileio import sha256_file
 
 FORMAT_VERSION = 1
 IMAGES_FILE = "images.npy"
@@ -110,15 +110,6 @@ class PackedFormatError(ValueError):
 
 # --------------------------------------------------------------------------
 # helpers
-
-
-def _sha256(path, chunk=1 << 22):
-    """Hex sha256 of a file's bytes, read in 4 MiB chunks (never all at once)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _format_bytes(n):
@@ -447,8 +438,8 @@ class PackedWriter:
         if n < self.num_images:
             _shrink_npy(self._tmp / IMAGES_FILE, n)
         np.save(self._tmp / LABELS_FILE, labels, allow_pickle=False)
-        checksums = {IMAGES_FILE: _sha256(self._tmp / IMAGES_FILE),
-                     LABELS_FILE: _sha256(self._tmp / LABELS_FILE)}
+        checksums = {IMAGES_FILE: sha256_file(self._tmp / IMAGES_FILE),
+                     LABELS_FILE: sha256_file(self._tmp / LABELS_FILE)}
 
         # Fixed keys first so the manifest reads well; extras after.
         full = {"format_version": FORMAT_VERSION, "source": manifest.pop("source", None),
@@ -728,7 +719,7 @@ class PackedDataset:
         """Recompute both checksums (reads every byte); raise PackedFormatError on mismatch."""
         expected = self.manifest["checksums"]
         for name in (IMAGES_FILE, LABELS_FILE):
-            got = _sha256(self.path / name)
+            got = sha256_file(self.path / name)
             if expected.get(name) != got:
                 raise PackedFormatError(f"{self.path / name}: checksum mismatch (manifest "
                                         f"{expected.get(name)}, file {got}); the file was modified "

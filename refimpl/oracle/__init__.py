@@ -1,16 +1,33 @@
 """The correctness oracle: what an engineer needs to check an implementation.
 
-    compare.py       scaled / relative error, check_tensor, per-tensor reports
+    compare.py       scaled / relative error, check_tensor, per-tensor reports;
+                     compare_traces: two traces tensor by tensor, the first
+                     divergence, hints (a gradient P times the reference's)
     gradcheck.py     centered finite differences of sum(f(x) * dout)
     dense.py         the dense single-process cosine classifier (the
                      reference of the sharded one)
-    torch_resnet.py  an independent PyTorch ResNet + head (import only with
-                     torch installed; not imported here)
+    trace.py         the trace format (a directory of .npz files, one per
+                     step, readable with NumPy alone) and TraceRecorder, which
+                     records a refimpl run (refimpl-train --trace)
+    replay.py        run another implementation's trace in refimpl (float64,
+                     any P) and compare; start refimpl from torchvision weights
+    __main__.py      refimpl-oracle replay | compare
+    torch_writer.py  TraceWriter: hooks that write a PyTorch model + SGD step as
+                     a trace (imports torch: import it yourself, never here)
+    torch_resnet.py  an independent PyTorch ResNet + head (imports torch)
+
+docs/oracle.md is the user's guide: the workflow and every convention.
+Importing ``refimpl.oracle`` never imports PyTorch.
 """
-from refimpl.oracle.compare import (check_tensor, compare_tensors, format_report, rel_error,
+from refimpl.oracle.compare import (check_tensor, compare_tensors, compare_traces,
+                                    format_report, format_trace_report, ratio_hint, rel_error,
                                     scaled_error, tensor_diff)
 from refimpl.oracle.dense import dense_cosine_softmax
 from refimpl.oracle.gradcheck import numerical_grad
+from refimpl.oracle.replay import load_encoder_file, replay, replay_and_compare
+from refimpl.oracle.trace import Trace, TraceError, TraceRecorder
 
-__all__ = ["check_tensor", "compare_tensors", "dense_cosine_softmax", "format_report",
-           "numerical_grad", "rel_error", "scaled_error", "tensor_diff"]
+__all__ = ["Trace", "TraceError", "TraceRecorder", "check_tensor", "compare_tensors",
+           "compare_traces", "dense_cosine_softmax", "format_report", "format_trace_report",
+           "load_encoder_file", "numerical_grad", "ratio_hint", "rel_error", "replay",
+           "replay_and_compare", "scaled_error", "tensor_diff"]

@@ -1,6 +1,7 @@
 """refimpl-train: train an instance classifier, alone or under ``mpirun -n P``.
 
     refimpl-train CONFIG.toml [key=value ...] [--resume DIR|auto] [--dry-run]
+                  [--trace DIR --trace-steps N]     (an oracle trace: docs/oracle.md)
     python -m refimpl.train CONFIG.toml [key=value ...]
     mpirun -n 2 refimpl-train configs/demo.toml out=runs/demo2
 
@@ -59,11 +60,19 @@ def build_parser():
                    help="on SIGINT / SIGTERM / SIGUSR1, write a checkpoint before stopping "
                         "(under Open MPI's mpirun send SIGUSR1: it kills the ranks 0.25 s "
                         "after forwarding SIGINT or SIGTERM)")
+    p.add_argument("--trace", metavar="DIR",
+                   help="record the first training steps as an oracle trace in DIR "
+                        "(docs/oracle.md; refimpl-oracle compares and replays it)")
+    p.add_argument("--trace-steps", type=int, default=1, metavar="N",
+                   help="how many steps --trace records (default 1)")
     return p
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.trace_steps < 1:
+        parser.error(f"--trace-steps must be >= 1, got {args.trace_steps}")
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:  # only overrides, no file
         config, overrides = None, [config] + overrides
@@ -82,6 +91,10 @@ def main(argv=None):
         with abort_on_error(comm, passthrough=(ConfigError, CheckpointError, TrainingStopped,
                                                TrainingInterrupted)):
             trainer = Trainer(cfg, comm, save_on_interrupt=args.save_on_interrupt)
+            if args.trace:
+                from refimpl.oracle.trace import TraceRecorder
+                trainer.tracer = TraceRecorder.for_trainer(trainer, args.trace,
+                                                           args.trace_steps)
             trainer.install_signal_handlers()
             resume = args.resume
             if resume == "auto":

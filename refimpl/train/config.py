@@ -53,6 +53,7 @@ class Config:
     width: int = 64               # base width (64 = torchvision)
     head_hidden: int = 0          # hidden width of the MLP head (0 = the encoder's)
     dim: int = 128                # D, the feature dimension
+    init_encoder: str = ""        # torchvision-named .pt/.npz whose encoder weights start the run
     # ---- method
     tau: float = 0.15             # temperature of the cosine classifier
     alpha: float = 0.2            # smoothing weight on the K hardest classes (0: none)
@@ -223,6 +224,11 @@ def validate(cfg, num_instances=None, world_size=1):
         cfg.augment_config()
     except (TypeError, ValueError) as e:
         p.append(f"augment: {e}")
+    if cfg.init_encoder and not cfg.init_encoder.endswith((".pt", ".npz")):
+        p.append(f"init_encoder must be a .pt or .npz state dict (torchvision names), got "
+                 f"{cfg.init_encoder!r}")
+    elif cfg.init_encoder and not Path(cfg.init_encoder).is_file():
+        p.append(f"init_encoder: no such file {cfg.init_encoder!r}")
     B, P = cfg.batch_size, world_size
     if B >= 1 and B % P:
         p.append(f"batch_size B = {B} is not divisible by P = {P} ranks: every rank "

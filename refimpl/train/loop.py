@@ -113,6 +113,8 @@ class Trainer:
         self.net = build_model(cfg.arch, cfg.stem, cfg.width, cfg.head_hidden or None, cfg.dim,
                                cfg.dtype, cfg.device, cfg.seed)
         set_batchnorm_mode(self.net, comm, cfg.bn)
+        if cfg.init_encoder:  # torchvision-named weights start the encoder (oracle interop)
+            self._collective(lambda: load_init_encoder(self.net, cfg.init_encoder))
         self.clf = CosineClassifier(self.N, cfg.dim, comm, cfg.tau, cfg.dtype, cfg.device,
                                     cfg.seed)
         mask = None if cfg.decay_bn_and_bias else self.net.store.decay_mask(is_bn_or_bias)
@@ -127,6 +129,7 @@ class Trainer:
         self.state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "prior_done": False}
         self.neighbours = None   # (N, K) table of the current epoch
         self.results = {}        # the evaluation lines of the final summary
+        self.tracer = None       # refimpl-train --trace: an oracle.trace.TraceRecorder
 
     # ---------------------------------------------------------------- setup
     def _collective(self, fn):
@@ -181,6 +184,13 @@ class Trainer:
         if self.rank0:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def write_eval(self, name, knn):
+        """One "eval" record: the kNN of a reference point (raw pixels, random init, ...)."""
+        if knn and any(knn.values()):
+            self.write_metrics({"kind": "eval", "name": name,
+                                "knn": {kind: {str(k): a for k, a in acc.items()}
+                                        for kind, acc in knn.items()}})
 
     # ----------------------------------------------------------- evaluation
     def knn(self, label):
@@ -257,6 +267,8 @@ class Trainer:
                        if self.smoothing(epoch) else None)
             step = self.state["step"]
             lr = self.lr_at(step)
+            if self.tracer is not None:  # the first call records the state before the step
+                self.tracer.begin(fresh=t == 0)
             try:
                 out = forward_backward(self.net, self.clf, x, ids, comm, targets, topk=(1, 5),
                                        step=step)
@@ -267,7 +279,11 @@ class Trainer:
                     f"{' ...' if batch.size // P > 16 else ''}); nothing was written over "
                     f"the last good checkpoint ({checkpoint.latest_checkpoint(self.out)})"
                 ) from None
+            if self.tracer is not None:
+                self.tracer.record(x, ids, out, lr, targets)
             update(self.net, comm, self.net_opt, self.clf_opt, lr)
+            if self.tracer is not None:
+                self.tracer.end()
             self.state.update(step=step + 1, step_in_epoch=t + 1)
             self.check_stop()
             losses.append(out.loss)
@@ -349,8 +365,9 @@ class Trainer:
                 keep = [line for line in metrics.read_text().splitlines()
                         if _before(json.loads(line), self.state)]
                 metrics.write_text("".join(line + "\n" for line in keep))
+        saved_on = checkpoint.read_meta(path)["world_size"]
         self.log(f"resumed from {path}: epoch {self.state['epoch'] + 1}, step "
-                 f"{self.state['step']} (saved on {self.comm.size} rank(s) or another P)")
+                 f"{self.state['step']} (saved on {saved_on} rank(s), now {self.comm.size})")
 
     def start(self, resume):
         """Prepare the run directory: refuse to start afresh over a run's checkpoints,
@@ -385,6 +402,8 @@ class Trainer:
             self.results["raw_pixels"] = self.raw_pixel_knn()
             self.results["random_init"] = self.knn("random init (BN running statistics at "
                                                    "their initial values: mean 0, var 1)")
+            self.write_eval("raw_pixels", {"pooled": self.results["raw_pixels"]})
+            self.write_eval("random_init", self.results["random_init"])
             if cfg.prior:
                 report = contrastive_prior(self.net, self.clf, self.train_set, self.comm,
                                            cfg.batch_size, seed=cfg.seed, image_size=self.S,
@@ -393,6 +412,7 @@ class Trainer:
                 self.log(prior_summary(report))
                 self.results["after_prior"] = self.knn("after the prior (BN running "
                                                        "statistics of the prior pass)")
+                self.write_eval("after_prior", self.results["after_prior"])
             self.state["prior_done"] = bool(cfg.prior)
         for epoch in range(self.state["epoch"], cfg.epochs):
             start = self.state["step_in_epoch"]
@@ -436,6 +456,19 @@ class Trainer:
         return acc
 
 
+def load_init_encoder(net, path):
+    """Config.init_encoder: a torchvision-named .pt/.npz file starts the encoder.
+
+    (``oracle.replay.load_encoder_file``: fc.*, head.* and classifier.* keys are
+    ignored, every encoder key must fit.) A bad file is a ConfigError.
+    """
+    from refimpl.oracle.replay import load_encoder_file
+    try:
+        load_encoder_file(net, path)
+    except (ValueError, OSError) as e:  # StateDictError is a ValueError
+        raise ConfigError(f"init_encoder: {e}") from None
+
+
 def _before(record, state):
     """Does a metrics record belong to the part of the run a checkpoint holds?"""
     if record.get("kind") == "step":
@@ -469,6 +502,16 @@ def plot_curves(metrics_path, png_path):
                    if k in e.get("knn", {}).get(kind, {})]
             axes[2].plot(*zip(*pts), style, marker="o", ms=3,
                          label=f"{'encoder' if kind == 'pooled' else 'head'} k={k}")
+    # the reference points, as horizontal lines: raw pixels, random init, after the prior
+    evals = {e["name"]: e["knn"] for e in map(json.loads, Path(metrics_path).read_text()
+                                               .splitlines()) if e.get("kind") == "eval"}
+    for name, color in (("raw_pixels", "gray"), ("random_init", "tab:red"),
+                        ("after_prior", "tab:purple")):
+        acc = evals.get(name, {}).get("pooled", {})
+        k = min(acc, key=int) if acc else None
+        if k is not None:
+            axes[2].axhline(100 * acc[k], color=color, ls=":", lw=1.2,
+                            label=f"{name.replace('_', ' ')} k={k}")
     axes[2].set_title("kNN accuracy on the test split (%)")
     if axes[2].lines:
         axes[2].legend(fontsize=8)

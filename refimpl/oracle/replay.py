@@ -1,0 +1,294 @@
+"""Replay: run another implementation's traced steps in refimpl, in float64, and compare.
+
+Contract. ``replay(trace_dir, out_dir, comm)`` reads a trace (``oracle.trace``)
+written by any implementation, builds refimpl's network, classifier and
+optimizers in float64 from the trace's initial state and hyper-parameters,
+runs the same steps on the same inputs (``train.step.forward_backward``, then
+``update`` with the step's lr) on comm's P ranks, and records refimpl's own
+trace of them into ``out_dir`` (``TraceRecorder``). ``replay_and_compare``
+does that (in this process, or on P ranks under mpirun) and then compares
+every tensor the trace holds with refimpl's (``compare.compare_traces``,
+refimpl the reference).
+
+    taken from the trace   the initial parameters, BN buffers, momenta, the
+                           classifier weight (and its momentum); each step's
+                           input, ids and lr; the neighbour rows when
+                           hparams["neighbours"] is "given"
+    recomputed by refimpl  everything else, the neighbour table too when it is
+                           "initial_weight" (refimpl's hardest_neighbours of
+                           the initial W, so the tie rule is checked)
+
+Each step after the first starts from the state the trace recorded after the
+step before (``resync``: whatever it holds in full), so every step is checked
+from the same state and float32 rounding does not compound; ``free_run=True``
+carries refimpl's own state instead (the trajectory as a whole).
+
+The replay is float64 whatever the trace's dtype (one switch: network,
+classifier and optimizer state); the comparison's default tolerance follows
+the trace's dtype (``compare.default_tolerances``).
+
+World size. A trace's tensors are of the global batch, so any P' replays it:
+with "sync" BatchNorm any P' that divides B; with "local" BatchNorm P' = P
+(each rank its own statistics, rank 0's broadcast) or P' = 1
+(``net.bn.groups = P``: the same statistics in one process).
+
+``read_state_file`` / ``load_encoder_file`` start refimpl from another
+implementation's weights outside a trace: a torchvision-named ``.pt`` or
+``.npz`` as the initial encoder (``Config.init_encoder``).
+"""
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from refimpl import __version__
+from refimpl.method.neighbours import hardest_neighbours
+from refimpl.method.targets import target_entries
+from refimpl.models.network import build_model
+from refimpl.models.state_dict import import_torchvision
+from refimpl.optim.sgd import SGD
+from refimpl.oracle.compare import compare_traces
+from refimpl.oracle.trace import INIT, Trace, TraceError, TraceRecorder
+from refimpl.params import StateDictError, is_bn_or_bias
+from refimpl.parallel.classifier import CosineClassifier
+from refimpl.parallel.comm import SelfComm
+from refimpl.parallel.data_parallel import set_batchnorm_mode
+from refimpl.parallel.launch import mpirun_command
+from refimpl.train.step import forward_backward, update
+
+# refimpl's BatchNorm (models.blocks.BatchNorm defaults)
+BN_MOMENTUM, BN_EPS = 0.1, 1e-5
+
+
+def build_from_trace(trace, comm, dtype=np.float64):
+    """(net, clf, net_opt, clf_opt) of one dtype (float64 unless told), in the trace's
+    initial state, on comm."""
+    hp = trace.hparams
+    P, P_t, B = comm.size, hp["world_size"], hp["batch_size"]
+    if B % P:
+        raise TraceError(f"the trace's batch B = {B} does not split over {P} ranks")
+    for key, ours in (("bn_momentum", BN_MOMENTUM), ("bn_eps", BN_EPS)):
+        if hp[key] != ours:
+            raise TraceError(f"{trace.path}: hparams[{key!r}] = {hp[key]}, but refimpl's "
+                             f"BatchNorm uses {ours} (PyTorch's default; docs/oracle.md, "
+                             f"BatchNorm): replay cannot reproduce another value")
+    net = build_model(hp["arch"], hp["stem"], hp["width"], hp["head_hidden"], hp["dim"],
+                      dtype=dtype, device="cpu")
+    if hp["bn"] == "sync":
+        set_batchnorm_mode(net, comm, "sync")
+    elif P == P_t:
+        set_batchnorm_mode(net, comm, "local")
+    elif P == 1:
+        net.bn.groups = P_t  # P local BatchNorms in one process
+    else:
+        raise TraceError(f"the trace was recorded on P = {P_t} ranks with local BatchNorm: "
+                         f"replay it on {P_t} ranks or on 1 (not {P})")
+    init = trace.init()
+    try:
+        net.store.load_state_dict({n: v for n, v in init.items()
+                                   if not n.startswith("momentum/")})
+    except StateDictError as e:
+        raise TraceError(f"{trace.path / INIT}: does not fit refimpl's {hp['arch']} "
+                         f"(stem {hp['stem']}, width {hp['width']}) + head: {e}") from None
+    clf = CosineClassifier(hp["N"], hp["D"], comm, hp["tau"], dtype, "cpu")
+    clf.weight[...] = trace.classifier(clf.lo, clf.hi)
+    mask = None if hp["weight_decay_mask"] == "all" else net.store.decay_mask(is_bn_or_bias)
+    mu, wd, nesterov = hp["momentum"], hp["weight_decay"], hp["nesterov"]
+    net_opt = SGD(net.store.data, net.store.grad, 0.0, mu, wd, nesterov, mask)
+    clf_opt = SGD(clf.weight.ravel(), clf.grad.ravel(), 0.0, mu, wd, nesterov)
+    momenta = {n[9:]: v for n, v in init.items() if n.startswith("momentum/")}
+    clf_momentum = trace.classifier_momentum(clf.lo, clf.hi)
+    if mu == 0 and (momenta or clf_momentum is not None):
+        raise TraceError(f"{trace.path}: momentum buffers recorded but hparams['momentum'] "
+                         f"= 0")
+    for n, v in momenta.items():  # a buffer not recorded is zero (no step taken yet)
+        a, b = net.store.offsets[n]
+        net_opt.momentum_buffer[a:b] = np.asarray(v).ravel()
+    if clf_momentum is not None:
+        clf_opt.momentum_buffer[...] = clf_momentum.ravel()
+    return net, clf, net_opt, clf_opt
+
+
+def targets_from_rows(ids, rows, num_classes, alpha):
+    """Sparse smoothed targets of a batch from its neighbour rows (B, K).
+
+    The same entries as ``method.targets.target_entries`` with a table whose
+    rows ``ids`` are ``rows``; an id that appears twice with different rows is
+    an error.
+    """
+    table = np.zeros((num_classes, rows.shape[1]), dtype=np.int64)
+    table[ids] = rows
+    if not np.array_equal(table[ids], rows):
+        raise TraceError("the trace's neighbour rows differ for one id that appears twice "
+                         "in the batch")
+    return target_entries(ids, num_classes, table, alpha)
+
+
+def resync(trace, prev, net, clf, net_opt, clf_opt):
+    """Start the next step from the state the trace recorded after step ``prev``.
+
+    Whatever the step file holds in full is loaded: parameters, BN buffers,
+    momenta, the classifier weight and momentum ("full" traces). Each step is
+    then checked from the same state on both sides, so a float32 trace's
+    rounding does not compound over steps (and a divergence is pinned to
+    its step). Returns the names loaded.
+    """
+    st = trace.step(prev)
+    loaded = [n for n in net.store.names() if n in st]
+    net.store.load_state_dict({n: st[n] for n in loaded}, strict=False)
+    for n, (a, b) in net.store.offsets.items():
+        key = "momentum/" + n
+        if key in st and net_opt.momentum_buffer is not None:
+            net_opt.momentum_buffer[a:b] = np.asarray(st[key]).ravel()
+            loaded.append(key)
+    for key, dst in (("classifier.weight", clf.weight),
+                     ("momentum/classifier.weight", clf_opt.momentum_buffer)):
+        if key in st and dst is not None:
+            dst[...] = np.asarray(st[key][clf.lo:clf.hi]).reshape(dst.shape)
+            loaded.append(key)
+    return loaded
+
+
+def replay(trace_dir, out_dir, comm=None, steps=None, free_run=False, dtype=np.float64):
+    """Run a trace's steps in refimpl (float64, comm's ranks); write refimpl's trace.
+
+    steps: how many of the trace's steps (default all). free_run: False (the
+    default) starts every step after the first from the state the trace
+    recorded after the step before (``resync``); True carries refimpl's own
+    state from step to step. dtype: float64, the replay; float32 measures
+    refimpl's own float32 rounding of the same steps (``replay_and_compare``'s
+    noise floor). Every rank calls this; returns out_dir as a Path.
+    """
+    comm = SelfComm() if comm is None else comm
+    trace = Trace(trace_dir)
+    if Path(out_dir).resolve() == trace.path.resolve():
+        raise TraceError(f"{out_dir}: refimpl's trace would overwrite the one it replays")
+    hp = trace.hparams
+    n = len(trace.steps) if steps is None else min(int(steps), len(trace.steps))
+    if n < 1:
+        raise TraceError(f"{trace.path}: the trace holds no step")
+    net, clf, net_opt, clf_opt = build_from_trace(trace, comm, dtype)
+    given = {k: hp[k] for k in ("alpha", "K", "neighbours", "batch_size", "seed",
+                                "world_size") if hp.get(k) is not None}
+    rec = TraceRecorder(out_dir, net, clf, net_opt, clf_opt, comm, given, n,
+                        classifier=trace.meta["classifier"], checksum_shards=hp["world_size"],
+                        producer=f"refimpl {__version__} replay of {trace.path} on "
+                                 f"{comm.size} rank{'s' if comm.size > 1 else ''}")
+    table = None
+    if hp["alpha"] > 0 and hp["neighbours"] == "initial_weight":
+        table = hardest_neighbours(clf, comm, hp["K"])   # (N, K), the tie rule included
+    b = hp["batch_size"] // comm.size
+    rows = slice(comm.rank * b, (comm.rank + 1) * b)
+    for i in range(n):
+        st = trace.step(i)
+        x = np.ascontiguousarray(st["input"][rows], dtype=dtype)        # (b, 3, H, W)
+        ids = st["ids"][rows].astype(np.int64)                           # (b,)
+        targets = None
+        if "neighbours" in st:
+            nb = table[st["ids"]] if table is not None else st["neighbours"]
+            targets = targets_from_rows(st["ids"].astype(np.int64), nb, hp["N"], hp["alpha"])
+        lr = float(st["lr"])
+        if i > 0 and not free_run:
+            resync(trace, i - 1, net, clf, net_opt, clf_opt)
+        rec.begin()
+        out = forward_backward(net, clf, x, ids, comm, targets, step=i)
+        rec.record(x, ids, out, lr, targets)
+        update(net, comm, net_opt, clf_opt, lr)
+        rec.end()
+    return Path(out_dir)
+
+
+def float32_noise(trace_dir, ref_dir, work, steps=None, free_run=False):
+    """{(section, name): max |diff|}: refimpl in float32 against refimpl in float64.
+
+    The same steps from the same state (one process), so the differences
+    are refimpl's own float32 rounding of each tensor: the floor below
+    which a float32 implementation cannot be told from another.
+    """
+    out = Path(work) / "refimpl-float32"
+    replay(trace_dir, out, steps=steps, free_run=free_run, dtype=np.float32)
+    result = compare_traces(ref_dir, out, rtol=np.inf, atol=np.inf, steps=steps)
+    return {(title, r["name"]): r["max_abs"] for title, rows in result["sections"]
+            for r in rows}
+
+
+def replay_and_compare(trace_dir, ranks=1, out_dir=None, rtol=None, atol=None, steps=None,
+                       free_run=False, timeout=None, noise=True):
+    """Replay a trace in refimpl on ``ranks`` processes, then compare.
+
+    ranks = 1 runs here; ranks > 1 launches ``mpirun -np ranks python -m
+    refimpl.oracle replay TRACE --out OUT --no-compare`` and waits. out_dir:
+    where refimpl's trace goes (default: a temporary directory, removed).
+    noise: for a float32 trace, also replay it in float32 (here, one
+    process) and let each tensor pass within 30 x refimpl's own float32
+    error on it (``compare_traces``' noise floor). Returns
+    ``compare_traces(refimpl's, the trace)``'s result dict; its "ok" says
+    whether every recorded tensor agrees within the tolerance.
+    """
+    with tempfile.TemporaryDirectory(prefix="refimpl-replay-") as tmp:
+        out = Path(out_dir) if out_dir is not None else Path(tmp) / "refimpl"
+        if ranks == 1:
+            replay(trace_dir, out, steps=steps, free_run=free_run)
+        else:
+            argv = ["-m", "refimpl.oracle", "replay", str(trace_dir), "--out", str(out),
+                    "--no-compare"] + ([] if steps is None else ["--steps", str(steps)]) \
+                + (["--free-run"] if free_run else [])
+            env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+                       REFIMPL_NUM_THREADS="1")
+            proc = subprocess.run(mpirun_command(ranks, *argv), capture_output=True,
+                                  text=True, env=env, timeout=timeout)
+            if proc.returncode != 0:
+                tail = (proc.stderr or proc.stdout)[-3000:]
+                raise TraceError(f"the replay on {ranks} ranks failed (mpirun exit "
+                                 f"{proc.returncode}):\n{tail}")
+        floor = None
+        if noise and Trace(trace_dir).hparams["dtype"] == "float32":
+            floor = float32_noise(trace_dir, out, tmp, steps, free_run)
+        return compare_traces(out, trace_dir, rtol, atol, labels=("refimpl", "yours"),
+                              steps=steps, noise=floor)
+
+
+def read_state_file(path):
+    """{name: np.ndarray} from a state-dict file: .npz (NumPy) or .pt (torch.save).
+
+    A .pt may hold the dict itself or {"state_dict": dict}; DDP's "module."
+    prefix is removed. Raises ValueError with the path for anything else.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            state = {k: z[k] for k in z.files}
+    elif path.suffix == ".pt":
+        try:
+            import torch
+        except ImportError:
+            raise ValueError(f"{path}: reading a .pt file needs PyTorch; save the state "
+                             f"dict as .npz instead") from None
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: expected a state dict (name -> tensor), got "
+                             f"{type(obj).__name__}")
+        state = {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+    else:
+        raise ValueError(f"{path}: a state dict must be a .pt or .npz file")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_encoder_file(net, path):
+    """Load a torchvision-named encoder from .pt/.npz into ``net``'s encoder.
+
+    Keys ``fc.*`` (torchvision's classifier), ``head.*`` and
+    ``classifier.*`` (a refimpl export) are ignored; every encoder key must
+    be there with its shape (``params.StateDictError`` names what is not).
+    """
+    state = {k: v for k, v in read_state_file(path).items()
+             if not k.startswith(("head.", "classifier."))}
+    return import_torchvision(net, state, strict=True, drop_fc=True)
