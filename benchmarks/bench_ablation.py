@@ -25,7 +25,7 @@ One JSON object per run, then one summary object per (dataset, variant) with
 the mean and standard deviation over seeds.
 
     python benchmarks/bench_ablation.py [--datasets digits shapes] [--seeds 0 1 2]
-        [--variants full no-prior ...] [--epochs 20] [--out runs/ablation]
+        [--variants full no-prior ...] [--epochs 20] [--out runs/ablation] [--threads 1]
 
 These are accuracies, not speeds: a loaded machine changes the time, not the
 numbers (every run is bitwise reproducible for a fixed thread count).
@@ -71,12 +71,12 @@ def prepare(name, data_dir):
     raise SystemExit(f"unknown dataset {name!r}")
 
 
-def run_one(dataset, train, test, variant, seed, epochs, out):
+def run_one(dataset, train, test, variant, seed, epochs, out, threads=0):
     from refimpl.parallel.comm import SelfComm
     from refimpl.train.config import Config
     from refimpl.train.loop import Trainer
     cfg = Config(**{**COMMON, **VARIANTS[variant], "train": train, "test": test,
-                    "seed": seed, "epochs": epochs,
+                    "seed": seed, "epochs": epochs, "threads": threads,
                     "out": str(Path(out) / f"{dataset}-{variant}-seed{seed}")})
     start = time.perf_counter()
     trainer = Trainer(cfg, SelfComm(), log=lambda s: None)
@@ -131,6 +131,8 @@ def main():
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--data", default=str(ROOT / "data"), help="where the digits are packed")
     p.add_argument("--out", default=str(ROOT / "runs" / "ablation"))
+    p.add_argument("--threads", type=int, default=0,
+                   help="refimpl threads (0: all cores); e.g. 1 to run two datasets at once")
     args = p.parse_args()
     emit({"benchmark": "ablation_machine", **machine_info()})
     rows = []
@@ -138,7 +140,8 @@ def main():
         train, test = prepare(dataset, args.data)
         for variant in args.variants:
             for seed in args.seeds:
-                row = run_one(dataset, train, test, variant, seed, args.epochs, args.out)
+                row = run_one(dataset, train, test, variant, seed, args.epochs, args.out,
+                              args.threads)
                 rows.append(row)
                 emit(row)
     for s in summarize(rows):

@@ -1,6 +1,4 @@
 """The backend: device choice, dtype policy, host/device copies, scatter-add, RNG."""
-import os
-
 import numpy as np
 import pytest
 

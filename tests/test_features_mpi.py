@@ -4,17 +4,11 @@ Each P launches ``tests/features_worker.py`` once; every rank compares the
 gathered feature arrays with the one-process result. N = 23 images (shares
 of 5 and 6 over 4 ranks) and N = 3 (with 4 ranks, one share is empty).
 """
-import json
-import os
-import subprocess
-from pathlib import Path
-
 import pytest
-from refimpl.parallel.launch import mpirun_command
+from mpi_run import ROOT, rank_results
 
 pytestmark = pytest.mark.mpi
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "features_worker.py"
 F, DIM, BYTES = 16, 8, 8  # pooled width (ResNet-18 of width 2), head width, float64
 
@@ -22,15 +16,8 @@ F, DIM, BYTES = 16, 8, 8  # pooled width (ResNet-18 of width 2), head width, flo
 @pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda p: f"P{p}")
 def result(request, tmp_path_factory):
     P = request.param
-    out = tmp_path_factory.mktemp(f"features{P}") / "result.json"
-    # One BLAS thread per rank: P ranks on a 2-core machine.
-    env = dict(os.environ, REFIMPL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-               OMP_NUM_THREADS="1")
-    proc = subprocess.run(mpirun_command(P, WORKER, out), capture_output=True, text=True,
-                          timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, f"mpirun -np {P} failed:\n{proc.stdout}\n{proc.stderr}"
-    data = json.loads(out.read_text())
-    assert data["size"] == P and [r["rank"] for r in data["ranks"]] == list(range(P))
+    data = rank_results(P, WORKER, tmp_path_factory.mktemp(f"features{P}") / "result.json")
+    assert [r["rank"] for r in data["ranks"]] == list(range(P))
     return data
 
 

@@ -6,44 +6,24 @@ same global data and rank 0 writes the errors of all ranks to a JSON file.
 N = 37 classes over P ranks (uneven shards: 4 ranks own 9, 9, 9, 10 rows),
 global batch B = 12.
 """
-import json
-import os
-import subprocess
-import time
-from pathlib import Path
-
 import pytest
-from refimpl.parallel.launch import mpirun_command
+from mpi_run import ROOT, rank_results, run_ranks
 
 pytestmark = pytest.mark.mpi
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "mpi_worker.py"
 N, D, B = 37, 8, 12
 
 
 def mpirun(P, *args, timeout=300):
     """Run the worker on P ranks; returns (CompletedProcess, seconds)."""
-    cmd = mpirun_command(P, WORKER, *args)
-    # One BLAS thread per rank: P ranks with one BLAS thread per core each
-    # would oversubscribe the machine.
-    env = dict(os.environ, REFIMPL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-               OMP_NUM_THREADS="1")
-    start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=ROOT)
-    return proc, time.monotonic() - start
+    return run_ranks(P, WORKER, *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda p: f"P{p}")
 def result(request, tmp_path_factory):
     P = request.param
-    out = tmp_path_factory.mktemp(f"mpi{P}") / "result.json"
-    proc, _ = mpirun(P, "check", str(out))
-    assert proc.returncode == 0, f"mpirun -np {P} failed:\n{proc.stdout}\n{proc.stderr}"
-    data = json.loads(out.read_text())
-    assert data["size"] == P and len(data["ranks"]) == P
-    return data
+    return rank_results(P, WORKER, tmp_path_factory.mktemp(f"mpi{P}") / "result.json", "check")
 
 
 @pytest.mark.parametrize("case", ["float64_alpha0.0", "float64_alpha0.2",

@@ -6,19 +6,13 @@ statistics against the dense single-process reference, and runs the
 doubled / missing row cases; rank 0 writes every rank's results to JSON.
 N = 37 rows (uneven shards), B = 12 (divisible by every P here).
 """
-import json
-import os
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
-from refimpl.parallel.launch import mpirun_command
+from mpi_run import ROOT, rank_results
 from refimpl.parallel.sharding import shard_range
 
 pytestmark = pytest.mark.mpi
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "prior_worker.py"
 N, D, B, SEED = 37, 8, 12, 3   # as in prior_worker.py
 T = -(-N // B)                  # 4 batches, the last one padded
@@ -27,16 +21,7 @@ T = -(-N // B)                  # 4 batches, the last one padded
 @pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda p: f"P{p}")
 def result(request, tmp_path_factory):
     P = request.param
-    out = tmp_path_factory.mktemp(f"prior{P}") / "result.json"
-    # One BLAS thread per rank: the machine has fewer cores than ranks.
-    env = dict(os.environ, REFIMPL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-               OMP_NUM_THREADS="1")
-    proc = subprocess.run(mpirun_command(P, WORKER, out), capture_output=True, text=True,
-                          timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, f"mpirun -np {P} failed:\n{proc.stdout}\n{proc.stderr}"
-    data = json.loads(out.read_text())
-    assert data["size"] == P and len(data["ranks"]) == P
-    return data
+    return rank_results(P, WORKER, tmp_path_factory.mktemp(f"prior{P}") / "result.json")
 
 
 @pytest.mark.parametrize("bn", ["sync", "local"])

@@ -5,12 +5,10 @@ export, a NaN that stops the run, signals.
 Tiny runs (see test_train.py); P-rank runs under mpirun.
 """
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -101,7 +101,7 @@ def test_run_directory_metrics_plot_and_summary(tmp_path):
 def test_config_errors_exit_2_with_one_message(tmp_path, args, message):
     proc = train(*TINY, f"out={tmp_path / 'run'}", *args)
     assert proc.returncode == 2
-    assert f"refimpl-train: error:" in proc.stderr and message in proc.stderr
+    assert "refimpl-train: error:" in proc.stderr and message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()  # nothing written
 
@@ -189,3 +189,28 @@ def test_ranks_with_different_configs_refuse_to_start(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.count("ranks [1] run another configuration than rank 0") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_bytes_equal_the_counters_of_a_real_step():
+    """cost()'s bytes per step = the communicator's counters of one train_step
+    (P = 1, float32), for local and sync BatchNorm; the shape check (P > 1
+    only) is not payload."""
+    from refimpl.optim.sgd import SGD
+    from refimpl.parallel import CosineClassifier, SelfComm, set_batchnorm_mode
+    from refimpl.train.config import Config
+    from refimpl.train.dry_run import cost
+    from refimpl.train.step import train_step
+    from refimpl.models.network import build_model
+    for bn in ("local", "sync"):
+        cfg = Config(train="x", width=2, head_hidden=8, dim=8, batch_size=8, bn=bn, alpha=0)
+        _, moved, _ = cost(cfg, 48, 1, 0, image_size=8)
+        comm = SelfComm()
+        net = build_model("resnet18", "cifar", 2, 8, 8, "float32", "cpu", 0)
+        set_batchnorm_mode(net, comm, bn)
+        clf = CosineClassifier(48, 8, comm)
+        opts = [SGD(net.store.data, net.store.grad, 0.1, 0.9),
+                SGD(clf.weight.ravel(), clf.grad.ravel(), 0.1, 0.9)]
+        x = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
+        train_step(net, clf, x, np.arange(8), comm, *opts, topk=(1, 5))
+        assert sum(s for s, _ in moved.values()) == comm.bytes_sent(), (bn, moved, comm.counters)
+        assert sum(r for _, r in moved.values()) == comm.bytes_received()

@@ -142,7 +142,7 @@ class _Comm:
             rows = [s[0] for s in shapes]
             B = sum(rows)
             hint = (f"B = {B} is not divisible by P = {self.size}" if B % self.size else
-                    f"every rank needs the same number of rows")
+                    "every rank needs the same number of rows")
             raise ValueError(f"{name}: the ranks bring different numbers of rows ("
                              + ", ".join(f"rank {q}: {n}" for q, n in enumerate(rows))
                              + f"): {hint}")

@@ -19,6 +19,9 @@ rows, G = replicated parameters, Q = BatchNorm buffer elements):
     reduce_scatter dZ          sent B D f            received b D f
     all_reduce gradients       G f
     bcast BN buffers ("local") Q f (rank 0 sends, the others receive)
+    all_reduce BN sums ("sync") (Q + L) f forward + Q f backward, L = BatchNorm
+                               layers (each sends [sum d, sum d^2, count] and
+                               [sum dout, sum dout xhat] of its C channels)
 
 ``dry_run(cfg, comm)`` prints it (rank 0) with the memory this machine has
 free (MemAvailable / ranks on the node; a GPU's free memory), and says
@@ -85,6 +88,9 @@ def cost(cfg, num_instances, world_size, rank=0, image_size=32):
     }
     if cfg.bn == "local":
         comm["bcast BN buffers"] = (Q * f if rank == 0 else 0, 0 if rank == 0 else Q * f)
+    else:  # Q = 2 sum_l C_l (running mean and var): each layer sends 2 C + 1, then 2 C
+        L = sum(n.endswith(".running_mean") for n in net.store.buffer_names())
+        comm[f"all_reduce sync BN sums ({L} layers)"] = ((2 * Q + L) * f, (2 * Q + L) * f)
     return memory, comm, {"G": int(G), "Q": int(Q)}
 
 

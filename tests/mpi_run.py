@@ -1,0 +1,37 @@
+"""Launching a test's rank program under mpirun, one BLAS thread per rank.
+
+    proc, seconds = run_ranks(P, script, *args)       # the CompletedProcess and its time
+    data = rank_results(P, script, out_json, *args)   # what rank 0 wrote, checked
+
+P ranks share this 2-core machine, so every rank gets one refimpl thread and
+one BLAS thread (ENV): P ranks with one BLAS thread per core each would
+oversubscribe it. A rank program writes every rank's results to one JSON
+file from rank 0: ``{"size": P, "ranks": [...]}``.
+"""
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from refimpl.parallel.launch import mpirun_command
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, REFIMPL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+
+
+def run_ranks(P, script, *args, timeout=300):
+    """``mpirun -np P python script args...`` from the repository root."""
+    start = time.monotonic()
+    proc = subprocess.run(mpirun_command(P, script, *args), capture_output=True, text=True,
+                          timeout=timeout, env=ENV, cwd=ROOT)
+    return proc, time.monotonic() - start
+
+
+def rank_results(P, script, out, *args, timeout=300):
+    """Run the rank program with ``out`` (a JSON path) and return rank 0's JSON."""
+    proc, _ = run_ranks(P, script, *args, out, timeout=timeout)
+    assert proc.returncode == 0, f"mpirun -np {P} failed:\n{proc.stdout}\n{proc.stderr}"
+    data = json.loads(Path(out).read_text())
+    assert data["size"] == P and len(data["ranks"]) == P
+    return data
