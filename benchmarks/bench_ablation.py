@@ -6,7 +6,7 @@ On two datasets,
             where raw pixels are already at the ceiling (about 98% kNN)
     shapes  the synthetic shapes x textures at 16 x 16, 8 classes (2,000 train /
             500 test, drawn with different data seeds), where raw pixels fail
-            (about 51% kNN at k = 20)
+            (about 51% kNN at k = 20); ``shapes32``: the same at 32 x 32 (48%)
 
 each variant of the method is trained on one process (refimpl-train's Trainer,
 SelfComm) for several seeds:
@@ -26,6 +26,7 @@ the mean and standard deviation over seeds.
 
     python benchmarks/bench_ablation.py [--datasets digits shapes] [--seeds 0 1 2]
         [--variants full no-prior ...] [--epochs 20] [--out runs/ablation] [--threads 1]
+    python benchmarks/bench_ablation.py --table out.jsonl ...   (the README's table)
 
 These are accuracies, not speeds: a loaded machine changes the time, not the
 numbers (every run is bitwise reproducible for a fixed thread count).
@@ -65,9 +66,10 @@ def prepare(name, data_dir):
             from data_tools.digits import make_digits
             make_digits(path, size=16)
         return str(path / "train"), str(path / "test")
-    if name == "shapes":
-        return ("synthetic:n=2000,size=16,classes=8,seed=0",
-                "synthetic:n=500,size=16,classes=8,seed=1")
+    if name in ("shapes", "shapes32"):
+        size = 16 if name == "shapes" else 32
+        return (f"synthetic:n=2000,size={size},classes=8,seed=0",
+                f"synthetic:n=500,size={size},classes=8,seed=1")
     raise SystemExit(f"unknown dataset {name!r}")
 
 
@@ -123,6 +125,22 @@ def summarize(rows):
     return out
 
 
+def markdown(rows):
+    """The README's table from the run rows: mean +- std over seeds, in %."""
+    def pm(v):
+        return "" if v is None else f"{100 * v[0]:.1f} ± {100 * v[1]:.1f}"
+    out = ["| dataset | variant | kNN@20 epoch 1 | epoch 5 | end | kNN@200 end | head kNN@20 end "
+           "| agreement end | mean loss, steps 1-20 | raw pixels | random init |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summarize(rows):
+        out.append(f"| {s['dataset']} | {s['variant']} | {pm(s['knn20_epoch1'])} | "
+                   f"{pm(s['knn20_epoch5'])} | {pm(s['knn20_end'])} | {pm(s['knn200_end'])} | "
+                   f"{pm(s['head_knn20_end'])} | {pm(s['agreement_end'])} | "
+                   f"{s['loss_step20_mean']:.3f} | {pm(s['raw_pixels_knn20'])} | "
+                   f"{pm(s['random_init_knn20'])} |")
+    return "\n".join(out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--datasets", nargs="+", default=["digits", "shapes"])
@@ -131,9 +149,16 @@ def main():
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--data", default=str(ROOT / "data"), help="where the digits are packed")
     p.add_argument("--out", default=str(ROOT / "runs" / "ablation"))
+    p.add_argument("--table", nargs="+", metavar="JSONL",
+                   help="print the markdown table of earlier runs' output and exit")
     p.add_argument("--threads", type=int, default=0,
                    help="refimpl threads (0: all cores); e.g. 1 to run two datasets at once")
     args = p.parse_args()
+    if args.table:
+        rows = [json.loads(x) for f in args.table for x in open(f)
+                if '"benchmark": "ablation"' in x]
+        print(markdown(rows))
+        return
     emit({"benchmark": "ablation_machine", **machine_info()})
     rows = []
     for dataset in args.datasets:

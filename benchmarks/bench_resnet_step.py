@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import compare_times, emit, machine_info, set_threads  # noqa: E402
+from benchmarks.common import (compare_times, emit, load_average, load_record,  # noqa: E402
+                               machine_info, set_threads)
 from refimpl.layers.loss import (softmax_cross_entropy_backward,  # noqa: E402
                                  softmax_cross_entropy_forward)
 from refimpl.models.resnet import ResNet  # noqa: E402
@@ -41,7 +42,7 @@ def refimpl_step(width, batch, x, y):
         model.store.zero_grad()
         logits = model.forward(x, train=True)
         _, cache = softmax_cross_entropy_forward(logits, y)
-        model.backward(softmax_cross_entropy_backward(1.0, cache))
+        model.backward(softmax_cross_entropy_backward(1.0, cache), need_dx=False)
         opt.step()
     return model, step
 
@@ -76,15 +77,19 @@ def main():
         y = g.integers(0, 10, size=batch)
         model, ours = refimpl_step(width, batch, x, y)
         theirs = torch_step(torch, model.store.state_dict(), width, x, y)
-        t_ours, t_torch, ratio = compare_times(ours, theirs, rounds=args.rounds)
+        before = load_average()
+        t = compare_times(ours, theirs, rounds=args.rounds)
         emit({"name": f"resnet18_cifar_w{width}_b{batch}_step",
-              "what": "fwd+bwd+SGD, fc(10)+softmax CE, no MLP head, float32",
+              "what": "fwd+bwd+SGD, fc(10)+softmax CE, no MLP head, float32, no image gradient",
               "width": width, "batch": batch, "threads": args.threads,
               "rounds": args.rounds,
-              "refimpl_s": round(t_ours, 4), "torch_s": round(t_torch, 4),
-              "refimpl_img_per_s": round(batch / t_ours, 1),
-              "torch_img_per_s": round(batch / t_torch, 1),
-              "ratio": round(ratio, 3)})
+              "refimpl_s": round(t["ours_s"], 4), "torch_s": round(t["theirs_s"], 4),
+              "refimpl_spread_s": t["ours_spread_s"], "torch_spread_s": t["theirs_spread_s"],
+              "refimpl_cpu_s": round(t["ours_cpu_s"], 4), "torch_cpu_s": round(t["theirs_cpu_s"], 4),
+              "refimpl_img_per_s": round(batch / t["ours_s"], 1),
+              "torch_img_per_s": round(batch / t["theirs_s"], 1),
+              "ratio": round(t["ratio"], 3), "cpu_ratio": round(t["cpu_ratio"], 3),
+              **load_record(before, args.threads)})
 
 
 if __name__ == "__main__":

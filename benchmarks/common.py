@@ -55,25 +55,58 @@ def compare_times(ours, theirs, rounds=5, per_round=2, warmup=1):
     Each round runs ``per_round`` calls of ``ours`` and then ``per_round`` of
     ``theirs`` (blocks, not single interleaved calls: one library's spinning
     worker threads would otherwise slow the other down) and keeps the fastest
-    call of each block. Returns (our seconds, their seconds, ratio), the
-    median over rounds of each, with ratio = theirs / ours per round (above
-    1: ours is faster). Alternating means a burst of load from another
-    process hits both sides rather than one.
+    call of each block, in wall time and in CPU time (``time.process_time``:
+    every thread of this process). Alternating means a burst of load from
+    another process hits both sides rather than one.
+
+    Returns a dict: per side (``ours``, ``theirs``) the median over rounds of
+    wall and CPU seconds and their [min, max] spread, and the ratios
+    theirs / ours per round (above 1: ours is faster), medians:
+    ``ratio`` (wall) and ``cpu_ratio``.
     """
     for _ in range(warmup):
         ours()
         theirs()
-    t_ours, t_theirs = [], []
+    times = {"ours": ([], []), "theirs": ([], [])}
     for _ in range(rounds):
-        for fn, times in ((ours, t_ours), (theirs, t_theirs)):
-            best = float("inf")
+        for name, fn in (("ours", ours), ("theirs", theirs)):
+            best_wall = best_cpu = float("inf")
             for _ in range(per_round):
-                t0 = time.perf_counter()
+                w0, c0 = time.perf_counter(), time.process_time()
                 fn()
-                best = min(best, time.perf_counter() - t0)
-            times.append(best)
-    ratios = [b / a for a, b in zip(t_ours, t_theirs)]
-    return float(np.median(t_ours)), float(np.median(t_theirs)), float(np.median(ratios))
+                best_wall = min(best_wall, time.perf_counter() - w0)
+                best_cpu = min(best_cpu, time.process_time() - c0)
+            times[name][0].append(best_wall)
+            times[name][1].append(best_cpu)
+    out = {}
+    for name, (wall, cpu) in times.items():
+        out[f"{name}_s"] = float(np.median(wall))
+        out[f"{name}_spread_s"] = [float(min(wall)), float(max(wall))]
+        out[f"{name}_cpu_s"] = float(np.median(cpu))
+        out[f"{name}_cpu_spread_s"] = [float(min(cpu)), float(max(cpu))]
+    (ow, oc), (tw, tc) = times["ours"], times["theirs"]
+    out["ratio"] = float(np.median([b / a for a, b in zip(ow, tw)]))
+    out["cpu_ratio"] = float(np.median([b / a for a, b in zip(oc, tc)]))
+    return out
+
+
+def load_average():
+    """The 1-minute load average (os.getloadavg), or None where there is none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def load_record(before, threads):
+    """{load_before, load_after, loaded}: loaded when another process ran on the
+    cores the benchmark's threads need (load above the thread count), which
+    flips 2-thread ratios on a shared 2-core machine."""
+    after = load_average()
+    known = [x for x in (before, after) if x is not None]
+    worst = max(known) if known else None
+    return {"load_before": before, "load_after": after,
+            "loaded": None if worst is None else bool(worst > threads + 0.5)}
 
 
 def emit(record):
@@ -88,10 +121,11 @@ def machine_info():
             "numpy": np.__version__,
             "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
             "refimpl_threads": threads.get_num_threads()}
-    try:  # what NumPy's BLAS runs with now (1 while refimpl_threads > 1)
+    try:  # NumPy's BLAS: its kernel, version and threads now (1 while refimpl_threads > 1)
         from threadpoolctl import threadpool_info
-        info["blas_threads"] = {lib["prefix"]: lib["num_threads"]
-                                for lib in threadpool_info() if lib["user_api"] == "blas"}
+        info["blas"] = [{k: lib.get(k) for k in ("prefix", "internal_api", "version",
+                                                  "architecture", "num_threads")}
+                        for lib in threadpool_info() if lib["user_api"] == "blas"]
     except ImportError:
         pass
     try:

@@ -224,3 +224,30 @@ def test_conv_threads_are_bitwise_repeatable(threads, monkeypatch):
 def test_conv_rejects_impossible_arguments(x_shape, w_shape, stride, pad, match):
     with pytest.raises(ValueError, match=match):
         conv2d_forward(np.zeros(x_shape), np.zeros(w_shape), stride, pad)
+
+
+@pytest.mark.parametrize("stride,pad", [(1, 1), (2, 3)])
+def test_backward_without_dx_gives_the_same_dw(stride, pad):
+    """need_dx=False (the stem: the image needs no gradient) returns dx None and
+    bitwise the dw of the full backward."""
+    g = np.random.default_rng(3)
+    x, w = g.standard_normal((4, 3, 9, 9)), g.standard_normal((5, 3, 3, 3))
+    out, cache = conv2d_forward(x, w, stride, pad)
+    dout = g.standard_normal(out.shape)
+    dx, dw = conv2d_backward(dout, cache)
+    none, dw2 = conv2d_backward(dout, cache, need_dx=False)
+    assert none is None and np.array_equal(dw, dw2)
+
+
+def test_network_backward_without_image_gradient():
+    """Network.backward(need_dx=False): the same parameter gradients, no dx."""
+    from refimpl.models.network import build_model
+    x = np.random.default_rng(4).standard_normal((4, 3, 8, 8))
+    grads = []
+    for need in (True, False):
+        net = build_model("resnet18", "cifar", 2, 8, 8, np.float64, seed=0)
+        z = net.forward(x, train=True)
+        dx = net.backward(np.ones_like(z) + np.arange(z.size).reshape(z.shape), need_dx=need)
+        assert (dx is None) == (not need)
+        grads.append(net.store.grad.copy())
+    assert np.array_equal(*grads) and np.abs(grads[0]).max() > 0

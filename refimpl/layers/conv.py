@@ -187,12 +187,14 @@ def conv2d_forward(x, w, stride=1, pad=0):
     return out, (x, w, stride, pad)
 
 
-def conv2d_backward(dout, cache):
+def conv2d_backward(dout, cache, need_dx=True):
     """Gradients of ``conv2d_forward``.
 
     Inputs:
       dout: (N, F, H', W') upstream gradient.
       cache: from conv2d_forward.
+      need_dx: False skips dx (returned as None): the first layer's input is
+          the image, which needs no gradient (a GEMM and a col2im saved).
     Returns:
       dx: (N, C, H, W), dx[n,c,h,w] = sum_{f,kh,kw} w[f,c,kh,kw] dout[n,f,i,j]
           over the (i, j, kh, kw) with i*stride + kh - pad = h (w alike);
@@ -211,7 +213,7 @@ def conv2d_backward(dout, cache):
     if dx_as_conv:
         w_flip = xp.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])  # (C, F, HH, WW)
     w_mat = w.reshape(F, C * HH * WW)
-    dx = xp.empty((N, C, H, W), dtype=dout.dtype)
+    dx = xp.empty((N, C, H, W), dtype=dout.dtype) if need_dx else None
     shards = _shards(N, num_workers(dout))
     shard_size = shards[0][1]  # the largest (the first shard starts at 0)
     nb = _images_per_chunk(shard_size, C, HH, WW, Ho, Wo, dout.dtype.itemsize)
@@ -226,6 +228,8 @@ def conv2d_backward(dout, cache):
             # dw^T = cols @ dout^T: OpenBLAS runs this orientation faster than
             # dout @ cols^T (the long nb*H'*W' axis is the shared one)
             dw_t += cols @ dout_cm.T  # (C*HH*WW, F)
+            if not need_dx:
+                continue
             if dx_as_conv:
                 dx[n0:n1] = _conv_chunk(dout[n0:n1], w_flip, 1, HH - 1 - pad, WW - 1 - pad)  # (nb, C, H, W)
             else:

@@ -59,9 +59,9 @@ class Conv2d:
                                          self.stride, self.pad)
         return out
 
-    def backward(self, dout):
-        """dout (N, F, H', W') -> dx (N, C, H, W); accumulates dw."""
-        dx, dw = conv2d_backward(dout, self.cache)
+    def backward(self, dout, need_dx=True):
+        """dout (N, F, H', W') -> dx (N, C, H, W), or None without need_dx; accumulates dw."""
+        dx, dw = conv2d_backward(dout, self.cache, need_dx)
         self.store.grads[self.name] += dw
         return dx
 

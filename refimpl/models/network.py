@@ -61,9 +61,12 @@ class Network:
         """x (B, C, H, W) -> z (B, dim), unnormalized."""
         return self.head.forward(self.encoder.forward(x, train), train)
 
-    def backward(self, dz):
-        """dz (B, dim) -> dx (B, C, H, W); accumulates every gradient in store.grad."""
-        return self.encoder.backward(self.head.backward(dz))
+    def backward(self, dz, need_dx=True):
+        """dz (B, dim) -> dx (B, C, H, W); accumulates every gradient in store.grad.
+
+        need_dx=False skips the image's gradient (returns None): what training does.
+        """
+        return self.encoder.backward(self.head.backward(dz), need_dx)
 
     def drop_caches(self):
         """Forget what the last forward kept for a backward (every layer's cache).

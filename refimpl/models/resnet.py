@@ -121,8 +121,12 @@ class ResNet:
             out = self.fc.forward(out)                           # (N, num_classes)
         return out
 
-    def backward(self, dout):
-        """dout like forward's output -> dx (N, C_in, H, W); accumulates all grads."""
+    def backward(self, dout, need_dx=True):
+        """dout like forward's output -> dx (N, C_in, H, W); accumulates all grads.
+
+        need_dx=False: the input image needs no gradient; the stem's dx (a
+        GEMM and a col2im) is skipped and None returned (the training step).
+        """
         d = dout
         if self.fc is not None:
             d = self.fc.backward(d)                              # (N, out_features)
@@ -132,5 +136,5 @@ class ResNet:
         if self.stem == "imagenet":
             d = maxpool2d_backward(d, self.pool_cache)
         d = relu_backward(d, self.relu_cache)
-        return self.conv1.backward(self.bn1.backward(d))        # (N, C_in, H, W)
+        return self.conv1.backward(self.bn1.backward(d), need_dx)  # (N, C_in, H, W)
 

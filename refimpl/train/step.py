@@ -83,7 +83,7 @@ def forward_backward(net, clf, x, labels, comm, targets=None, topk=None, step=No
                                  f"statistic was updated")
     lse = clf.logsumexp()                                            # (B,)
     dz = clf.backward()                                              # 6-7: (b, D)
-    net.backward(dz)                                                 # 8
+    net.backward(dz, need_dx=False)                                  # 8 (no image gradient)
     allreduce_gradients(store.grad, comm)                            # 9
     return StepOutputs(loss, acc, z, dz, lse)
 
