@@ -18,6 +18,7 @@ identity (raw pixels) are measured by the same code. In reading order:
                      features (scikit-learn's L-BFGS, fixed C), one process
     agreement.py     neighbour label agreement: the fraction of the hardest-
                      class neighbours NK(i) that share instance i's label
+    __main__.py      refimpl-eval: kNN and a linear probe of a checkpoint
 """
 from refimpl.evaluate.agreement import neighbour_label_agreement
 from refimpl.evaluate.features import extract_features
