@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import (emit, peak_memory_mb, reset_peak_memory,  # noqa: E402
-                               run_child)
+from benchmarks.common import emit, run_child  # noqa: E402
 from refimpl.parallel.launch import mpirun_command  # noqa: E402
+from refimpl.sysinfo import peak_memory_mb, reset_peak_memory  # noqa: E402
 
 D, K = 128, 5
 

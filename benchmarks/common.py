@@ -137,40 +137,6 @@ def machine_info():
     return info
 
 
-def _proc_status_mb(key):
-    """A VmXXX line of /proc/self/status in MB (Linux), or None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_memory():
-    """Start a peak-memory measurement; returns the resident memory now (MB).
-
-    Linux: writing 5 to /proc/self/clear_refs resets the process's peak
-    resident set (VmHWM) to its current size, so ``peak_memory_mb(start)``
-    then measures only what is allocated after this call, in one process,
-    for NumPy and PyTorch alike (no allocator hooks needed).
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # then VmHWM is the peak since the start: an upper bound
-    return _proc_status_mb("VmRSS")
-
-
-def peak_memory_mb(start_mb):
-    """Peak resident memory since ``reset_peak_memory`` returned start_mb, in MB."""
-    peak = _proc_status_mb("VmHWM")
-    return None if peak is None or start_mb is None else peak - start_mb
-
-
 def run_child(cmd, cwd=None, blas_threads=None):
     """Run a benchmark worker process; return the JSON of its last stdout line.
 

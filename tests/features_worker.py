@@ -16,22 +16,10 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from refimpl.data.augment import eval_transform
 from refimpl.data.synthetic import SyntheticDataset
 from refimpl.evaluate.features import extract_features
-from refimpl.models import build_model
 from refimpl.parallel import MPIComm, SelfComm, abort_on_error
-
-SIZE = 16
-
-
-def tiny_net():
-    net = build_model("resnet18", stem="cifar", width=2, head_hidden=8, dim=8,
-                      dtype=np.float64, seed=0)
-    warm = SyntheticDataset(16, SIZE, 4, seed=5)
-    for _ in range(2):
-        net.forward(eval_transform(warm.read(np.arange(16)), SIZE, dtype=np.float64), train=True)
-    return net
+from test_features import SIZE, tiny_net  # the network the 1-process tests use
 
 
 def check(comm, n, batch_size):

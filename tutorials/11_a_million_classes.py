@@ -38,6 +38,7 @@ import numpy as np
 from refimpl import threads
 from refimpl.optim.sgd import SGD
 from refimpl.parallel import CosineClassifier, SelfComm
+from refimpl.sysinfo import peak_memory_mb, reset_peak_memory
 from refimpl.train.config import load_config
 from refimpl.train.dry_run import cost
 
@@ -94,35 +95,13 @@ for P in (8, 64):
 
 
 # %%
-def resident_mib(key):
-    """A VmRSS / VmHWM line of /proc/self/status in MiB (Linux), else None."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak():
-    """Make VmHWM start again from the current resident size (Linux: clear_refs 5)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass                                    # then the peak is since the start
-
-
 threads.set_num_threads(os.cpu_count() or 1)    # logits in blocks of 4096 classes per thread
 g = np.random.default_rng(0)
 z = g.standard_normal((B, D)).astype(np.float32)   # the global batch's features, (B, D)
 labels = g.integers(0, N, B)                       # their instance ids, (B,)
 comm = SelfComm()
 
-reset_peak()
-start = resident_mib("VmRSS")
+start = reset_peak_memory()                     # peak resident memory from here
 t0 = time.perf_counter()
 clf = CosineClassifier(N, D, comm, tau=tau, dtype=np.float32, seed=0)   # W (N, D), dW
 opt = SGD(clf.weight.ravel(), clf.grad.ravel(), lr=0.1, momentum=0.9, weight_decay=1e-4)
@@ -133,8 +112,7 @@ loss, _ = clf.forward(z, labels)                # gather, logits (B, N), MAX, SU
 dz = clf.backward()                             # dW (N, D), reduce-scatter dz (B, D)
 opt.step()                                      # W and its momentum
 t_step = time.perf_counter() - t0
-peak = resident_mib("VmHWM")
-measured = None if peak is None or start is None else peak - start
+measured = peak_memory_mb(start)                # MB since reset_peak_memory
 
 formula = {"W, dW, momentum (3 N D f)": 3 * N * D * f, "logits (B N f)": B * N * f}
 flops = 3 * 2 * B * N * D

@@ -32,6 +32,7 @@ import tracemalloc
 import numpy as np
 
 from refimpl.parallel.sharding import shard_range
+from refimpl.sysinfo import available_bytes
 
 
 def _mib(nbytes):
@@ -92,22 +93,6 @@ def cost(cfg, num_instances, world_size, rank=0, image_size=32):
         L = sum(n.endswith(".running_mean") for n in net.store.buffer_names())
         comm[f"all_reduce sync BN sums ({L} layers)"] = ((2 * Q + L) * f, (2 * Q + L) * f)
     return memory, comm, {"G": int(G), "Q": int(Q)}
-
-
-def available_bytes(device, ranks_on_node=1):
-    """Memory free for one rank: the GPU's free memory, or MemAvailable / ranks."""
-    if device == "gpu":
-        from refimpl.backend import xp_for
-        free, _ = xp_for("gpu").cuda.runtime.memGetInfo()
-        return int(free)
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // max(ranks_on_node, 1)
-    except OSError:
-        pass
-    return None
 
 
 def dry_run(cfg, comm):
