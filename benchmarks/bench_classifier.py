@@ -7,13 +7,17 @@ SGD update (momentum 0.9, weight decay 1e-4) of the weight.
 
     refimpl  P ranks under mpirun, each holding its shard W_r (N/P x D),
              ``CosineClassifier`` + ``SGD`` (the step table, rows 2-7 and 10)
-    PyTorch  one process, the whole W as a parameter:
-             F.cross_entropy(F.normalize(z) @ F.normalize(W).T / tau, y),
-             loss.backward(), torch.optim.SGD.step()
+    PyTorch  one process, the whole W as a parameter, twice:
+             dense    what users write: F.cross_entropy(F.normalize(z) @
+                      F.normalize(W).T / tau, y), loss.backward(),
+                      torch.optim.SGD.step()
+             blocked  refimpl's algorithm in PyTorch (``blocked_cosine_softmax``:
+                      blocks of --block classes, gradients by hand), so that
+                      the algorithm's share and the framework's are told apart
 
-Both start from the same W (``init_shard``) and the same batch, so the
-losses they print agree. Time: the fastest of ``--repeat`` steps after one warm-up (per rank: the
-slowest rank). Peak memory: the peak resident memory of the process during
+All start from the same W (``init_shard``) and the same batch, so the
+losses they print agree. Time: the fastest of ``--repeat`` steps after one
+warm-up (per rank: the slowest rank). Peak memory: the peak resident memory of the process during
 setup + steps, minus what it held before (``common.reset_peak_memory``),
 so the weight, its gradient and momentum are included on both sides. Both
 sides use the machine's cores: PyTorch all of them, refimpl cores / P threads
@@ -22,9 +26,15 @@ per rank (and as many BLAS threads per rank: ``common.run_child``).
     python benchmarks/bench_classifier.py [--ranks 1 2 4] [--classes N] [--repeat 3]
     python benchmarks/bench_classifier.py --device gpu --batch 1024 --ranks 1
 
-Prints one JSON object per P: refimpl_s, torch_s, ratio (= torch_s /
-refimpl_s: above 1 refimpl is faster), refimpl_peak_mb, torch_peak_mb,
-memory_ratio (= refimpl / torch). On the GPU, time is measured with the
+Prints the machine (BLAS kernel, versions), then one JSON object per P:
+refimpl_s, torch_s, ratio (= torch_s / refimpl_s: above 1 refimpl is
+faster), torch_blocked_s and ratio_blocked (CPU); user and system CPU seconds of that step on each side (system time
+is the kernel's: page faults of fresh allocations, mostly); on the CPU
+gemm_limit_s, the time the step's three GEMMs per block of classes (6 B N_r D
+FLOPs) need alone at this machine's sgemm rate on that tile with the rank's
+threads, and fraction_of_gemm_limit = gemm_limit_s / refimpl_s;
+refimpl_peak_mb, torch_peak_mb, memory_ratio (= refimpl / torch); the load
+average before and after, and ``loaded`` when it exceeded the cores. On the GPU, time is measured with the
 stream synchronized and peak memory is what the caching allocators hold
 (CuPy's memory pool total, torch.cuda.max_memory_reserved).
 """
@@ -39,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import best_time, emit, run_child  # noqa: E402
+from benchmarks.common import best_call, emit, load_average, load_record, machine_info, run_child, sgemm_rate  # noqa: E402,E501
 from refimpl.parallel.launch import mpirun_command  # noqa: E402
 from refimpl.sysinfo import peak_memory_mb, reset_peak_memory  # noqa: E402
 
@@ -93,7 +103,7 @@ def refimpl_worker(args):
         losses.append(step())
         backend.synchronize()
 
-    seconds = best_time(timed_step, args.repeat)
+    best = best_call(timed_step, args.repeat)
     loss = losses[-1]
     if device == "gpu":
         # What CuPy's pool holds (it keeps freed blocks): comparable to
@@ -101,16 +111,63 @@ def refimpl_worker(args):
         peak = xp.get_default_memory_pool().total_bytes() / 2**20
     else:
         peak = peak_memory_mb(start)
-    mine = {"rank": comm.rank, "s": seconds, "peak_mb": peak,
-            "loss": float(backend.to_numpy(loss))}
+    mine = {"rank": comm.rank, **best, "peak_mb": peak, "loss": float(backend.to_numpy(loss))}
+    if device == "cpu":
+        # The GEMM limit: the step's three products per block of classes
+        # (logits, dW_hat, dZ_hat: 6 B N_r D FLOPs) at the sgemm rate of
+        # that tile with this rank's threads, each thread on its own block.
+        from refimpl.parallel.classifier import BLOCK
+        B, D, n = args.batch, args.dim, BLOCK["cpu"]
+        rate = sgemm_rate([(B, D, n), (n, B, D), (B, n, D)], threads.get_num_threads())
+        mine["gemm_limit_s"] = 6 * B * (clf.hi - clf.lo) * D / rate / 1e9
     everyone = [mine] if not args.mpi else comm.comm.gather(mine, root=0)  # plumbing only
     if comm.rank == 0:
         print(json.dumps({"P": comm.size, "ranks": everyone,
                           "threads": threads.get_num_threads()}), flush=True)
 
 
+def blocked_cosine_softmax(z, y, W, block):
+    """refimpl's algorithm written in PyTorch: -> (loss, dW (N, D)).
+
+    The second PyTorch comparator, so that "algorithm" and "framework" are
+    told apart: the logits block by block into one (B, N) buffer with an
+    online max / sum of exp, W_hat recomputed in the backward pass, the
+    gradients by hand (no autograd graph over N); PyTorch's own threads
+    inside each operation. Only dW is formed (the features' gradient, B x D,
+    costs one more GEMM per block: ``dL @ w_hat``, included to keep the work
+    equal, its result dropped).
+    """
+    import torch
+    import torch.nn.functional as F
+    B, N = z.shape[0], W.shape[0]
+    Zt = F.normalize(z) / TAU
+    logits = torch.empty((B, N), dtype=z.dtype, device=z.device)
+    M = torch.full((B,), -float("inf"), dtype=z.dtype, device=z.device)
+    S = torch.zeros_like(M)
+    for a in range(0, N, block):
+        L = torch.matmul(Zt, F.normalize(W[a:a + block]).t(), out=logits[:, a:a + block])
+        m = torch.maximum(M, L.amax(1))
+        S = S * torch.exp(M - m) + torch.exp(L - m[:, None]).sum(1)
+        M = m
+    rows = torch.arange(B, device=z.device)
+    loss = (M + torch.log(S) - logits[rows, y]).mean()
+    dW = torch.empty_like(W)
+    dZ = torch.zeros_like(z)
+    for a in range(0, N, block):
+        c = min(a + block, N)
+        dL = torch.exp(logits[:, a:c] - M[:, None]) / (S[:, None] * B)
+        mine = (y >= a) & (y < c)
+        dL[rows[mine], y[mine] - a] -= 1.0 / B
+        norm = W[a:c].norm(dim=1, keepdim=True).clamp_min(1e-12)
+        what = W[a:c] / norm
+        g = dL.t() @ Zt
+        dW[a:c] = (g - what * (g * what).sum(1, keepdim=True)) / norm
+        dZ += dL @ what
+    return loss, dW
+
+
 def torch_worker(args):
-    """PyTorch's dense step on the whole weight; prints one JSON line."""
+    """PyTorch's step on the whole weight, dense or blocked; prints one JSON line."""
     import torch
     import torch.nn.functional as F
     dev = "cuda" if args.device == "gpu" else "cpu"
@@ -128,13 +185,20 @@ def torch_worker(args):
         init_shard(args.classes, args.dim, 0, args.classes, dtype=np.float32)).to(dev))
     opt = torch.optim.SGD([W], lr=LR, momentum=MOMENTUM, weight_decay=WD)
 
-    def step():
+    def dense_step():
         opt.zero_grad(set_to_none=False)
         loss = F.cross_entropy(F.normalize(z) @ F.normalize(W).t() / TAU, y)
         loss.backward()
         opt.step()
         return loss
 
+    def blocked_step():
+        with torch.no_grad():
+            loss, W.grad = blocked_cosine_softmax(z.detach(), y, W.detach(), args.block)
+            opt.step()
+        return loss
+
+    step = blocked_step if args.worker == "torch-blocked" else dense_step
     losses = []
 
     def timed_step():
@@ -142,11 +206,11 @@ def torch_worker(args):
         if dev == "cuda":
             torch.cuda.synchronize()
 
-    seconds = best_time(timed_step, args.repeat)
+    best = best_call(timed_step, args.repeat)
     loss = losses[-1]
     peak = (torch.cuda.max_memory_reserved() / 2**20 if dev == "cuda"
             else peak_memory_mb(start))
-    print(json.dumps({"s": seconds, "peak_mb": peak, "loss": float(loss.detach()),
+    print(json.dumps({**best, "peak_mb": peak, "loss": float(loss.detach()),
                       "threads": torch.get_num_threads()}), flush=True)
 
 
@@ -158,18 +222,25 @@ def main():
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    p.add_argument("--worker", choices=["refimpl", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--block", type=int, default=4096,
+                   help="classes per block of the blocked PyTorch comparator")
+    p.add_argument("--worker", choices=["refimpl", "torch", "torch-blocked"],
+                   help=argparse.SUPPRESS)
     p.add_argument("--mpi", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker == "refimpl":
         return refimpl_worker(args)
-    if args.worker == "torch":
+    if args.worker in ("torch", "torch-blocked"):
         return torch_worker(args)
 
     common = [f"--classes={args.classes}", f"--dim={args.dim}", f"--batch={args.batch}",
               f"--repeat={args.repeat}", f"--device={args.device}"]
     me = [sys.executable, str(Path(__file__).resolve())]
+    emit({"benchmark": "classifier_machine", **machine_info()})
+    load = load_average()
     theirs = run_child(me + ["--worker", "torch"] + common)
+    blocked = (run_child(me + ["--worker", "torch-blocked", f"--block={args.block}"] + common)
+               if args.device == "cpu" else None)
     for P in args.ranks:
         if args.batch % P:
             raise SystemExit(f"--batch {args.batch} does not split over {P} ranks")
@@ -178,16 +249,28 @@ def main():
         else:
             ours = run_child(mpirun_command(P, *me[1:], "--worker", "refimpl", "--mpi", *common),
                              blas_threads=max(1, (os.cpu_count() or 1) // P))
-        t = max(r["s"] for r in ours["ranks"])
+        slowest = max(ours["ranks"], key=lambda r: r["s"])
+        t = slowest["s"]
         peak = max(r["peak_mb"] for r in ours["ranks"])
+        gemm = ({"gemm_limit_s": round(slowest["gemm_limit_s"], 4),
+                 "fraction_of_gemm_limit": round(slowest["gemm_limit_s"] / t, 3)}
+                if "gemm_limit_s" in slowest else {})
         emit({"benchmark": "classifier_step", "device": args.device, "N": args.classes,
               "D": args.dim, "B": args.batch, "P": P,
               "refimpl_s": round(t, 4), "torch_s": round(theirs["s"], 4),
-              "ratio": round(theirs["s"] / t, 3),
+              "ratio": round(theirs["s"] / t, 3), **gemm,
+              "refimpl_user_s": round(slowest["user_s"], 3),
+              "refimpl_sys_s": round(slowest["sys_s"], 3),
+              "torch_user_s": round(theirs["user_s"], 3), "torch_sys_s": round(theirs["sys_s"], 3),
+              **({"torch_blocked_s": round(blocked["s"], 4),
+                  "ratio_blocked": round(blocked["s"] / t, 3),
+                  "torch_blocked_peak_mb": round(blocked["peak_mb"], 1),
+                  "torch_blocked_loss": blocked["loss"]} if blocked else {}),
               "refimpl_peak_mb": round(peak, 1), "torch_peak_mb": round(theirs["peak_mb"], 1),
               "memory_ratio": round(peak / theirs["peak_mb"], 3),
               "loss": ours["ranks"][0]["loss"], "torch_loss": theirs["loss"],
-              "refimpl_threads_per_rank": ours["threads"], "torch_threads": theirs["threads"]})
+              "refimpl_threads_per_rank": ours["threads"], "torch_threads": theirs["threads"],
+              **load_record(load, os.cpu_count() or 1)})
 
 
 if __name__ == "__main__":

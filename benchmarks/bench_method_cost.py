@@ -35,28 +35,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 
-from benchmarks.common import emit, run_child  # noqa: E402
+from benchmarks.common import emit, run_child, sgemm_rate  # noqa: E402
 from refimpl.parallel.launch import mpirun_command  # noqa: E402
 from refimpl.sysinfo import peak_memory_mb, reset_peak_memory  # noqa: E402
 
 D, K = 128, 5
-
-
-def gemm_rate(threads):
-    """This process's sgemm GFLOP/s on the search's tile, best of 5."""
-    from refimpl import threads as T
-    g = np.random.default_rng(0)
-    a = g.standard_normal((2048, 128), dtype=np.float32)
-    b = g.standard_normal((4096, 128), dtype=np.float32)
-    rows = [(i, min(i + 2048 // threads, 2048)) for i in range(0, 2048, 2048 // threads)]
-    best = np.inf
-    for _ in range(5):
-        t = time.perf_counter()
-        T.parallel_map(lambda r: a[r[0]:r[1]] @ b.T, rows)  # as the search splits its rows
-        best = min(best, time.perf_counter() - t)
-    return 2 * 2048 * 4096 * 128 / best / 1e9
 
 
 def worker(args):
@@ -82,7 +66,8 @@ def worker(args):
         extra = {"table_shape": list(table.shape), "gflops_per_s_rank": None}
         flops = 2 * N * N * D / comm.size
         extra["gflops_per_s_rank"] = flops / seconds / 1e9
-        extra["gemm_rate_gflops"] = gemm_rate(n_threads)
+        # the search splits its 2048-row tile over the threads
+        extra["gemm_rate_gflops"] = sgemm_rate([(2048 // n_threads, 128, 4096)], n_threads)
         extra["fraction_of_gemm_limit"] = extra["gflops_per_s_rank"] / extra["gemm_rate_gflops"]
     else:
         from refimpl.data.synthetic import SyntheticDataset

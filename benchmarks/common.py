@@ -49,6 +49,50 @@ def median_time(fn, repeat=5, warmup=1, reduce=np.median):
     return float(reduce(times))
 
 
+def best_call(fn, repeat):
+    """After one warm-up, ``repeat`` calls of ``fn()``; -> the fastest call's
+    {"s": wall, "user_s", "sys_s": this process's CPU time, all threads}.
+
+    System time is what the kernel spent for the process (page faults of
+    fresh allocations, mostly): a third of the classifier step once.
+    """
+    fn()
+    best = None
+    for _ in range(repeat):
+        t0, w0 = os.times(), time.perf_counter()
+        fn()
+        w, t1 = time.perf_counter() - w0, os.times()
+        if best is None or w < best["s"]:
+            best = {"s": w, "user_s": t1.user - t0.user, "sys_s": t1.system - t0.system}
+    return best
+
+
+def sgemm_rate(shapes, parts, repeat=5):
+    """GFLOP/s of float32 GEMMs as a blocked algorithm runs them on ``parts`` threads.
+
+    shapes: [(m, k, n), ...], the products of one tile; each of ``parts``
+    threads (``threads.parallel_map``) runs all of them on its own operands
+    into its own outputs, concurrently. Best of ``repeat``. The rate that a
+    benchmark's "fraction of the GEMM limit" divides by.
+    """
+    from refimpl.threads import parallel_map
+    g = np.random.default_rng(0)
+    ops = [[(g.standard_normal((m, k), dtype=np.float32),
+             g.standard_normal((k, n), dtype=np.float32), np.empty((m, n), np.float32))
+            for m, k, n in shapes] for _ in range(parts)]
+
+    def tile(i):
+        for a, b, out in ops[i]:
+            np.matmul(a, b, out=out)
+
+    best = np.inf
+    for _ in range(repeat + 1):  # the first call warms up
+        t = time.perf_counter()
+        parallel_map(tile, range(parts))
+        best = min(best, time.perf_counter() - t)
+    return parts * sum(2 * m * k * n for m, k, n in shapes) / best / 1e9
+
+
 def compare_times(ours, theirs, rounds=5, per_round=2, warmup=1):
     """Time two step functions in alternating blocks; robust to a noisy machine.
 

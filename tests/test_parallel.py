@@ -165,6 +165,28 @@ def test_threads_give_the_same_bits(threads):
     assert one[3] == two[3]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("alpha", [0.0, ALPHA])
+def test_reused_buffers_equal_the_readable_blocks(threads, monkeypatch, dtype, alpha):
+    """The CPU path's per-thread block buffers give bitwise what the readable
+    blocks (the GPU's path) give: loss, dz, dW, the logits and accuracy, with a
+    ragged last block, a zero row (clamped norm), and 1 or 2 threads; a second
+    call with another B reallocates them."""
+    from refimpl.parallel import classifier
+    z, labels, W, nb = make_problem(5, n=101, b=12)
+    W[7] = 0.0
+    z, W = z.astype(dtype), W.astype(dtype)
+    for n_threads, b in ((1, 12), (2, 12), (2, 6)):
+        threads(n_threads)
+        out = {}
+        for reuse in (False, True):
+            monkeypatch.setattr(classifier, "REUSE_BUFFERS", reuse)
+            out[reuse] = run(z[:b], labels[:b], W, nb, alpha, block=16, topk=(1, 5))
+        for name, a, r in zip(("loss", "dz", "dW"), out[True][:3], out[False][:3]):
+            assert np.array_equal(a, r), f"{name}: reused buffers differ ({n_threads} threads)"
+        assert out[True][3] == out[False][3]
+
+
 @pytest.mark.parametrize("alpha", [0.0, ALPHA])
 def test_topk_accuracy_with_ties(alpha):
     """Tied logits: the lower class id ranks first (like argmax)."""
