@@ -29,7 +29,8 @@ the mean and standard deviation over seeds.
     python benchmarks/bench_ablation.py --table out.jsonl ...   (the README's table)
 
 These are accuracies, not speeds: a loaded machine changes the time, not the
-numbers (every run is bitwise reproducible for a fixed thread count).
+numbers (every run is bitwise reproducible for a fixed thread count; NumPy's
+BLAS is held at one thread, since its thread count changes float32 rounding).
 """
 import argparse
 import json
@@ -159,6 +160,12 @@ def main():
                 if '"benchmark": "ablation"' in x]
         print(markdown(rows))
         return
+    # One BLAS thread per run whatever refimpl's thread count: at --threads 1
+    # OpenBLAS would otherwise start a thread per core (two runs side by side
+    # then oversubscribe the cores), and its thread count changes the float32
+    # rounding, so runs would not be bitwise comparable across machines.
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=1, user_api="blas")
     emit({"benchmark": "ablation_machine", **machine_info()})
     rows = []
     for dataset in args.datasets:
