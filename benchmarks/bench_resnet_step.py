@@ -9,6 +9,7 @@ benchmarks/common.py). The PyTorch model is the independent one from
 tests/torch_resnet.py, loaded with refimpl's weights.
 
     python benchmarks/bench_resnet_step.py [--rounds 5] [--threads 2]
+        [--configs 16x128 64x64 | --scaling]
 
 Prints one JSON object per configuration (width, batch): images per second of
 each and ratio = refimpl / torch (above 1: refimpl is faster).
@@ -30,6 +31,19 @@ from refimpl.models.resnet import ResNet  # noqa: E402
 from refimpl.optim.sgd import SGD  # noqa: E402
 
 CONFIGS = [(16, 128), (64, 64)]  # (width, batch)
+# --scaling: how the cost grows with the batch (width 16) and with the width (batch 64)
+SCALING = [(16, 32), (16, 64), (16, 128), (16, 256), (8, 64), (32, 64), (64, 64)]
+
+
+def config(text):
+    """'WIDTHxBATCH' -> (width, batch), e.g. '16x128'."""
+    try:
+        width, batch = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxBATCH such as 16x128, got {text!r}")
+    if width < 1 or batch < 1:
+        raise argparse.ArgumentTypeError(f"width and batch must be >= 1, got {text!r}")
+    return width, batch
 
 
 def refimpl_step(width, batch, x, y):
@@ -67,11 +81,16 @@ def main():
     ap.add_argument("--rounds", type=int, default=5,
                     help="alternating refimpl/torch blocks (2 steps each); medians are reported")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--configs", type=config, nargs="+", default=CONFIGS, metavar="WxB",
+                    help="width x batch of each configuration (default: 16x128 64x64)")
+    ap.add_argument("--scaling", action="store_true",
+                    help="the README's scaling grid: batch 32-256 at width 16, width 8-64 "
+                         "at batch 64")
     args = ap.parse_args()
     set_threads(args.threads)
     import torch
     emit({"machine": machine_info()})
-    for width, batch in CONFIGS:
+    for width, batch in (SCALING if args.scaling else args.configs):
         g = np.random.default_rng(0)
         x = g.standard_normal((batch, 3, 32, 32)).astype(np.float32)
         y = g.integers(0, 10, size=batch)

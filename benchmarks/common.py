@@ -15,12 +15,15 @@ import numpy as np
 def set_threads(n):
     """Use ``n`` threads in refimpl and in PyTorch alike.
 
-    refimpl: ``threads.set_num_threads(n)``, which for n > 1 runs conv chunks
-    on n worker threads and holds NumPy's OpenBLAS at 1 thread (see
-    refimpl/threads.py for why); PyTorch: ``torch.set_num_threads(n)``.
+    refimpl: ``threads.set_num_threads(n, single_blas=True)``, which runs conv
+    chunks on n worker threads and holds NumPy's OpenBLAS at 1 thread (see
+    refimpl/threads.py for why), also at n = 1; PyTorch:
+    ``torch.set_num_threads(n)``.
     """
     from refimpl import threads
-    threads.set_num_threads(n)
+    # single_blas: at n = 1 NumPy's BLAS would otherwise keep a thread per
+    # core, and "1 thread" would run refimpl's GEMMs on all of them.
+    threads.set_num_threads(n, single_blas=True)
     try:
         import torch
         torch.set_num_threads(n)
