@@ -326,3 +326,30 @@ def test_synced_float32_keeps_its_digits_when_the_mean_is_large():
     zero = np.zeros(4, np.float32)
     bad, _, _, _ = batchnorm_forward(f32[0], f32[1], f32[2], zero, f32[4], allreduce=lambda v: v)
     assert np.abs(bad - ref).max() / np.abs(ref).max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode", ["train", "sync", "eval", "no-running"])
+def test_threads_give_the_same_bits(threads, dtype, mode):
+    """On 2 and 3 threads each thread normalizes its own channels: forward
+    (out, new running statistics) and backward (dx, dgamma, dbeta) are
+    bitwise those of 1 thread, also for C not divisible by the threads."""
+    from refimpl.layers import batchnorm
+    shape = (24, 7, 40, 40)                                  # above THREAD_MIN_ELEMENTS
+    assert np.prod(shape) >= batchnorm.THREAD_MIN_ELEMENTS
+    x, gamma, beta, rm, rv = make_inputs(shape, seed=3, dtype=dtype)
+    dout = np.random.default_rng(4).standard_normal(shape).astype(dtype)
+    if mode == "no-running":
+        rm = rv = None
+    kwargs = dict(train=mode != "eval", allreduce=(lambda v: v.copy()) if mode == "sync" else None)
+    results = []
+    for n in (1, 2, 3):
+        threads(n)
+        assert len(batchnorm._channel_chunks(x)) == n
+        out, cache, m, v = batchnorm_forward(x, gamma, beta, rm, rv, **kwargs)
+        results.append((out, m, v) + batchnorm_backward(dout, cache))
+    for n, r in zip((2, 3), results[1:]):
+        for name, a, b in zip(("out", "running_mean", "running_var", "dx", "dgamma", "dbeta"),
+                              r, results[0]):
+            assert (a is None and b is None) or np.array_equal(a, b), \
+                f"{name} differs on {n} threads ({mode}, {np.dtype(dtype).name})"

@@ -25,8 +25,20 @@ shared by all ranks, for float32 accuracy); backward makes exactly one call, on
 ``[sum dout (C), sum dout * xhat (C)]``. The returned dgamma/dbeta are the
 *local* sums (this rank's share); summing them over ranks is the job of the
 gradient all-reduce, like every other replicated parameter.
+
+Threads (``threads.set_num_threads``): every statistic is per channel, so a
+large layer is cut into one slice of channels per thread and each thread
+runs the same operations on its channels, writing into shared outputs; the
+bits are those of one thread (``_channel_chunks``).
 """
+import numpy as np
+
 from refimpl.backend import get_array_module
+from refimpl.threads import num_workers, parallel_map
+
+# Below this many elements BatchNorm runs in the calling thread: handing a
+# small layer to the pool costs more than the pass itself.
+THREAD_MIN_ELEMENTS = 1 << 18
 
 
 def _channel_axes(x):
@@ -36,6 +48,26 @@ def _channel_axes(x):
     axes = (0,) + tuple(range(2, x.ndim))
     bshape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
     return axes, bshape
+
+
+def _channel_chunks(x):
+    """Slices of the channel axis, one per refimpl thread (``threads``).
+
+    Every statistic is per channel, so each thread can run the whole layer
+    on its own channels: the same operations on the same values, hence the
+    same bits as one thread (a channel's sums do not depend on which other
+    channels share the array; the tests check it). One slice, the whole
+    axis, when serial, on a GPU, or for a small layer.
+    """
+    C = x.shape[1]
+    n = min(num_workers(x), C) if x.size >= THREAD_MIN_ELEMENTS else 1
+    bounds = np.linspace(0, C, n + 1).astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _per_chunk(fn, chunks):
+    """fn(c) for each channel slice c, on refimpl's threads; results in order."""
+    return parallel_map(fn, chunks) if len(chunks) > 1 else [fn(chunks[0])]
 
 
 def _check_param(name, p, C):
@@ -92,8 +124,14 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, train=True,
         mean = running_mean.astype(x.dtype, copy=False).reshape(bshape)  # (1, C, 1, 1)
         var = running_var.astype(x.dtype, copy=False).reshape(bshape)
         inv_std = 1.0 / xp.sqrt(var + eps)                   # (1, C, 1, 1)
-        xhat = (x - mean) * inv_std                          # like x
-        out = gamma.reshape(bshape) * xhat + beta.reshape(bshape)
+        xhat, out = xp.empty_like(x), xp.empty_like(x)
+        g, b = gamma.reshape(bshape), beta.reshape(bshape)
+
+        def normalize(c):                                    # channels c of xhat, out
+            xp.multiply(x[:, c] - mean[:, c], inv_std[:, c], out=xhat[:, c])
+            xp.add(g[:, c] * xhat[:, c], b[:, c], out=out[:, c])
+
+        _per_chunk(normalize, _channel_chunks(x))
         cache = {"train": False, "xhat": xhat, "gamma": gamma, "inv_std": inv_std,
                  "axes": axes, "bshape": bshape}
         return out, cache, running_mean, running_var
@@ -101,6 +139,7 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, train=True,
     for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
         if stat is not None:
             _check_param(name, stat, C)
+    chunks = _channel_chunks(x)
     if allreduce is None:
         if local_count <= 1:
             raise ValueError(f"batchnorm: train mode needs more than 1 value per "
@@ -108,9 +147,16 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, train=True,
         count = local_count
         # Two passes (mean, then variance of the centered values) like PyTorch
         # CPU: sum(x^2)/m - mean^2 loses digits when |mean| >> std.
-        mean = xp.mean(x, axis=axes, keepdims=True)          # (1, C, 1, 1)
-        xc = x - mean                                        # like x; becomes xhat below
-        var = xp.mean(xp.square(xc), axis=axes, keepdims=True)  # (1, C, 1, 1), biased
+        xc = xp.empty_like(x)                                # x - mean; becomes xhat below
+
+        def centre(c):                                       # channels c
+            m = xp.mean(x[:, c], axis=axes, keepdims=True)   # (1, c, 1, 1)
+            xp.subtract(x[:, c], m, out=xc[:, c])
+            return m, xp.mean(xp.square(xc[:, c]), axis=axes, keepdims=True)  # biased var
+
+        parts = _per_chunk(centre, chunks)
+        mean = xp.concatenate([m for m, _ in parts], axis=1)  # (1, C, 1, 1)
+        var = xp.concatenate([v for _, v in parts], axis=1)
     else:
         # One message per forward: per-channel sum, sum of squares, and the
         # count (a float; exact in float32 up to 2**24 values per channel).
@@ -121,11 +167,13 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, train=True,
         # keeps none; once the running mean has caught up it loses ~none.
         shift = 0 if running_mean is None else \
             running_mean.astype(x.dtype, copy=False).reshape(bshape)  # (1, C, 1, 1)
-        d = x - shift                                        # like x
-        stats = xp.concatenate([
-            xp.sum(d, axis=axes), xp.sum(xp.square(d), axis=axes),
-            xp.full((1,), local_count, dtype=x.dtype)])      # (2C + 1,)
-        del d  # free it before the next full-size allocation
+        def sums(c):                                         # channels c: sum d, sum d^2
+            d = x[:, c] - (shift[:, c] if running_mean is not None else shift)
+            return xp.sum(d, axis=axes), xp.sum(xp.square(d), axis=axes)
+
+        parts = _per_chunk(sums, chunks)
+        stats = xp.concatenate([p[0] for p in parts] + [p[1] for p in parts] +
+                               [xp.full((1,), local_count, dtype=x.dtype)])  # (2C + 1,)
         total = allreduce(stats)
         if total is None or total.shape != (2 * C + 1,):
             raise ValueError(f"batchnorm: allreduce must return shape ({2 * C + 1},), "
@@ -140,15 +188,23 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, train=True,
         # E[d^2] - E[d]^2 can round to a tiny negative number; a variance is >= 0.
         var = xp.maximum(total[C:2 * C].reshape(bshape) / count - mean_d ** 2, 0)  # biased
         mean = mean_d + shift                                # (1, C, 1, 1)
-        xc = x - mean
+        xc = None
 
     inv_std = 1.0 / xp.sqrt(var + eps)                       # (1, C, 1, 1)
     # In place from here on: every full-size temporary is a fresh allocation
     # (page faults) and a pass over memory, and this layer runs ~20 times a step.
-    xhat = xc
-    xhat *= inv_std                                          # like x
-    out = xhat * gamma.reshape(bshape)                       # like x
-    out += beta.reshape(bshape)
+    xhat = xp.empty_like(x) if xc is None else xc
+    out = xp.empty_like(x)
+    g, b = gamma.reshape(bshape), beta.reshape(bshape)
+
+    def normalize(c):                                        # channels c of xhat, out
+        if xc is None:
+            xp.subtract(x[:, c], mean[:, c], out=xhat[:, c])
+        xhat[:, c] *= inv_std[:, c]                          # like x
+        xp.multiply(xhat[:, c], g[:, c], out=out[:, c])
+        out[:, c] += b[:, c]
+
+    _per_chunk(normalize, chunks)
 
     new_mean = new_var = None
     if running_mean is not None:
@@ -183,11 +239,16 @@ def batchnorm_backward(dout, cache):
     axes, bshape = cache["axes"], cache["bshape"]
     C = gamma.shape[0]
 
-    dbeta = xp.sum(dout, axis=axes)                          # (C,)
-    dgamma = xp.sum(dout * xhat, axis=axes)                  # (C,)
+    chunks = _channel_chunks(dout)
+    parts = _per_chunk(lambda c: (xp.sum(dout[:, c], axis=axes),
+                                  xp.sum(dout[:, c] * xhat[:, c], axis=axes)), chunks)
+    dbeta = xp.concatenate([p[0] for p in parts])            # (C,)
+    dgamma = xp.concatenate([p[1] for p in parts])           # (C,)
     scale = gamma.reshape(bshape) * inv_std                  # (1, C, 1, 1)
+    dx = xp.empty_like(dout)
     if not cache["train"]:
-        return dout * scale, dgamma, dbeta
+        _per_chunk(lambda c: xp.multiply(dout[:, c], scale[:, c], out=dx[:, c]), chunks)
+        return dx, dgamma, dbeta
 
     allreduce = cache["allreduce"]
     if allreduce is None:
@@ -204,8 +265,14 @@ def batchnorm_backward(dout, cache):
     # Remove the components of dout that the mean and variance absorb. One
     # full-size allocation, the rest in place (each fresh (N, C, H, W) array
     # costs page faults and a pass over memory; this runs ~20 times a step).
-    dx = xhat * (sum_dout_xhat.reshape(bshape) / count)      # like x
-    xp.subtract(dout, dx, out=dx)                            # dout - xhat * S2/m
-    dx -= sum_dout.reshape(bshape) / count                   #      - S1/m
-    dx *= scale
+    s2 = sum_dout_xhat.reshape(bshape) / count               # (1, C, 1, 1)
+    s1 = sum_dout.reshape(bshape) / count
+
+    def input_gradient(c):                                   # channels c of dx
+        xp.multiply(xhat[:, c], s2[:, c], out=dx[:, c])      # xhat * S2/m
+        xp.subtract(dout[:, c], dx[:, c], out=dx[:, c])      # dout - xhat * S2/m
+        dx[:, c] -= s1[:, c]                                 #      - S1/m
+        dx[:, c] *= scale[:, c]
+
+    _per_chunk(input_gradient, chunks)
     return dx, dgamma, dbeta
