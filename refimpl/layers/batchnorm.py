@@ -165,10 +165,11 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, train=True,
         # E[d^2] - E[d]^2 loses about log10((mean - shift)^2 / var) digits,
         # so without the shift a float32 channel with mean 30 and std 0.05
         # keeps none; once the running mean has caught up it loses ~none.
-        shift = 0 if running_mean is None else \
+        shift = xp.zeros(bshape, dtype=x.dtype) if running_mean is None else \
             running_mean.astype(x.dtype, copy=False).reshape(bshape)  # (1, C, 1, 1)
+
         def sums(c):                                         # channels c: sum d, sum d^2
-            d = x[:, c] - (shift[:, c] if running_mean is not None else shift)
+            d = x[:, c] - shift[:, c]
             return xp.sum(d, axis=axes), xp.sum(xp.square(d), axis=axes)
 
         parts = _per_chunk(sums, chunks)

@@ -481,8 +481,8 @@ def plot_curves(metrics_path, png_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    epochs = [json.loads(line) for line in Path(metrics_path).read_text().splitlines()]
-    epochs = [e for e in epochs if e.get("kind") == "epoch"]
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines()]
+    epochs = [e for e in records if e.get("kind") == "epoch"]
     if not epochs:
         return
     x = [e["epoch"] + 1 for e in epochs]
@@ -503,8 +503,7 @@ def plot_curves(metrics_path, png_path):
             axes[2].plot(*zip(*pts), style, marker="o", ms=3,
                          label=f"{'encoder' if kind == 'pooled' else 'head'} k={k}")
     # the reference points, as horizontal lines: raw pixels, random init, after the prior
-    evals = {e["name"]: e["knn"] for e in map(json.loads, Path(metrics_path).read_text()
-                                               .splitlines()) if e.get("kind") == "eval"}
+    evals = {e["name"]: e["knn"] for e in records if e.get("kind") == "eval"}
     for name, color in (("raw_pixels", "gray"), ("random_init", "tab:red"),
                         ("after_prior", "tab:purple")):
         acc = evals.get(name, {}).get("pooled", {})
