@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import best_time, emit, machine_info, set_threads  # noqa: E402
+from benchmarks.common import best_call, emit, machine_info, set_threads  # noqa: E402
 from refimpl.layers.conv import conv2d_backward, conv2d_forward  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def bench_one(torch, x_shape, w_shape, stride, pad, repeat):
     # Each function runs in its own block after a warm-up call: interleaving
     # single calls would charge each library for the other's spinning idle
     # threads (OpenMP in PyTorch, pthreads in OpenBLAS).
-    return {key: 1e3 * best_time(fn, repeat) for key, fn in
+    return {key: 1e3 * best_call(fn, repeat)["s"] for key, fn in
             (("rf", ref_fwd), ("rb", ref_bwd), ("tf", torch_fwd), ("tb", torch_bwd))}
 
 

@@ -31,15 +31,6 @@ def set_threads(n):
         pass
 
 
-def best_time(fn, repeat):
-    """Shortest wall time of ``fn()`` over ``repeat`` calls after one warm-up.
-
-    The minimum, not the median: other processes on a shared machine only
-    ever add time, so the fastest call is the most repeatable estimate.
-    """
-    return median_time(fn, repeat, warmup=1, reduce=min)
-
-
 def median_time(fn, repeat=5, warmup=1, reduce=np.median):
     """Median (or ``reduce``) wall time of ``fn()`` in seconds over ``repeat`` runs after warm-up."""
     for _ in range(warmup):
@@ -55,6 +46,9 @@ def median_time(fn, repeat=5, warmup=1, reduce=np.median):
 def best_call(fn, repeat):
     """After one warm-up, ``repeat`` calls of ``fn()``; -> the fastest call's
     {"s": wall, "user_s", "sys_s": this process's CPU time, all threads}.
+
+    The minimum, not the median: other processes on a shared machine only
+    ever add time, so the fastest call is the most repeatable estimate.
 
     System time is what the kernel spent for the process (page faults of
     fresh allocations, mostly): a third of the classifier step once.
