@@ -8,47 +8,40 @@
   BatchNorm and the classifier as touched rows + per-shard checksums
   (tests/oracle_worker.py) replays in one process.
 """
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from refimpl.oracle import Trace, compare_traces, format_trace_report, replay
 from refimpl.oracle.compare import worst_row
-from refimpl.parallel.launch import mpirun_command
+
+from mpi_run import ENV, ROOT, run_ranks
 
 pytestmark = pytest.mark.mpi
-ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, REFIMPL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
 TINY = ["train=synthetic:n=48,size=8,classes=4,seed=0", "width=1", "head_hidden=8", "dim=16",
         "batch_size=8", "epochs=1", "warmup_epochs=0", "k=3", "lr=0.1", "smooth_from_epoch=0",
         "knn_k=[5]", "eval_every=0", "dtype=float64"]
 
 
-def run(cmd, timeout=240):
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT,
-                          timeout=timeout)
-
-
 def test_refimpl_train_trace_on_2_ranks(tmp_path):
     trace = tmp_path / "trace"
-    proc = run(mpirun_command(2, "-m", "refimpl.train", *TINY, f"out={tmp_path / 'run'}",
-                              "--trace", trace, "--trace-steps", 2))
+    proc, _ = run_ranks(2, "-m", "refimpl.train", *TINY, f"out={tmp_path / 'run'}",
+                        "--trace", trace, "--trace-steps", 2, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     hp = Trace(trace).hparams
     assert (hp["world_size"], hp["bn"], hp["batch_size"]) == (2, "local", 8)
     # the CLI launching mpirun itself, keeping refimpl's trace
-    rep = run([sys.executable, "-m", "refimpl.oracle", "replay", trace, "--ranks", "2",
-               "--out", tmp_path / "ours2", "-q"])
+    rep = subprocess.run([sys.executable, "-m", "refimpl.oracle", "replay", trace, "--ranks",
+                          "2", "--out", tmp_path / "ours2", "-q"],
+                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=240)
     assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
     assert rep.stdout.rstrip().endswith("result: all 678 tensors agree")
     same = compare_traces(tmp_path / "ours2", trace, 0.0, 0.0)     # bit for bit
     assert same["ok"], format_trace_report(same, True)
     # started under mpirun
-    rep = run(mpirun_command(2, "-m", "refimpl.oracle", "replay", trace, "-q"))
+    rep, _ = run_ranks(2, "-m", "refimpl.oracle", "replay", trace, "-q", timeout=240)
     assert rep.returncode == 0 and rep.stdout.count("result: all 678 tensors agree") == 1, \
         rep.stdout[-3000:] + rep.stderr[-3000:]
     # one process: local BatchNorm as 2 groups
@@ -61,7 +54,7 @@ def test_refimpl_train_trace_on_2_ranks(tmp_path):
 
 def test_uneven_shards_rows_and_checksums_on_3_ranks(tmp_path):
     trace = tmp_path / "trace"
-    proc = run(mpirun_command(3, ROOT / "tests" / "oracle_worker.py", trace))
+    proc, _ = run_ranks(3, ROOT / "tests" / "oracle_worker.py", trace, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     t = Trace(trace)
     assert (t.meta["classifier"], t.hparams["world_size"], t.hparams["bn"]) == ("rows", 3, "sync")

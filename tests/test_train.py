@@ -6,22 +6,20 @@ launcher (mpirun); the world-size invariance is checked on the saved
 checkpoints: parameters, BN statistics, momenta, the whole W.
 """
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from refimpl.parallel.launch import mpirun_command
 
-ROOT = Path(__file__).resolve().parents[1]
+from mpi_run import ENV, ROOT
+
 TINY = ["train=synthetic:n=48,size=8,classes=4,seed=0",
         "test=synthetic:n=24,size=8,classes=4,seed=1",
         "width=2", "head_hidden=8", "dim=8", "batch_size=8", "epochs=2", "k=3",
         "lr=0.1", "warmup_epochs=0.5", "knn_k=[5]", "log_every=3", "eval_every=1"]
-ENV = dict(os.environ, REFIMPL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
 
 
 def train(*args, ranks=None, timeout=300, mpi_args=()):
@@ -180,11 +178,8 @@ def test_hostfile_naming_this_machine_twice(tmp_path):
 def test_ranks_with_different_configs_refuse_to_start(tmp_path):
     """Rank 1 started with another alpha (mpirun's MPMD form A : B): every rank
     stops before training, with one message."""
-    from refimpl.parallel.launch import find_mpirun
     base = [sys.executable, "-m", "refimpl.train", *TINY, f"out={tmp_path / 'run'}"]
-    cmd = [find_mpirun(), "--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0
-                                                 else [])
-    cmd += ["-np", "1", *base, "alpha=0.1", ":", "-np", "1", *base, "alpha=0.2"]
+    cmd = mpirun_command(1, *base, "alpha=0.1", ":", "-np", 1, *base, "alpha=0.2", python=False)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.count("ranks [1] run another configuration than rank 0") == 1

@@ -48,6 +48,7 @@ import numpy as np
 
 from refimpl.backend import rng
 from refimpl.models import build_model
+from refimpl.oracle import scaled_error
 from refimpl.parallel import SelfComm, cosine_softmax_backward, cosine_softmax_forward
 
 P, N, D, B, tau = 4, 50, 16, 16, 0.15
@@ -116,8 +117,8 @@ averaged = np.mean(g_ddp, axis=0)                                    # DDP's all
 mean_of_means = np.mean(losses_ddp)
 print(f"the mean of the {P} own-row losses, {mean_of_means:.6f}, is the global mean loss "
       f"(equal batches)")
-err_ddp = np.abs(averaged - summed).max() / np.abs(summed).max()
-err_ddp_W = np.abs(np.mean(dW_ddp, axis=0) - dW).max() / np.abs(dW).max()
+err_ddp = scaled_error(averaged, summed)
+err_ddp_W = scaled_error(np.mean(dW_ddp, axis=0), dW)
 print(f"DDP, averaged:            |grad L| = {np.linalg.norm(averaged):.12f}  "
       f"(vs refimpl {err_ddp:.1e}; W's gradient, averaged too: {err_ddp_W:.1e})")
 
@@ -132,7 +133,7 @@ print(f"DDP, averaged:            |grad L| = {np.linalg.norm(averaged):.12f}  "
 # %%
 g_pfc = [encoder_gradient(images[s], P * dz[s]) for s in rows]      # grad_out *= P
 pfc = np.mean(g_pfc, axis=0)                                         # DDP's AVG
-err_pfc = np.abs(pfc - summed).max() / np.abs(summed).max()
+err_pfc = scaled_error(pfc, summed)
 print(f"Partial FC, x P then averaged: |grad L| = {np.linalg.norm(pfc):.12f}  "
       f"(vs refimpl {err_pfc:.1e})")
 
@@ -153,7 +154,7 @@ mixes = {
 factors = {}
 for name, wrong in mixes.items():
     factors[name] = np.linalg.norm(wrong) / np.linalg.norm(summed)
-    direction = np.abs(wrong / factors[name] - summed).max() / np.abs(summed).max()
+    direction = scaled_error(wrong / factors[name], summed)
     print(f"{name:36s} = {factors[name]:.12f} x the right gradient "
           f"(same direction: {direction:.1e})")
 
