@@ -71,3 +71,18 @@ def test_uneven_shards_rows_and_checksums_on_3_ranks(tmp_path):
     ours = Trace(tmp_path / "ours").step(1)
     np.testing.assert_allclose(ours["checksum/classifier.weight"],
                                t.step(1)["checksum/classifier.weight"], rtol=1e-12)
+
+
+def test_float32_trace_replayed_under_mpirun_uses_the_noise_floor(tmp_path):
+    """``mpirun -n 2 refimpl-oracle replay`` of refimpl's own float32 trace agrees,
+    as ``--ranks 2`` does: both compare through the float32 noise floor (the
+    mpirun path once compared without it and reported 10 of 678 tensors)."""
+    trace = tmp_path / "trace"
+    f32 = [a for a in TINY if not a.startswith("dtype=")] + ["dtype=float32"]
+    proc, _ = run_ranks(2, "-m", "refimpl.train", *f32, f"out={tmp_path / 'run'}",
+                        "--trace", trace, "--trace-steps", 2, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep, _ = run_ranks(2, "-m", "refimpl.oracle", "replay", trace, "-q", timeout=240)
+    assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
+    assert rep.stdout.count("result: all 678 tensors agree") == 1
+    assert "within the noise floor" in rep.stdout

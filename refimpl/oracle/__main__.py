@@ -20,6 +20,7 @@ unreadable or inconsistent trace.
 import argparse
 import os
 import sys
+from pathlib import Path
 
 EXIT_OK, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
 
@@ -71,8 +72,7 @@ def report(result, args):
 
 
 def replay_command(args):
-    from refimpl.oracle.compare import compare_traces
-    from refimpl.oracle.replay import replay, replay_and_compare
+    from refimpl.oracle.replay import compare_replay, replay, replay_and_compare
     if args.ranks is not None and args.ranks < 1:
         raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
     if args.no_compare and args.out is None:
@@ -85,22 +85,23 @@ def replay_command(args):
         comm = MPIComm(MPI.COMM_WORLD)
         if args.ranks not in (None, comm.size):
             raise ValueError(f"--ranks {args.ranks} under mpirun with {comm.size} ranks")
+        import shutil
         import tempfile
-        tmp = None
-        out = args.out
-        if out is None:  # rank 0 picks the directory, every rank learns it
-            tmp = tempfile.mkdtemp(prefix="refimpl-replay-") if comm.rank == 0 else None
-            out = comm.comm.bcast(tmp, root=0)  # a path string, once (not in the step)
-        with abort_on_error(comm, passthrough=(TraceError,)):
-            replay(args.trace, out, comm, steps=args.steps, free_run=args.free_run)
-        if args.no_compare or comm.rank != 0:
-            return EXIT_OK
-        result = compare_traces(out, args.trace, args.rtol, args.atol,
-                                labels=("refimpl", "yours"), steps=args.steps)
-        if tmp is not None:
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
-        return report(result, args)
+        # rank 0 makes the work directory (and the output's, without --out);
+        # every rank learns it: a path string, once (not in the step)
+        tmp = comm.comm.bcast(tempfile.mkdtemp(prefix="refimpl-replay-")
+                              if comm.rank == 0 else None, root=0)
+        out = args.out if args.out is not None else Path(tmp) / "refimpl"
+        try:
+            with abort_on_error(comm, passthrough=(TraceError,)):
+                replay(args.trace, out, comm, steps=args.steps, free_run=args.free_run)
+            if args.no_compare or comm.rank != 0:
+                return EXIT_OK
+            return report(compare_replay(args.trace, out, tmp, args.rtol, args.atol,
+                                         steps=args.steps, free_run=args.free_run), args)
+        finally:
+            if comm.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
     if args.no_compare:
         replay(args.trace, args.out, steps=args.steps, free_run=args.free_run)
         return EXIT_OK

@@ -243,11 +243,23 @@ def replay_and_compare(trace_dir, ranks=1, out_dir=None, rtol=None, atol=None, s
                 tail = (proc.stderr or proc.stdout)[-3000:]
                 raise TraceError(f"the replay on {ranks} ranks failed (mpirun exit "
                                  f"{proc.returncode}):\n{tail}")
-        floor = None
-        if noise and Trace(trace_dir).hparams["dtype"] == "float32":
-            floor = float32_noise(trace_dir, out, tmp, steps, free_run)
-        return compare_traces(out, trace_dir, rtol, atol, labels=("refimpl", "yours"),
-                              steps=steps, noise=floor)
+        return compare_replay(trace_dir, out, tmp, rtol, atol, steps, free_run, noise)
+
+
+def compare_replay(trace_dir, out, work, rtol=None, atol=None, steps=None, free_run=False,
+                   noise=True):
+    """refimpl's replay in ``out`` against the trace: ``compare_traces``' result.
+
+    noise: for a float32 trace, first replay it in float32 (one process,
+    into ``work``) and let each tensor pass within 30 x refimpl's own
+    float32 error on it (the noise floor). The one comparison both
+    ``replay_and_compare`` and ``mpirun -n P refimpl-oracle replay`` make.
+    """
+    floor = None
+    if noise and Trace(trace_dir).hparams["dtype"] == "float32":
+        floor = float32_noise(trace_dir, out, work, steps, free_run)
+    return compare_traces(out, trace_dir, rtol, atol, labels=("refimpl", "yours"),
+                          steps=steps, noise=floor)
 
 
 def read_state_file(path):
