@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from refimpl.backend import asarray, to_numpy
-from refimpl.fileio import fsync_path, sha256_file
+from refimpl.fileio import fsync_path, sha256_file, write_shard_rows
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -97,18 +97,6 @@ def latest_checkpoint(run_dir):
     return found[-1] if found else None
 
 
-def _write_rows(path, rows, lo, shape, dtype, rank, comm):
-    """Every rank writes its rows [lo, lo + n) of an (N, D) .npy file (rank 0 creates it)."""
-    if rank == 0:
-        np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
-    comm.barrier()
-    mm = np.load(path, mmap_mode="r+")
-    mm[lo:lo + rows.shape[0]] = to_numpy(rows)
-    mm.flush()
-    del mm
-    fsync_path(path)
-
-
 def save(run_dir, state, cfg_dict, net, clf, net_opt, clf_opt, comm, neighbours=None, keep=2):
     """Write a checkpoint of the run's state after global step ``state['step']``.
 
@@ -127,10 +115,10 @@ def save(run_dir, state, cfg_dict, net, clf, net_opt, clf_opt, comm, neighbours=
     comm.barrier()
     N, D = clf.num_classes, clf.dim
     dtype = np.dtype(clf.weight.dtype)
-    _write_rows(tmp / WEIGHT, clf.weight, clf.lo, (N, D), dtype, rank, comm)
+    write_shard_rows(tmp / WEIGHT, clf.weight, clf.lo, (N, D), dtype, comm)
     if clf_opt.momentum_buffer is not None:
-        _write_rows(tmp / MOMENTUM, clf_opt.momentum_buffer.reshape(clf.weight.shape), clf.lo,
-                    (N, D), dtype, rank, comm)
+        write_shard_rows(tmp / MOMENTUM, clf_opt.momentum_buffer.reshape(clf.weight.shape),
+                         clf.lo, (N, D), dtype, comm)
     comm.barrier()  # every rank's rows are on disk
     if rank == 0:
         arrays = net.store.state_dict()

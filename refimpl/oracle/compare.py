@@ -283,9 +283,9 @@ def _tie_hint(ref_trace, row, ref_arrays, other_nb, labels, float32=False):
     b, k = row["where"]
     ref_nb = ref_arrays["neighbours"]
     i, j_ref, j_other = int(ref_arrays["ids"][b]), int(ref_nb[b, k]), int(other_nb[b, k])
-    W = ref_trace.classifier()
+    W = np.concatenate([ref_trace.classifier(j, j + 1) for j in (i, j_ref, j_other)])  # 3 rows
     Wn = W / np.maximum(np.linalg.norm(W, axis=1, keepdims=True), 1e-12)
-    s_ref, s_other = float(Wn[i] @ Wn[j_ref]), float(Wn[i] @ Wn[j_other])
+    s_ref, s_other = float(Wn[0] @ Wn[1]), float(Wn[0] @ Wn[2])
     gap = abs(s_ref - s_other)
     if 1e-14 < gap <= 1e-6 and float32:
         return (f"class {i} (batch row {b}), neighbour {k}: {labels[0]} has {j_ref} (cosine "

@@ -126,29 +126,24 @@ def targets_from_rows(ids, rows, num_classes, alpha):
     return target_entries(ids, num_classes, table, alpha)
 
 
-def resync(trace, prev, net, clf, net_opt, clf_opt):
-    """Start the next step from the state the trace recorded after step ``prev``.
+def resync(st, net, clf, net_opt, clf_opt):
+    """Start the next step from the state the trace recorded after the last one.
 
-    Whatever the step file holds in full is loaded: parameters, BN buffers,
-    momenta, the classifier weight and momentum ("full" traces). Each step is
-    then checked from the same state on both sides, so a float32 trace's
-    rounding does not compound over steps (and a divergence is pinned to
-    its step). Returns the names loaded.
+    st: the last step's tensors (``Trace.step``). Whatever it holds in full
+    is loaded: parameters, BN buffers, momenta, the classifier weight and
+    momentum ("full" traces). Each step is then checked from the same state
+    on both sides, so a float32 trace's rounding does not compound over
+    steps (and a divergence is pinned to its step).
     """
-    st = trace.step(prev)
-    loaded = [n for n in net.store.names() if n in st]
-    net.store.load_state_dict({n: st[n] for n in loaded}, strict=False)
+    net.store.load_state_dict({n: st[n] for n in net.store.names() if n in st}, strict=False)
     for n, (a, b) in net.store.offsets.items():
         key = "momentum/" + n
         if key in st and net_opt.momentum_buffer is not None:
             net_opt.momentum_buffer[a:b] = np.asarray(st[key]).ravel()
-            loaded.append(key)
     for key, dst in (("classifier.weight", clf.weight),
                      ("momentum/classifier.weight", clf_opt.momentum_buffer)):
         if key in st and dst is not None:
             dst[...] = np.asarray(st[key][clf.lo:clf.hi]).reshape(dst.shape)
-            loaded.append(key)
-    return loaded
 
 
 def replay(trace_dir, out_dir, comm=None, steps=None, free_run=False, dtype=np.float64):
@@ -181,8 +176,9 @@ def replay(trace_dir, out_dir, comm=None, steps=None, free_run=False, dtype=np.f
         table = hardest_neighbours(clf, comm, hp["K"])   # (N, K), the tie rule included
     b = hp["batch_size"] // comm.size
     rows = slice(comm.rank * b, (comm.rank + 1) * b)
+    st = None
     for i in range(n):
-        st = trace.step(i)
+        prev, st = st, trace.step(i)
         x = np.ascontiguousarray(st["input"][rows], dtype=dtype)        # (b, 3, H, W)
         ids = st["ids"][rows].astype(np.int64)                           # (b,)
         targets = None
@@ -191,7 +187,7 @@ def replay(trace_dir, out_dir, comm=None, steps=None, free_run=False, dtype=np.f
             targets = targets_from_rows(st["ids"].astype(np.int64), nb, hp["N"], hp["alpha"])
         lr = float(st["lr"])
         if i > 0 and not free_run:
-            resync(trace, i - 1, net, clf, net_opt, clf_opt)
+            resync(prev, net, clf, net_opt, clf_opt)               # after step i - 1
         rec.begin()
         out = forward_backward(net, clf, x, ids, comm, targets, step=i)
         rec.record(x, ids, out, lr, targets)

@@ -67,7 +67,9 @@ import numpy as np
 
 from refimpl import __version__
 from refimpl.backend import get_array_module, to_numpy
+from refimpl.fileio import write_shard_rows
 from refimpl.layers.normalize import l2_normalize_forward
+from refimpl.params import is_bn_or_bias
 from refimpl.parallel.sharding import shard_range
 
 FORMAT, VERSION = "refimpl-trace", 1
@@ -112,7 +114,6 @@ HPARAMS = {
 }
 REQUIRED = ("N", "D", "tau", "alpha", "momentum", "weight_decay", "weight_decay_mask",
             "nesterov", "bn", "bn_momentum", "bn_eps", "dtype", "world_size", "batch_size")
-ARCH_KEYS = ("arch", "stem", "width", "head_hidden", "dim")
 
 
 class TraceError(ValueError):
@@ -478,11 +479,7 @@ def decay_mask_rule(net, net_opt):
     if net_opt.decay is None or net_opt.weight_decay == 0:
         return "all"
     decayed = to_numpy(net_opt.decay) != 0
-    store, rule = net.store, np.ones(decayed.shape, dtype=bool)
-    for n, (a, b) in store.offsets.items():
-        if len(store.shapes[n]) <= 1:
-            rule[a:b] = False
-    if np.array_equal(decayed, rule):
+    if np.array_equal(decayed, to_numpy(net.store.decay_mask(is_bn_or_bias)) != 0):
         return "no_bn_bias"
     if decayed.all():
         return "all"
@@ -587,15 +584,9 @@ class TraceRecorder:
 
     def _write_classifier_file(self, name, rows):
         """Every rank writes its rows of an (N, D) .npy (rank 0 creates it)."""
-        clf, f = self.clf, self.path / name
-        if self.comm.rank == 0:
-            np.lib.format.open_memmap(f, mode="w+", dtype=np.dtype(clf.weight.dtype),
-                                      shape=(clf.num_classes, clf.dim)).flush()
-        self.comm.barrier()
-        mm = np.load(f, mmap_mode="r+")
-        mm[clf.lo:clf.hi] = to_numpy(rows)
-        mm.flush()
-        del mm
+        clf = self.clf
+        write_shard_rows(self.path / name, rows, clf.lo, (clf.num_classes, clf.dim),
+                         np.dtype(clf.weight.dtype), self.comm)
         self.comm.barrier()
 
     def _write_init(self):
