@@ -335,7 +335,7 @@ def test_threads_give_the_same_bits(threads, dtype, mode):
     (out, new running statistics) and backward (dx, dgamma, dbeta) are
     bitwise those of 1 thread, also for C not divisible by the threads."""
     from refimpl.layers import batchnorm
-    shape = (24, 7, 40, 40)                                  # above THREAD_MIN_ELEMENTS
+    shape = (24, 7, 80, 80)                                  # above THREAD_MIN_ELEMENTS
     assert np.prod(shape) >= batchnorm.THREAD_MIN_ELEMENTS
     x, gamma, beta, rm, rv = make_inputs(shape, seed=3, dtype=dtype)
     dout = np.random.default_rng(4).standard_normal(shape).astype(dtype)

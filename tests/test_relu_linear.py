@@ -52,6 +52,39 @@ def test_relu_dtype_and_no_mutation(dtype):
     np.testing.assert_array_equal(dout, dout0)
 
 
+def test_relu_in_place_and_out_errors():
+    x = away_from_zero((3, 4), seed=8)
+    ref, ref_mask = relu_forward(x)
+    y = x.copy()
+    out, mask = relu_forward(y, out=y)
+    assert out is y
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(mask, ref_mask)
+    for bad in (np.empty((4, 3)), np.empty((3, 8))[:, ::2]):
+        with pytest.raises(ValueError, match=r"relu: out must be a C-contiguous array of shape \(3, 4\)"):
+            relu_forward(x, out=bad)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_relu_and_add_threads_give_the_same_bits(threads, n):
+    """Above THREAD_MIN_ELEMENTS ReLU and the residual add cut the array into
+    one run per thread; the results are those of one thread, bit for bit."""
+    from refimpl.models.blocks import add_into
+    from refimpl.threads import THREAD_MIN_ELEMENTS, elementwise_slices
+    g = np.random.default_rng(9)
+    x = g.standard_normal(THREAD_MIN_ELEMENTS + 7).astype(np.float32)
+    dout, other = (g.standard_normal(x.shape).astype(np.float32) for _ in range(2))
+    results = []
+    for t in (1, n):
+        threads(t)
+        assert len(elementwise_slices(x)) == t
+        out, mask = relu_forward(x)
+        results.append((out, mask, relu_backward(dout, mask), add_into(x.copy(), other)))
+    for name, a, b in zip(("out", "mask", "dx", "add"), results[1], results[0]):
+        np.testing.assert_array_equal(a, b, err_msg=f"{name} differs on {n} threads")
+    np.testing.assert_array_equal(results[0][3], x + other)
+
+
 @pytest.mark.torch
 def test_relu_matches_pytorch():
     torch = pytest.importorskip("torch")

@@ -39,6 +39,7 @@ from refimpl.layers.batchnorm import batchnorm_backward, batchnorm_forward
 from refimpl.layers.conv import conv2d_backward, conv2d_forward
 from refimpl.layers.linear import linear_backward, linear_forward
 from refimpl.layers.relu import relu_backward, relu_forward
+from refimpl.threads import elementwise_slices, parallel_map
 
 
 class Conv2d:
@@ -220,13 +221,15 @@ class _Residual:
         for i, (conv, bn) in enumerate(self.layers):
             out = bn.forward(conv.forward(out), train)
             if i < len(self.layers) - 1:
-                out, cache = relu_forward(out)
+                # in place: BatchNorm's output is a new array nothing else holds
+                out, cache = relu_forward(out, out=out)
                 self.relu_caches.append(cache)
         identity = x
         if self.downsample is not None:
             conv, bn = self.downsample
             identity = bn.forward(conv.forward(x), train)
-        out, self.out_relu_cache = relu_forward(out + identity)  # (N, C_out, H', W')
+        add_into(out, identity)                                  # out += identity
+        out, self.out_relu_cache = relu_forward(out, out=out)   # (N, C_out, H', W')
         return out
 
     def backward(self, dout):
@@ -239,10 +242,19 @@ class _Residual:
             if i < len(self.layers) - 1:
                 d = relu_backward(d, self.relu_caches[i])
             d = conv.backward(bn.backward(d))
+        # d is the conv's new dx array: the two branches are summed into it
         if self.downsample is None:
-            return d + dsum
+            return add_into(d, dsum)
         conv, bn = self.downsample
-        return d + conv.backward(bn.backward(dsum))
+        return add_into(d, conv.backward(bn.backward(dsum)))
+
+
+def add_into(a, b):
+    """a += b elementwise (same shapes, a C-contiguous), on refimpl's threads; returns a."""
+    xp = get_array_module(a)
+    a1, b1 = a.reshape(-1), xp.ascontiguousarray(b).reshape(-1)
+    parallel_map(lambda s: xp.add(a1[s], b1[s], out=a1[s]), elementwise_slices(a))
+    return a
 
 
 class BasicBlock(_Residual):

@@ -47,7 +47,7 @@ class MLPHead:
     def forward(self, h, train=True):
         """h (N, in_features) -> z (N, dim), unnormalized."""
         out = self.bn.forward(self.fc1.forward(h), train)                   # (N, hidden)
-        out, self.relu_cache = relu_forward(out)
+        out, self.relu_cache = relu_forward(out, out=out)                  # in place
         return self.fc2.forward(out)                                        # (N, dim)
 
     def backward(self, dz):

@@ -111,7 +111,7 @@ class ResNet:
         (True) or uses the running ones (False).
         """
         out = self.bn1.forward(self.conv1.forward(x), train)    # (N, w, H1, W1)
-        out, self.relu_cache = relu_forward(out)
+        out, self.relu_cache = relu_forward(out, out=out)      # in place: BN's new array
         if self.stem == "imagenet":
             out, self.pool_cache = maxpool2d_forward(out, 3, 2, 1)  # (N, w, H1/2, W1/2)
         for b in self.blocks:
