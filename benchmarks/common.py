@@ -90,27 +90,29 @@ def sgemm_rate(shapes, parts, repeat=5):
     return parts * sum(2 * m * k * n for m, k, n in shapes) / best / 1e9
 
 
-def compare_times(ours, theirs, rounds=5, per_round=2, warmup=1):
-    """Time two step functions in alternating blocks; robust to a noisy machine.
+def compare_times(sides, rounds=5, per_round=2, warmup=1):
+    """Time step functions in alternating blocks; robust to a noisy machine.
 
-    Each round runs ``per_round`` calls of ``ours`` and then ``per_round`` of
-    ``theirs`` (blocks, not single interleaved calls: one library's spinning
-    worker threads would otherwise slow the other down) and keeps the fastest
-    call of each block, in wall time and in CPU time (``time.process_time``:
-    every thread of this process). Alternating means a burst of load from
-    another process hits both sides rather than one.
+    sides: {name: step function}; the first is the one the others are
+    compared with (refimpl). Each round runs ``per_round`` calls of each side
+    in turn (blocks, not single interleaved calls: one library's spinning
+    worker threads would otherwise slow the next one down) and keeps the
+    fastest call of each block, in wall time and in CPU time
+    (``time.process_time``: every thread of this process). Alternating means
+    a burst of load from another process hits every side rather than one.
 
-    Returns a dict: per side (``ours``, ``theirs``) the median over rounds of
-    wall and CPU seconds and their [min, max] spread, and the ratios
-    theirs / ours per round (above 1: ours is faster), medians:
-    ``ratio`` (wall) and ``cpu_ratio``.
+    Returns a dict: per side ``<name>_s``, ``<name>_cpu_s`` (medians over
+    rounds) and ``<name>_spread_s``, ``<name>_cpu_spread_s`` ([min, max]);
+    per other side the median over rounds of other / first, in wall time
+    ``ratio_<name>`` and CPU time ``cpu_ratio_<name>`` (above 1: the first
+    side is faster).
     """
     for _ in range(warmup):
-        ours()
-        theirs()
-    times = {"ours": ([], []), "theirs": ([], [])}
+        for fn in sides.values():
+            fn()
+    times = {name: ([], []) for name in sides}
     for _ in range(rounds):
-        for name, fn in (("ours", ours), ("theirs", theirs)):
+        for name, fn in sides.items():
             best_wall = best_cpu = float("inf")
             for _ in range(per_round):
                 w0, c0 = time.perf_counter(), time.process_time()
@@ -125,9 +127,12 @@ def compare_times(ours, theirs, rounds=5, per_round=2, warmup=1):
         out[f"{name}_spread_s"] = [float(min(wall)), float(max(wall))]
         out[f"{name}_cpu_s"] = float(np.median(cpu))
         out[f"{name}_cpu_spread_s"] = [float(min(cpu)), float(max(cpu))]
-    (ow, oc), (tw, tc) = times["ours"], times["theirs"]
-    out["ratio"] = float(np.median([b / a for a, b in zip(ow, tw)]))
-    out["cpu_ratio"] = float(np.median([b / a for a, b in zip(oc, tc)]))
+    first, *others = sides
+    (fw, fc) = times[first]
+    for name in others:
+        ow, oc = times[name]
+        out[f"ratio_{name}"] = float(np.median([b / a for a, b in zip(fw, ow)]))
+        out[f"cpu_ratio_{name}"] = float(np.median([b / a for a, b in zip(fc, oc)]))
     return out
 
 

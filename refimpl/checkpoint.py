@@ -40,8 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-from refimpl.backend import asarray, to_numpy
+from refimpl.backend import asarray
 from refimpl.fileio import fsync_path, sha256_file, write_shard_rows
+from refimpl.params import StateDictError
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -123,9 +124,7 @@ def save(run_dir, state, cfg_dict, net, clf, net_opt, clf_opt, comm, neighbours=
     if rank == 0:
         arrays = net.store.state_dict()
         if net_opt.momentum_buffer is not None:
-            mom = to_numpy(net_opt.momentum_buffer)
-            for n, (a, b) in net.store.offsets.items():
-                arrays["momentum/" + n] = mom[a:b].reshape(net.store.shapes[n])
+            arrays.update(net.store.flat_dict(net_opt.momentum_buffer, "momentum/"))
         np.savez(tmp / REPLICATED, **arrays)
         fsync_path(tmp / REPLICATED)
         files = [REPLICATED, WEIGHT] + ([MOMENTUM] if (tmp / MOMENTUM).exists() else [])
@@ -224,13 +223,10 @@ def load(path, cfg_dict, net, clf, net_opt, clf_opt, comm):
         arrays = {k: z[k] for k in z.files}
     net.store.load_state_dict({n: arrays[n] for n in net.store.names()})
     if net_opt.momentum_buffer is not None:
-        mom = np.empty(net.store.data.shape[0], dtype=net.store.dtype)
-        for n, (a, b) in net.store.offsets.items():
-            key = "momentum/" + n
-            if key not in arrays:
-                raise CheckpointError(f"{path / REPLICATED}: no {key} (saved without momentum)")
-            mom[a:b] = arrays[key].ravel()
-        net_opt.momentum_buffer[...] = asarray(mom, device=net.store.device)
+        try:
+            net.store.load_flat(net_opt.momentum_buffer, arrays, "momentum/")
+        except StateDictError as e:
+            raise CheckpointError(f"{path / REPLICATED}: {e} (saved without momentum)") from None
     weight = np.load(path / WEIGHT, mmap_mode="r")
     clf.weight[...] = asarray(np.array(weight[clf.lo:clf.hi]), device=net.store.device)
     if clf_opt.momentum_buffer is not None:

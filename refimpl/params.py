@@ -214,6 +214,37 @@ class ParamStore:
         for n, v in counters.items():
             self.buffers[n][...] = v
 
+    # ---- flat buffers by name (optimizer momentum) ------------------------
+    def flat_dict(self, flat, prefix):
+        """{prefix + name: NumPy copy} of a (P,) buffer laid out like ``data``.
+
+        Each entry is the parameter's slice, shaped like the parameter: how
+        an optimizer's velocity (``SGD.momentum_buffer``) goes into a
+        checkpoint or a trace, as ``momentum/<name>``.
+        """
+        self._check_finalized()
+        host = to_numpy(flat)
+        return {prefix + n: host[a:b].reshape(self.shapes[n]).copy()
+                for n, (a, b) in self.offsets.items()}
+
+    def load_flat(self, flat, arrays, prefix, strict=True):
+        """Write ``arrays[prefix + name]`` into name's slice of ``flat``, in place.
+
+        The inverse of ``flat_dict``. strict: every parameter's entry must
+        be there (StateDictError naming the first missing one, and nothing
+        written); otherwise the missing ones keep their values.
+        """
+        self._check_finalized()
+        missing = [prefix + n for n in self.offsets if prefix + n not in arrays]
+        if strict and missing:
+            raise StateDictError(f"no {missing[0]} ({len(missing)} of "
+                                 f"{len(self.offsets)} {prefix}* entries missing)")
+        host = np.array(to_numpy(flat), copy=True)
+        for n, (a, b) in self.offsets.items():
+            if prefix + n in arrays:
+                host[a:b] = np.asarray(arrays[prefix + n]).ravel()
+        flat[...] = asarray(host, device=self.device)
+
     # ---- state dict ------------------------------------------------------
     def state_dict(self):
         """{name: NumPy copy} of params and buffers, in registration order."""

@@ -273,6 +273,22 @@ def test_errors():
     table[labels[3], 0] = labels[3]
     with pytest.raises(ValueError, match="include the class itself"):
         target_entries(labels, N, table, ALPHA)
+    # the batch's rows alone give the same entries as the table, and the same checks
+    from refimpl.method.targets import entries_from_rows
+    for a, b in zip(entries_from_rows(labels, N, nb[labels], ALPHA), target_entries(labels, N, nb, ALPHA)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=rf"neighbour rows must have shape \({labels.size}, K\)"):
+        entries_from_rows(labels, N, nb[labels][:-1], ALPHA)
+    with pytest.raises(ValueError, match="include the class itself"):
+        entries_from_rows(labels, N, table[labels], ALPHA)
+    from refimpl.oracle.replay import targets_from_rows
+    from refimpl.oracle.trace import TraceError
+    twice = np.concatenate([labels[:2], labels[:1]])       # id labels[0] twice
+    rows = nb[twice]
+    np.testing.assert_array_equal(targets_from_rows(twice, rows, N, ALPHA)[0][:, 1:], rows)
+    rows[2] = nb[labels[1]]                                  # ... with another row the second time
+    with pytest.raises(TraceError, match="neighbour rows differ for one id that appears twice"):
+        targets_from_rows(twice, rows, N, ALPHA)
     # Targets handed to the classifier are checked too: shape, range, label first, weights.
     ids, wts = target_entries(labels, N, nb, ALPHA)
     bad_targets = [((ids[:-1], wts[:-1]), r"targets must be \(ids, weights\), both of shape"),

@@ -62,6 +62,28 @@ def test_decay_mask():
     np.testing.assert_array_equal(mask, expected)
 
 
+def test_flat_dict_and_load_flat_roundtrip():
+    """A (P,) buffer laid out like data (the optimizer's momentum) by name and back."""
+    s = make_store()
+    flat = np.arange(34.0)
+    named = s.flat_dict(flat, "momentum/")
+    assert list(named) == ["momentum/conv1.weight", "momentum/bn1.weight", "momentum/bn1.bias",
+                           "momentum/fc.weight"]
+    assert named["momentum/fc.weight"].shape == (3, 2)
+    np.testing.assert_array_equal(named["momentum/fc.weight"].ravel(), np.arange(28.0, 34.0))
+    named["momentum/conv1.weight"][...] = -1  # a copy: the buffer keeps its values
+    assert flat[0] == 0
+    back = np.zeros(34)
+    s.load_flat(back, s.flat_dict(flat, "momentum/"), "momentum/")
+    np.testing.assert_array_equal(back, flat)
+    partial = {"momentum/bn1.bias": np.array([5.0, 6.0])}
+    with pytest.raises(StateDictError, match=r"no momentum/conv1.weight \(3 of 4 momentum/\* "):
+        s.load_flat(back, partial, "momentum/")
+    np.testing.assert_array_equal(back, flat)  # strict: nothing written
+    s.load_flat(back, partial, "momentum/", strict=False)
+    np.testing.assert_array_equal(back, np.r_[flat[:26], 5.0, 6.0, flat[28:]])
+
+
 def test_state_dict_roundtrip_order_and_copy():
     s = make_store()
     sd = s.state_dict()

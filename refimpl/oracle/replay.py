@@ -45,7 +45,7 @@ import numpy as np
 
 from refimpl import __version__
 from refimpl.method.neighbours import hardest_neighbours
-from refimpl.method.targets import target_entries
+from refimpl.method.targets import entries_from_rows
 from refimpl.models.network import build_model
 from refimpl.models.state_dict import import_torchvision
 from refimpl.optim.sgd import SGD
@@ -98,14 +98,13 @@ def build_from_trace(trace, comm, dtype=np.float64):
     mu, wd, nesterov = hp["momentum"], hp["weight_decay"], hp["nesterov"]
     net_opt = SGD(net.store.data, net.store.grad, 0.0, mu, wd, nesterov, mask)
     clf_opt = SGD(clf.weight.ravel(), clf.grad.ravel(), 0.0, mu, wd, nesterov)
-    momenta = {n[9:]: v for n, v in init.items() if n.startswith("momentum/")}
+    momenta = any(n.startswith("momentum/") for n in init)
     clf_momentum = trace.classifier_momentum(clf.lo, clf.hi)
     if mu == 0 and (momenta or clf_momentum is not None):
         raise TraceError(f"{trace.path}: momentum buffers recorded but hparams['momentum'] "
                          f"= 0")
-    for n, v in momenta.items():  # a buffer not recorded is zero (no step taken yet)
-        a, b = net.store.offsets[n]
-        net_opt.momentum_buffer[a:b] = np.asarray(v).ravel()
+    if momenta:  # a buffer not recorded is zero (no step taken yet)
+        net.store.load_flat(net_opt.momentum_buffer, init, "momentum/", strict=False)
     if clf_momentum is not None:
         clf_opt.momentum_buffer[...] = clf_momentum.ravel()
     return net, clf, net_opt, clf_opt
@@ -118,12 +117,13 @@ def targets_from_rows(ids, rows, num_classes, alpha):
     rows ``ids`` are ``rows``; an id that appears twice with different rows is
     an error.
     """
-    table = np.zeros((num_classes, rows.shape[1]), dtype=np.int64)
-    table[ids] = rows
-    if not np.array_equal(table[ids], rows):
+    entries = entries_from_rows(ids, num_classes, rows, alpha)  # checks ids and rows
+    ids, rows = np.asarray(ids), np.asarray(rows)
+    _, first, which = np.unique(ids, return_index=True, return_inverse=True)
+    if not np.array_equal(rows[first[which]], rows):  # each id's first row, for every row
         raise TraceError("the trace's neighbour rows differ for one id that appears twice "
                          "in the batch")
-    return target_entries(ids, num_classes, table, alpha)
+    return entries
 
 
 def resync(st, net, clf, net_opt, clf_opt):
@@ -136,10 +136,8 @@ def resync(st, net, clf, net_opt, clf_opt):
     steps (and a divergence is pinned to its step).
     """
     net.store.load_state_dict({n: st[n] for n in net.store.names() if n in st}, strict=False)
-    for n, (a, b) in net.store.offsets.items():
-        key = "momentum/" + n
-        if key in st and net_opt.momentum_buffer is not None:
-            net_opt.momentum_buffer[a:b] = np.asarray(st[key]).ravel()
+    if net_opt.momentum_buffer is not None:
+        net.store.load_flat(net_opt.momentum_buffer, st, "momentum/", strict=False)
     for key, dst in (("classifier.weight", clf.weight),
                      ("momentum/classifier.weight", clf_opt.momentum_buffer)):
         if key in st and dst is not None:

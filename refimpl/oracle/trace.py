@@ -601,9 +601,7 @@ class TraceRecorder:
         arrays = net.store.state_dict()
         v = self.net_opt.momentum_buffer
         if v is not None and np.any(to_numpy(v) != 0):
-            v = to_numpy(v)
-            for n, (a, b) in net.store.offsets.items():
-                arrays["momentum/" + n] = v[a:b].reshape(net.store.shapes[n]).copy()
+            arrays.update(net.store.flat_dict(v, "momentum/"))
         if comm.rank == 0:
             save_npz(self.path / INIT, arrays)
         self._write_classifier_file(CLASSIFIER, clf.weight)
@@ -691,9 +689,7 @@ class TraceRecorder:
         t.update(net.store.state_dict())  # updated parameters and BN buffers
         v = self.net_opt.momentum_buffer
         if v is not None:
-            v = to_numpy(v)
-            for n, (a, b) in net.store.offsets.items():
-                t["momentum/" + n] = v[a:b].reshape(net.store.shapes[n]).copy()
+            t.update(net.store.flat_dict(v, "momentum/"))
         arrays = [(CLF, clf.weight)]
         m = self.clf_opt.momentum_buffer
         if m is not None:
