@@ -5,6 +5,7 @@
 # runs the whole suite. The install is redone only when setup.py or this
 # Makefile change, so a second `make test` goes straight to the tests.
 
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
 # The CPU build of PyTorch, the independent oracle of the tests. A bare
@@ -47,13 +48,17 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(MPIRUN) -np 2 $(VENV)/bin/refimpl-train \
 		refimpl/train/demo.toml
 
-# Side-by-side speed against PyTorch on this machine (prints JSON lines).
+# Side-by-side speed against PyTorch on this machine: JSON lines on the
+# console and in $(BENCH_OUT), then the README's tables made from them
+# (benchmarks/tables.py). Run it with nothing else on the machine.
+BENCH_OUT := runs/bench/latest.jsonl
+BENCHMARKS := bench_conv bench_resnet_step bench_augment bench_comm_bytes bench_classifier
 bench: $(STAMP)
-	$(PY) benchmarks/bench_conv.py
-	$(PY) benchmarks/bench_resnet_step.py
-	$(PY) benchmarks/bench_augment.py
-	$(PY) benchmarks/bench_comm_bytes.py
-	$(PY) benchmarks/bench_classifier.py
+	mkdir -p $(dir $(BENCH_OUT))
+	rm -f $(BENCH_OUT)
+	set -o pipefail; for b in $(BENCHMARKS); do \
+		$(PY) benchmarks/$$b.py | tee -a $(BENCH_OUT) || exit 1; done
+	$(PY) benchmarks/tables.py $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -96,7 +96,7 @@ def main(argv=None):
                             repeat=args.repeat)
         rnd = random.Random(0)
         t_pil = median_time(lambda: pillow_augment(images, size, cfg, rnd), repeat=args.repeat)
-        emit({"bench": "augment", "batch": b, "size": size, "threads": args.threads,
+        emit({"benchmark": "augment", "batch": b, "size": size, "threads": args.threads,
               "refimpl_img_per_s": round(b / t_ref, 1), "pillow_img_per_s": round(b / t_pil, 1),
               "ratio": round(t_pil / t_ref, 3), "machine": info})
     from refimpl.data.synthetic import SyntheticDataset
@@ -107,7 +107,7 @@ def main(argv=None):
         s = next(starts)
         return ds.read(np.arange(s, s + b))
     t_syn = median_time(read_next, repeat=args.repeat)
-    emit({"bench": "synthetic", "batch": b, "size": 32, "threads": args.threads,
+    emit({"benchmark": "synthetic", "batch": b, "size": 32, "threads": args.threads,
           "img_per_s": round(b / t_syn, 1)})
 
 

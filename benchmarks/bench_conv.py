@@ -104,14 +104,16 @@ def main():
             t = best[(width, batch, name)]
             for k in tot:
                 tot[k] += count * t[k]
-            emit({"width": width, "batch": batch, "name": name, "count": count,
+            emit({"benchmark": "conv_shape", "width": width, "batch": batch, "name": name,
+                  "count": count,
                   "x": list(x_shape), "w": list(w_shape), "stride": stride, "pad": pad,
                   "refimpl_fwd_ms": round(t["rf"], 2), "torch_fwd_ms": round(t["tf"], 2),
                   "fwd_speed_ratio": round(t["tf"] / t["rf"], 3),
                   "refimpl_bwd_ms": round(t["rb"], 2), "torch_bwd_ms": round(t["tb"], 2),
                   "bwd_speed_ratio": round(t["tb"] / t["rb"], 3),
                   "total_speed_ratio": round((t["tf"] + t["tb"]) / (t["rf"] + t["rb"]), 3)})
-        emit({"width": width, "batch": batch, "name": "ALL convs (count-weighted)",
+        emit({"benchmark": "conv_all", "width": width, "batch": batch,
+              "name": "ALL convs (count-weighted)",
               "refimpl_fwd_ms": round(tot["rf"], 1), "torch_fwd_ms": round(tot["tf"], 1),
               "fwd_speed_ratio": round(tot["tf"] / tot["rf"], 3),
               "refimpl_bwd_ms": round(tot["rb"], 1), "torch_bwd_ms": round(tot["tb"], 1),

@@ -98,7 +98,7 @@ def main():
     args = ap.parse_args()
     set_threads(args.threads)
     import torch
-    emit({"machine": machine_info()})
+    emit({"benchmark": "resnet_step_machine", "machine": machine_info()})
     for width, batch in (SCALING if args.scaling else args.configs):
         g = np.random.default_rng(0)
         x = g.standard_normal((batch, 3, 32, 32)).astype(np.float32)
@@ -112,7 +112,7 @@ def main():
                           rounds=args.rounds)
         # the goal is set against the faster of PyTorch's two memory formats
         fastest = "torch" if t["torch_s"] <= t["torch_cl_s"] else "torch_cl"
-        emit({"name": f"resnet18_cifar_w{width}_b{batch}_step",
+        emit({"benchmark": "resnet_step", "name": f"resnet18_cifar_w{width}_b{batch}_step",
               "what": "fwd+bwd+SGD, fc(10)+softmax CE, no MLP head, float32, no image gradient",
               "width": width, "batch": batch, "threads": args.threads,
               "rounds": args.rounds,

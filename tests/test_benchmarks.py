@@ -4,6 +4,7 @@ A benchmark's ratio means something only if both sides do the same work:
 the blocked PyTorch classifier of ``bench_classifier.py`` must give the
 dense PyTorch loss and weight gradient, and the GEMM rate its FLOP count.
 """
+import json
 import sys
 from pathlib import Path
 
@@ -46,3 +47,78 @@ def test_sgemm_rate_and_best_call():
     calls = []
     best = best_call(lambda: calls.append(np.ones((256, 256)).sum()), repeat=3)
     assert len(calls) == 4 and set(best) == {"s", "user_s", "sys_s"} and best["s"] > 0
+
+
+def test_compare_times_alternates_sides_and_divides_by_the_first(monkeypatch):
+    """Each side's step advances a fake clock by its own cost: the medians and
+    the ratios (other / first) come out of that arithmetic exactly."""
+    import benchmarks.common as common
+
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self):
+            return self.now
+
+        process_time = perf_counter
+
+    clock, calls = Clock(), []
+    monkeypatch.setattr(common, "time", clock)
+
+    def side(name, cost):
+        def step():
+            calls.append(name)
+            clock.now += cost
+        return step
+    t = common.compare_times({"ours": side("ours", 2.0), "a": side("a", 1.0),
+                              "b": side("b", 4.0)}, rounds=3, per_round=2, warmup=1)
+    assert calls[:3] == ["ours", "a", "b"]                       # warm-up, then blocks
+    assert calls[3:] == (["ours"] * 2 + ["a"] * 2 + ["b"] * 2) * 3
+    assert t["ours_s"] == 2.0 and t["a_cpu_s"] == 1.0 and t["b_spread_s"] == [4.0, 4.0]
+    assert t["ratio_a"] == 0.5 and t["cpu_ratio_b"] == 2.0
+    assert "ratio_ours" not in t
+
+
+def test_tables_from_bench_output(tmp_path):
+    from benchmarks import tables
+    records = [
+        {"benchmark": "resnet_step", "threads": 2, "width": 16, "batch": 128, "ratio_nchw": 0.712,
+         "cpu_ratio_nchw": 0.75, "ratio_cl": 0.6, "cpu_ratio_cl": 0.65, "refimpl_img_per_s": 140.0,
+         "torch_img_per_s": 196.6, "torch_cl_img_per_s": 233.3, "load_before": 1.2,
+         "load_after": 1.9, "loaded": False},
+        {"benchmark": "conv_all", "width": 64, "batch": 64, "refimpl_fwd_ms": 1000.0,
+         "refimpl_bwd_ms": 2000.0, "torch_fwd_ms": 900.0, "torch_bwd_ms": 1900.0,
+         "total_speed_ratio": 0.933},
+        {"benchmark": "classifier_step", "device": "cpu", "N": 1281167, "P": 2, "refimpl_s": 7.1,
+         "fraction_of_gemm_limit": 0.58, "torch_s": 14.2, "ratio": 2.0, "torch_blocked_s": 9.0,
+         "ratio_blocked": 1.27, "refimpl_sys_s": 0.01, "torch_sys_s": 10.5,
+         "refimpl_peak_mb": 1596.0, "torch_peak_mb": 6356.0, "memory_ratio": 0.251,
+         "load_before": 3.1, "load_after": 2.0, "loaded": True},
+        {"benchmark": "comm_bytes", "P": 2, "match": True},
+        {"benchmark": "comm_bytes", "P": 4, "match": False},
+    ]
+    path = tmp_path / "bench.jsonl"
+    path.write_text("make: text lines are skipped\n" + "\n".join(map(json.dumps, records)) + "\n")
+    text = capsys_text(tables, path)
+    assert "| width 16, batch 128 | NCHW: wall 0.71, CPU 0.75; channels_last: wall 0.60" in text
+    assert "img/s: refimpl 140.0, NCHW 196.6, channels_last 233.3; load 1.2-1.9 |" in text
+    assert "| width 64, batch 64 | 0.93 | ms: refimpl 3000, PyTorch 2800 |" in text
+    assert ("| cpu | 1,281,167 | 2 | 7.100 | 0.58 | 14.200 | 2.00 | 9.000 | 1.27 | 0.01, 10.50 "
+            "| 1,596 | 6,356 | 0.251 | load 2.0-3.1 (LOADED: do not trust) |") in text
+    assert "1 of 2 configurations (P = 2, 4) send exactly" in text
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("no records\n")
+    with pytest.raises(SystemExit, match="holds no benchmark records"):
+        tables.main([str(empty)])
+    with pytest.raises(SystemExit, match="cannot read"):
+        tables.main([str(tmp_path / "missing.jsonl")])
+
+
+def capsys_text(tables, path):
+    """What tables.main prints for path."""
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        tables.main([str(path)])
+    return buf.getvalue()
