@@ -19,6 +19,22 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["channel-major", "pixel-major"], autouse=True)
+def layout(request, monkeypatch):
+    """Every test runs with each column layout of the fast path: channel-major
+    (C, N, H', W') and pixel-major (C, H', W', N) (``conv._pixel_major``)."""
+    import refimpl.layers.conv as conv
+    monkeypatch.setattr(conv, "PIXEL_MAJOR_MAX_PIXELS",
+                        0 if request.param == "channel-major" else 10 ** 9)
+    return request.param
+
+
+def test_layout_rule(layout):
+    from refimpl.layers.conv import _pixel_major
+    assert _pixel_major(8, 8, 3, 3) == (layout == "pixel-major")
+    assert not _pixel_major(8, 8, 1, 1)  # 1x1 kernels keep channel-major
+
+
 def _ids(case):
     (x, w, s, p) = case
     return f"x{'x'.join(map(str, x))}-w{'x'.join(map(str, w))}-s{s}p{p}"

@@ -29,7 +29,10 @@ benchmarks/bench_conv.py measures them against PyTorch):
   Every im2col slice is then a plain strided copy whose inner rows are image
   rows, the column matrix is (C*HH*WW, n*H'*W'), and one GEMM
   ``w (F, C*HH*WW) @ cols`` serves the chunk; its (F, n, H', W') result goes
-  into out[n0:n1] (N, F, H', W') by one block copy.
+  into out[n0:n1] (N, F, H', W') by one block copy. Maps of at most 16x16
+  outputs use *pixel-major* order (C, Hp, Wp, n) instead, whose tap copies
+  move runs of W'*n floats rather than W' (``_pixel_major`` says why and
+  what it measured); the GEMM is the same, its columns ordered (i, j, n).
 * im2col is HH*WW shifted-slice copies (never fancy indexing), and col2im is
   HH*WW shifted-slice additions (never ``np.add.at``).
 * 1x1 convolutions need no im2col: the column matrix is the (strided) input
@@ -60,71 +63,132 @@ COLS_BYTES = 4 << 20   # column-matrix bytes per chunk of images (stays in L2/L3
 MIN_COLUMNS = 1024     # but at least this many output pixels (GEMM columns) per chunk
 
 
-def _channel_major_padded(x, ph, pw):
-    """(N, C, H, W) -> zero-padded (C, N, H + 2*ph, W + 2*pw), one copy."""
+# The two layouts of the GEMM's columns, as permutations of (N, C, H, W):
+# channel-major (C, N, H, W) and pixel-major (C, H, W, N). Both put the
+# channels first (the GEMM's K = C*HH*WW rows); they differ in what the
+# columns are ordered by, hence in how long the contiguous runs of an im2col
+# tap copy are: W' elements channel-major, W'*N pixel-major (stride 1).
+_PERM = {False: (1, 0, 2, 3), True: (1, 2, 3, 0)}
+PIXEL_MAJOR_MAX_PIXELS = 256  # maps of at most 16x16 outputs use pixel-major columns
+
+
+def _pixel_major(Ho, Wo, HH, WW):
+    """Whether a convolution with H' x W' outputs and an HH x WW kernel uses
+    pixel-major columns.
+
+    Why: a channel-major tap copy moves runs of W' floats, which for the 8x8
+    and 4x4 maps of ResNet's last stages is too short for a copy to run at
+    memory speed (2.7 ns per float at 4x4 against 0.5 at 32x32, 1 thread);
+    pixel-major runs are W' * N long. Measured per chunk of images (1
+    thread): im2col 1.6 -> 0.8 ms at 8x8 (C = 64) and 3.3 -> 1.5 ms at 4x4
+    (C = 128), 0.88 -> 0.65 ms at 16x16; no gain at 32x32, where the
+    transposing copies into and out of pixel-major order cost more. 1x1
+    kernels need no im2col and keep channel-major.
+    """
+    return HH * WW > 1 and Ho * Wo <= PIXEL_MAJOR_MAX_PIXELS
+
+
+def _gemm_columns(a, pixel_major):
+    """(N, C, H, W) -> (C, N*H*W) in the layout's column order, one copy."""
+    xp = get_array_module(a)
+    return xp.ascontiguousarray(a.transpose(_PERM[pixel_major])).reshape(a.shape[1], -1)
+
+
+def _padded(x, ph, pw, pixel_major):
+    """(N, C, H, W) -> zero-padded (C, N, Hp, Wp) or, pixel-major, (C, Hp, Wp, N); one copy."""
     xp = get_array_module(x)
     N, C, H, W = x.shape
-    xpad = xp.zeros((C, N, H + 2 * ph, W + 2 * pw), dtype=x.dtype)  # (C, N, Hp, Wp)
-    xpad[:, :, ph:ph + H, pw:pw + W] = x.transpose(1, 0, 2, 3)
+    Hp, Wp = H + 2 * ph, W + 2 * pw
+    if pixel_major:
+        xpad = xp.zeros((C, Hp, Wp, N), dtype=x.dtype)
+        xpad[:, ph:ph + H, pw:pw + W, :] = x.transpose(1, 2, 3, 0)
+    else:
+        xpad = xp.zeros((C, N, Hp, Wp), dtype=x.dtype)
+        xpad[:, :, ph:ph + H, pw:pw + W] = x.transpose(1, 0, 2, 3)
     return xpad
 
 
-def _im2col(xpad, HH, WW, stride, Ho, Wo):
-    """Columns of a channel-major padded input.
+def _unpadded(xpad, ph, pw, H, W, pixel_major):
+    """The inverse of ``_padded``: an (N, C, H, W) view of the interior."""
+    if pixel_major:
+        return xpad[:, ph:ph + H, pw:pw + W, :].transpose(3, 0, 1, 2)
+    return xpad[:, :, ph:ph + H, pw:pw + W].transpose(1, 0, 2, 3)
+
+
+def _tap(xpad, kh, kw, s, Ho, Wo, pixel_major):
+    """The input pixels kernel tap (kh, kw) meets, one per output pixel:
+    a view (C, N, H', W') or (C, H', W', N) of a padded input."""
+    rows, cols = slice(kh, kh + s * Ho, s), slice(kw, kw + s * Wo, s)
+    return xpad[:, rows, cols, :] if pixel_major else xpad[:, :, rows, cols]
+
+
+def _im2col(xpad, HH, WW, stride, Ho, Wo, pixel_major=False):
+    """Columns of a padded input (``_padded``).
 
     xpad (C, N, Hp, Wp) -> cols (C*HH*WW, N*Ho*Wo) with
-    cols[(c, kh, kw), (n, i, j)] = xpad[c, n, i*stride + kh, j*stride + kw].
+    cols[(c, kh, kw), (n, i, j)] = xpad[c, n, i*stride + kh, j*stride + kw];
+    pixel-major, xpad (C, Hp, Wp, N) and the columns ordered (i, j, n).
     """
     xp = get_array_module(xpad)
-    C, N = xpad.shape[:2]
-    cols = xp.empty((C, HH, WW, N, Ho, Wo), dtype=xpad.dtype)
-    s = stride
+    C = xpad.shape[0]
+    N = xpad.shape[3] if pixel_major else xpad.shape[1]
+    taps = (Ho, Wo, N) if pixel_major else (N, Ho, Wo)
+    cols = xp.empty((C, HH, WW) + taps, dtype=xpad.dtype)
     for kh in range(HH):
         for kw in range(WW):
             # one shifted (and, for stride > 1, subsampled) slice per kernel tap
-            cols[:, kh, kw] = xpad[:, :, kh:kh + s * Ho:s, kw:kw + s * Wo:s]  # (C, N, H', W')
+            cols[:, kh, kw] = _tap(xpad, kh, kw, stride, Ho, Wo, pixel_major)
     return cols.reshape(C * HH * WW, N * Ho * Wo)
 
 
-def _col2im(dcols, xpad_shape, HH, WW, stride, Ho, Wo):
+def _col2im(dcols, xpad_shape, HH, WW, stride, Ho, Wo, pixel_major=False):
     """Adjoint of ``_im2col``: sum each column entry back onto its input pixel.
 
-    dcols (C*HH*WW, N*Ho*Wo) -> dxpad (C, N, Hp, Wp).
+    dcols (C*HH*WW, N*Ho*Wo) -> dxpad of xpad_shape ((C, N, Hp, Wp), or
+    (C, Hp, Wp, N) pixel-major).
     """
     xp = get_array_module(dcols)
-    C, N = xpad_shape[:2]
-    dcols = dcols.reshape(C, HH, WW, N, Ho, Wo)
-    dxpad = xp.zeros(xpad_shape, dtype=dcols.dtype)  # (C, N, Hp, Wp)
-    s = stride
+    C = xpad_shape[0]
+    N = xpad_shape[3] if pixel_major else xpad_shape[1]
+    taps = (Ho, Wo, N) if pixel_major else (N, Ho, Wo)
+    dcols = dcols.reshape((C, HH, WW) + taps)
+    dxpad = xp.zeros(xpad_shape, dtype=dcols.dtype)
     for kh in range(HH):
         for kw in range(WW):
             # overlapping windows share pixels: the taps are summed one at a time
-            dxpad[:, :, kh:kh + s * Ho:s, kw:kw + s * Wo:s] += dcols[:, kh, kw]  # (C, N, H', W')
+            _tap(dxpad, kh, kw, stride, Ho, Wo, pixel_major)[...] += dcols[:, kh, kw]
     return dxpad
 
 
-def _columns(x, HH, WW, stride, ph, pw):
+def _columns(x, HH, WW, stride, ph, pw, pixel_major=False):
     """im2col of an (N, C, H, W) input: (cols (C*HH*WW, N*H'*W'), H', W')."""
-    xp = get_array_module(x)
     N, C, H, W = x.shape
     Ho = (H + 2 * ph - HH) // stride + 1
     Wo = (W + 2 * pw - WW) // stride + 1
     if HH == 1 and WW == 1 and ph == 0 and pw == 0:
-        # 1x1: the columns are the input itself, subsampled, in (C, N, H', W') order
+        # 1x1: the columns are the input itself, subsampled
         xs = x[:, :, ::stride, ::stride][:, :, :Ho, :Wo]  # (N, C, H', W')
-        cols = xp.ascontiguousarray(xs.transpose(1, 0, 2, 3))  # (C, N, H', W')
-        return cols.reshape(C, N * Ho * Wo), Ho, Wo
-    xpad = _channel_major_padded(x, ph, pw)  # (C, N, Hp, Wp)
-    return _im2col(xpad, HH, WW, stride, Ho, Wo), Ho, Wo
+        return _gemm_columns(xs, pixel_major), Ho, Wo
+    xpad = _padded(x, ph, pw, pixel_major)
+    return _im2col(xpad, HH, WW, stride, Ho, Wo, pixel_major), Ho, Wo
+
+
+def _from_columns(out, N, Ho, Wo, pixel_major):
+    """A GEMM result (F, N*H'*W') in the layout's column order -> an (N, F, H', W') view."""
+    F = out.shape[0]
+    if pixel_major:
+        return out.reshape(F, Ho, Wo, N).transpose(3, 0, 1, 2)
+    return out.reshape(F, N, Ho, Wo).transpose(1, 0, 2, 3)
 
 
 def _conv_chunk(x, w, stride, ph, pw):
     """Convolution of a few images as one GEMM: a (N, F, H', W') view (not contiguous)."""
-    N = x.shape[0]
+    N, _, H, W = x.shape
     F, C, HH, WW = w.shape
-    cols, Ho, Wo = _columns(x, HH, WW, stride, ph, pw)  # (C*HH*WW, N*H'*W')
+    pm = _pixel_major((H + 2 * ph - HH) // stride + 1, (W + 2 * pw - WW) // stride + 1, HH, WW)
+    cols, Ho, Wo = _columns(x, HH, WW, stride, ph, pw, pm)  # (C*HH*WW, N*H'*W')
     out = w.reshape(F, C * HH * WW) @ cols  # (F, N*H'*W')
-    return out.reshape(F, N, Ho, Wo).transpose(1, 0, 2, 3)  # (N, F, H', W') view
+    return _from_columns(out, N, Ho, Wo, pm)  # (N, F, H', W') view
 
 
 def _images_per_chunk(N, C, HH, WW, Ho, Wo, itemsize):
@@ -218,13 +282,15 @@ def conv2d_backward(dout, cache, need_dx=True):
     shard_size = shards[0][1]  # the largest (the first shard starts at 0)
     nb = _images_per_chunk(shard_size, C, HH, WW, Ho, Wo, dout.dtype.itemsize)
 
+    pm = _pixel_major(Ho, Wo, HH, WW)  # the forward's column layout
+
     def backward_shard(shard):
         """Writes dx[n0:n1] of the shard's images, returns their part of dw^T."""
         dw_t = xp.zeros((C * HH * WW, F), dtype=dout.dtype)  # dw transposed, summed over chunks
         for n0 in range(shard[0], shard[1], nb):
             n1 = min(n0 + nb, shard[1])
-            cols, _, _ = _columns(x[n0:n1], HH, WW, stride, pad, pad)  # (C*HH*WW, nb*H'*W'), recomputed
-            dout_cm = xp.ascontiguousarray(dout[n0:n1].transpose(1, 0, 2, 3)).reshape(F, -1)  # (F, nb*H'*W')
+            cols, _, _ = _columns(x[n0:n1], HH, WW, stride, pad, pad, pm)  # (C*HH*WW, nb*H'*W'), recomputed
+            dout_cm = _gemm_columns(dout[n0:n1], pm)  # (F, nb*H'*W'), the same column order
             # dw^T = cols @ dout^T: OpenBLAS runs this orientation faster than
             # dout @ cols^T (the long nb*H'*W' axis is the shared one)
             dw_t += cols @ dout_cm.T  # (C*HH*WW, F)
@@ -235,8 +301,10 @@ def conv2d_backward(dout, cache, need_dx=True):
             else:
                 # dcols = w^T @ dout, then scatter the columns back onto the pixels (col2im)
                 dcols = w_mat.T @ dout_cm  # (C*HH*WW, nb*H'*W')
-                dxpad = _col2im(dcols, (C, n1 - n0, H + 2 * pad, W + 2 * pad), HH, WW, stride, Ho, Wo)
-                dx[n0:n1] = dxpad[:, :, pad:pad + H, pad:pad + W].transpose(1, 0, 2, 3)  # (nb, C, H, W)
+                Hp, Wp, n = H + 2 * pad, W + 2 * pad, n1 - n0
+                dxpad = _col2im(dcols, (C, Hp, Wp, n) if pm else (C, n, Hp, Wp), HH, WW, stride,
+                                Ho, Wo, pm)
+                dx[n0:n1] = _unpadded(dxpad, pad, pad, H, W, pm)  # (nb, C, H, W)
         return dw_t
 
     # one partial dw per shard, added in shard order (not in the order the
