@@ -59,7 +59,11 @@ from refimpl.backend import get_array_module
 from refimpl.threads import num_workers, parallel_map
 from refimpl.layers.window import output_size
 
-COLS_BYTES = 4 << 20   # column-matrix bytes per chunk of images (stays in L2/L3 cache)
+# Column-matrix bytes per chunk of images: small enough to stay in the cache
+# between im2col and the GEMM with every thread holding its own chunk.
+# Alternating in one process (2 threads, ResNet-18 CIFAR step): 2 MiB beat
+# 4 MiB by 5% at width 16 / batch 128 and 4.5% at width 64 / batch 64.
+COLS_BYTES = 2 << 20
 MIN_COLUMNS = 1024     # but at least this many output pixels (GEMM columns) per chunk
 
 
