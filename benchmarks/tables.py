@@ -4,11 +4,11 @@
 
 ``make bench`` runs every benchmark with its output going to the console and
 to runs/bench/latest.jsonl, then this script, which prints Markdown: the
-summary table (the ResNet-18 step against PyTorch in both memory formats,
-the convolutions, augmentation), the classifier table, and the
-communication check, each with the load average the benchmark recorded. The
-README's tables are pasted from it, so a figure there can be traced to a
-run. Lines it does not know (a benchmark's machine record, text) are skipped.
+ResNet-18 step against PyTorch in both memory formats (also for
+``bench_resnet_step.py --scaling`` output), the convolutions and
+augmentation, the classifier step, and the communication check, each with
+the load average the benchmark recorded. The README's tables are pasted
+from it, so a figure there can be traced to a run. Lines it does not know (a benchmark's machine record, text) are skipped.
 """
 import argparse
 import json
@@ -38,22 +38,31 @@ def _load(r):
     return text + " (LOADED: do not trust)" if r.get("loaded") else text
 
 
-def summary_table(records):
-    """Markdown rows: step, convs, augmentation."""
-    rows = ["| benchmark | configuration | ratio (refimpl / PyTorch speed) | detail |",
-            "|---|---|---|---|"]
-    for r in (r for r in records if r.get("benchmark") == "resnet_step"):
+def step_table(records):
+    """Markdown rows of bench_resnet_step.py's configurations (default or --scaling)."""
+    steps = [r for r in records if r.get("benchmark") == "resnet_step"]
+    if not steps:
+        return []
+    rows = ["| threads | width | batch | refimpl img/s | PyTorch NCHW img/s | ratio: wall (CPU) "
+            "| PyTorch channels_last img/s | ratio: wall (CPU) | load |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in steps:
         rows.append(
-            f"| `bench_resnet_step.py`: ResNet-18 CIFAR step, {r['threads']} threads "
-            f"| width {r['width']}, batch {r['batch']} "
-            f"| NCHW: wall {r['ratio_nchw']:.2f}, CPU {r['cpu_ratio_nchw']:.2f}; "
-            f"channels_last: wall {r['ratio_cl']:.2f}, CPU {r['cpu_ratio_cl']:.2f} "
-            f"| img/s: refimpl {r['refimpl_img_per_s']}, NCHW {r['torch_img_per_s']}, "
-            f"channels_last {r['torch_cl_img_per_s']}; {_load(r)} |")
+            f"| {r['threads']} | {r['width']} | {r['batch']} | {r['refimpl_img_per_s']:.1f} "
+            f"| {r['torch_img_per_s']:.1f} | {r['ratio_nchw']:.2f} ({r['cpu_ratio_nchw']:.2f}) "
+            f"| {r['torch_cl_img_per_s']:.1f} | {r['ratio_cl']:.2f} ({r['cpu_ratio_cl']:.2f}) "
+            f"| {_load(r)} |")
+    return rows
+
+
+def summary_table(records):
+    """Markdown rows: the convolutions and augmentation."""
+    rows = []
     for r in (r for r in records if r.get("benchmark") == "conv_all"):
         rows.append(
-            f"| `bench_conv.py`: every conv of that ResNet-18, fwd + bwd, count-weighted "
-            f"| width {r['width']}, batch {r['batch']} | {r['total_speed_ratio']:.2f} "
+            f"| `bench_conv.py`: every conv of the ResNet-18 CIFAR step, fwd + bwd, "
+            f"count-weighted | width {r['width']}, batch {r['batch']} "
+            f"| {r['total_speed_ratio']:.2f} "
             f"| ms: refimpl {r['refimpl_fwd_ms'] + r['refimpl_bwd_ms']:.0f}, "
             f"PyTorch {r['torch_fwd_ms'] + r['torch_bwd_ms']:.0f} |")
     for r in (r for r in records if r.get("benchmark") == "augment"):
@@ -62,7 +71,10 @@ def summary_table(records):
             f"| {r['size']}x{r['size']}, batch {r['batch']} | {r['ratio']:.2f} "
             f"| img/s: refimpl {r['refimpl_img_per_s']:,.0f}, "
             f"Pillow {r['pillow_img_per_s']:,.0f} |")
-    return rows
+    if not rows:
+        return []
+    return ["| benchmark | configuration | ratio (refimpl / PyTorch speed) | detail |",
+            "|---|---|---|---|"] + rows
 
 
 def classifier_table(records):
@@ -109,11 +121,9 @@ def main(argv=None):
         sys.exit(f"tables.py: cannot read {args.jsonl}: {e.strerror}")
     if not records:
         sys.exit(f"tables.py: {args.jsonl} holds no benchmark records (JSON lines)")
-    out = summary_table(records)
-    for block in (classifier_table(records), comm_lines(records)):
-        if block:
-            out += [""] + block
-    print("\n".join(out))
+    blocks = [step_table(records), summary_table(records), classifier_table(records),
+              comm_lines(records)]
+    print("\n\n".join("\n".join(b) for b in blocks if b))
 
 
 if __name__ == "__main__":
