@@ -34,7 +34,9 @@ gemm_limit_s, the time the step's three GEMMs per block of classes (6 B N_r D
 FLOPs) need alone at this machine's sgemm rate on that tile with the rank's
 threads, and fraction_of_gemm_limit = gemm_limit_s / refimpl_s;
 refimpl_peak_mb, torch_peak_mb, memory_ratio (= refimpl / torch); the load
-average before and after, and ``loaded`` when it exceeded the cores. On the GPU, time is measured with the
+average before and after, the CPU other processes used meanwhile
+(``common.load_record``) and ``loaded`` when it was over half a core. On
+the GPU, time is measured with the
 stream synchronized and peak memory is what the caching allocators hold
 (CuPy's memory pool total, torch.cuda.max_memory_reserved).
 """
@@ -49,7 +51,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import best_call, emit, load_average, load_record, machine_info, run_child, sgemm_rate  # noqa: E402,E501
+from benchmarks.common import (best_call, emit, load_record, machine_info, run_child,  # noqa: E402
+                               sgemm_rate, snapshot)
 from refimpl.parallel.launch import mpirun_command  # noqa: E402
 from refimpl.sysinfo import peak_memory_mb, reset_peak_memory  # noqa: E402
 
@@ -237,7 +240,7 @@ def main():
               f"--repeat={args.repeat}", f"--device={args.device}"]
     me = [sys.executable, str(Path(__file__).resolve())]
     emit({"benchmark": "classifier_machine", **machine_info()})
-    load = load_average()
+    load = snapshot()
     theirs = run_child(me + ["--worker", "torch"] + common)
     blocked = (run_child(me + ["--worker", "torch-blocked", f"--block={args.block}"] + common)
                if args.device == "cpu" else None)

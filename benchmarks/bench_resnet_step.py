@@ -17,7 +17,8 @@ configuration (width, batch): medians and [min, max] spreads of wall and CPU
 time per step for each, images per second, ratio_nchw / ratio_cl = torch
 time / refimpl time against each format (above 1: refimpl is faster), and
 ``ratio`` / ``cpu_ratio`` against the faster format (``fastest_torch``),
-with the load average before and after.
+with the load average before and after and the CPU that other processes
+used meanwhile (``common.load_record``).
 """
 import argparse
 import sys
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import (compare_times, emit, load_average, load_record,  # noqa: E402
+from benchmarks.common import (compare_times, emit, load_record, snapshot,  # noqa: E402
                                machine_info, set_threads)
 from refimpl.layers.loss import (softmax_cross_entropy_backward,  # noqa: E402
                                  softmax_cross_entropy_forward)
@@ -105,7 +106,7 @@ def main():
         y = g.integers(0, 10, size=batch)
         model, ours = refimpl_step(width, batch, x, y)
         state = model.store.state_dict()
-        before = load_average()
+        before = snapshot()
         t = compare_times({"refimpl": ours,
                            "torch": torch_step(torch, state, width, x, y),
                            "torch_cl": torch_step(torch, state, width, x, y, channels_last=True)},

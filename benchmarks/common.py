@@ -144,15 +144,58 @@ def load_average():
         return None
 
 
+def machine_cpu():
+    """(busy, steal): CPU seconds all processes of the machine have used since
+    boot, and the seconds the hypervisor took away from this machine's CPUs
+    (/proc/stat); (None, None) where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None, None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+def own_cpu():
+    """CPU seconds of this process and of the children it has waited for."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def snapshot():
+    """What ``load_record`` compares against: load average, machine and own CPU, wall time."""
+    busy, steal = machine_cpu()
+    return {"load": load_average(), "busy": busy, "steal": steal, "own": own_cpu(),
+            "wall": time.perf_counter()}
+
+
 def load_record(before, threads):
-    """{load_before, load_after, loaded}: loaded when another process ran on the
-    cores the benchmark's threads need (load above the thread count), which
-    flips 2-thread ratios on a shared 2-core machine."""
-    after = load_average()
-    known = [x for x in (before, after) if x is not None]
-    worst = max(known) if known else None
-    return {"load_before": before, "load_after": after,
-            "loaded": None if worst is None else bool(worst > threads + 0.5)}
+    """How busy the machine was while a benchmark ran, since ``before = snapshot()``.
+
+    load_before / load_after: the 1-minute load average (the benchmark's own
+    threads count in it, and on some virtual machines so does a constant
+    background of tasks that use no CPU). other_cpu_cores: CPU time that
+    other processes used meanwhile (the machine's busy time minus this
+    process's and its children's), per second of wall time; steal_cores: time
+    the hypervisor gave to other machines. ``loaded``: other processes or the
+    hypervisor took more than half a core, which is enough to flip a 2-thread
+    ratio on a 2-core machine (PyTorch's OpenMP threads suffer more); without
+    /proc/stat, a load average above the benchmark's threads + 0.5.
+    """
+    after = snapshot()
+    record = {"load_before": before["load"], "load_after": after["load"]}
+    wall = after["wall"] - before["wall"]
+    if before["busy"] is not None and after["busy"] is not None and wall > 0:
+        other = (after["busy"] - before["busy"]) - (after["own"] - before["own"])
+        record["other_cpu_cores"] = round(max(other, 0.0) / wall, 3)
+        record["steal_cores"] = round((after["steal"] - before["steal"]) / wall, 3)
+        record["loaded"] = record["other_cpu_cores"] > 0.5 or record["steal_cores"] > 0.5
+    else:
+        known = [x for x in (before["load"], after["load"]) if x is not None]
+        record["loaded"] = None if not known else bool(max(known) > threads + 0.5)
+    return record
 
 
 def emit(record):

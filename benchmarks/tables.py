@@ -30,11 +30,14 @@ def read_records(path):
 
 
 def _load(r):
-    """'load 1.2-1.9' from a record's load_before/load_after, flagged when loaded."""
+    """'load 1.2-1.9, others 0.05 cores' from a record's load fields (common.load_record)."""
     known = [v for v in (r.get("load_before"), r.get("load_after")) if v is not None]
-    if not known:
-        return ""
-    text = f"load {min(known):.1f}-{max(known):.1f}"
+    parts = [f"load {min(known):.1f}-{max(known):.1f}"] if known else []
+    if r.get("other_cpu_cores") is not None:
+        parts.append(f"others {r['other_cpu_cores']:.2f} cores")
+    if r.get("steal_cores"):
+        parts.append(f"steal {r['steal_cores']:.2f}")
+    text = ", ".join(parts)
     return text + " (LOADED: do not trust)" if r.get("loaded") else text
 
 

@@ -85,7 +85,7 @@ def test_tables_from_bench_output(tmp_path):
         {"benchmark": "resnet_step", "threads": 2, "width": 16, "batch": 128, "ratio_nchw": 0.712,
          "cpu_ratio_nchw": 0.75, "ratio_cl": 0.6, "cpu_ratio_cl": 0.65, "refimpl_img_per_s": 140.0,
          "torch_img_per_s": 196.6, "torch_cl_img_per_s": 233.3, "load_before": 1.2,
-         "load_after": 1.9, "loaded": False},
+         "load_after": 1.9, "other_cpu_cores": 0.04, "steal_cores": 0.0, "loaded": False},
         {"benchmark": "conv_all", "width": 64, "batch": 64, "refimpl_fwd_ms": 1000.0,
          "refimpl_bwd_ms": 2000.0, "torch_fwd_ms": 900.0, "torch_bwd_ms": 1900.0,
          "total_speed_ratio": 0.933},
@@ -101,7 +101,7 @@ def test_tables_from_bench_output(tmp_path):
     path.write_text("make: text lines are skipped\n" + "\n".join(map(json.dumps, records)) + "\n")
     text = capsys_text(tables, path)
     assert ("| 2 | 16 | 128 | 140.0 | 196.6 | 0.71 (0.75) | 233.3 | 0.60 (0.65) "
-            "| load 1.2-1.9 |") in text
+            "| load 1.2-1.9, others 0.04 cores |") in text
     assert "| width 64, batch 64 | 0.93 | ms: refimpl 3000, PyTorch 2800 |" in text
     assert ("| cpu | 1,281,167 | 2 | 7.100 | 0.58 | 14.200 | 2.00 | 9.000 | 1.27 | 0.01, 10.50 "
             "| 1,596 | 6,356 | 0.251 | load 2.0-3.1 (LOADED: do not trust) |") in text
@@ -122,3 +122,29 @@ def capsys_text(tables, path):
     with contextlib.redirect_stdout(buf):
         tables.main([str(path)])
     return buf.getvalue()
+
+
+def test_load_record_counts_other_processes_cpu_not_our_own():
+    """A busy loop in this process is not "other load"; a busy child process
+    that this process does not wait for is."""
+    import subprocess
+    import time as time_mod
+    from benchmarks import common
+    if common.machine_cpu()[0] is None:
+        pytest.skip("no /proc/stat")
+    before = common.snapshot()
+    t0 = time_mod.process_time()
+    while time_mod.process_time() - t0 < 0.3:
+        pass
+    mine = common.load_record(before, threads=1)
+    assert set(mine) >= {"load_before", "load_after", "other_cpu_cores", "steal_cores", "loaded"}
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\n"
+                                "while time.time() - t < 1.0: pass"])
+    try:
+        before = common.snapshot()
+        time_mod.sleep(0.8)
+        other = common.load_record(before, threads=1)
+    finally:
+        spinner.wait()
+    assert other["other_cpu_cores"] > mine["other_cpu_cores"] + 0.3, (mine, other)
+    assert other["loaded"]
