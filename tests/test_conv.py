@@ -3,8 +3,12 @@ import numpy as np
 import pytest
 from refimpl.oracle import check_tensor, numerical_grad
 
+import refimpl.layers.conv as _conv
 from refimpl.layers.conv import (conv2d_backward, conv2d_backward_naive, conv2d_forward,
                                  conv2d_forward_naive)
+
+DEFAULTS = {k: getattr(_conv, k) for k in ("WINOGRAD_DTYPES", "WINOGRAD_MAX_PIXELS",
+                                           "PIXEL_MAJOR_MAX_PIXELS")}
 
 # (x shape, w shape, stride, pad): every code path of the fast version
 CASES = [
@@ -19,20 +23,55 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=["channel-major", "pixel-major"], autouse=True)
+@pytest.fixture(params=["channel-major", "pixel-major", "winograd"], autouse=True)
 def layout(request, monkeypatch):
-    """Every test runs with each column layout of the fast path: channel-major
-    (C, N, H', W') and pixel-major (C, H', W', N) (``conv._pixel_major``)."""
+    """Every test runs with each way of the fast path: im2col with channel-major
+    (C, N, H', W') or pixel-major (C, H', W', N) columns (``conv._pixel_major``),
+    and Winograd F(2x2, 3x3) wherever it applies (3x3, stride 1, pad 1)."""
     import refimpl.layers.conv as conv
     monkeypatch.setattr(conv, "PIXEL_MAJOR_MAX_PIXELS",
                         0 if request.param == "channel-major" else 10 ** 9)
+    monkeypatch.setattr(conv, "WINOGRAD_MAX_PIXELS", 10 ** 9 if request.param == "winograd" else 0)
+    monkeypatch.setattr(conv, "WINOGRAD_DTYPES", (np.float32, np.float64))  # float64 here too
     return request.param
 
 
+def test_winograd_is_float32_only_by_default():
+    """refimpl's float64 (the oracle's dtype) keeps im2col's direct sums; the
+    module's defaults, as imported (the fixture changes them for the others)."""
+    assert DEFAULTS == {"WINOGRAD_DTYPES": (np.float32,), "WINOGRAD_MAX_PIXELS": 64,
+                        "PIXEL_MAJOR_MAX_PIXELS": 256}
+
+
 def test_layout_rule(layout):
-    from refimpl.layers.conv import _pixel_major
-    assert _pixel_major(8, 8, 3, 3) == (layout == "pixel-major")
+    from refimpl.layers.conv import _pixel_major, _winograd
+    assert _pixel_major(8, 8, 3, 3) == (layout != "channel-major")
     assert not _pixel_major(8, 8, 1, 1)  # 1x1 kernels keep channel-major
+    x = np.zeros(1)
+    assert _winograd(x, 8, 8, 3, 3, 1, 1, 1) == (layout == "winograd")
+    assert not _winograd(np.zeros(1, np.float16), 8, 8, 3, 3, 1, 1, 1)
+    for args in ((8, 8, 3, 3, 2, 1, 1), (8, 8, 3, 3, 1, 0, 0), (8, 8, 1, 1, 1, 1, 1)):
+        assert not _winograd(x, *args)  # stride 2, no padding, 1x1: im2col
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 8, 8), (2, 4, 7, 5), (1, 3, 1, 1), (2, 6, 4, 3)])
+def test_winograd_equals_the_definition(shape):
+    """Even and odd maps (one more zero row/column of tiles), a 1x1 map; float64
+    at 1e-12 of the loop-based twin, float32 no worse than im2col."""
+    from refimpl.layers.winograd import winograd_conv_into, winograd_weights
+    g = np.random.default_rng(20)
+    x = g.standard_normal(shape)
+    w = g.standard_normal((6, shape[1], 3, 3))
+    ref = conv2d_forward_naive(x, w, 1, 1)[0]
+    out = np.full(ref.shape, np.nan)
+    winograd_conv_into(out, x, winograd_weights(w))
+    check_tensor("winograd", out, ref, 1e-12)
+    x32, w32 = x.astype(np.float32), w.astype(np.float32)
+    out32 = np.empty(ref.shape, np.float32)
+    winograd_conv_into(out32, x32, winograd_weights(w32))
+    assert out32.dtype == np.float32
+    scale = np.abs(ref).max()
+    assert np.abs(out32 - ref).max() / scale <= 4e-7 * np.sqrt(9 * shape[1])
 
 
 def _ids(case):
