@@ -102,8 +102,12 @@ def elementwise_slices(x):
     NumPy array (``THREAD_MIN_ELEMENTS``), else one: how an elementwise pass
     over ``x.reshape(-1)`` is split. Elementwise results do not depend on
     the split, so every thread count gives the same bits."""
-    n = num_workers(x) if x.size >= THREAD_MIN_ELEMENTS else 1
-    bounds = np.linspace(0, x.size, n + 1).astype(np.int64)
+    return even_slices(x.size, num_workers(x) if x.size >= THREAD_MIN_ELEMENTS else 1)
+
+
+def even_slices(size, parts):
+    """range(size) cut into ``parts`` contiguous slices whose lengths differ by at most 1."""
+    bounds = np.linspace(0, size, parts + 1).astype(np.int64)
     return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 

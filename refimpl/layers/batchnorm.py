@@ -31,10 +31,8 @@ large layer is cut into one slice of channels per thread and each thread
 runs the same operations on its channels, writing into shared outputs; the
 bits are those of one thread (``_channel_chunks``).
 """
-import numpy as np
-
 from refimpl.backend import get_array_module
-from refimpl.threads import THREAD_MIN_ELEMENTS, num_workers, parallel_map
+from refimpl.threads import THREAD_MIN_ELEMENTS, even_slices, num_workers, parallel_map
 
 
 def _check_shape(x):
@@ -53,9 +51,7 @@ def _channel_chunks(x):
     axis, when serial, on a GPU, or for a small layer.
     """
     C = x.shape[1]
-    n = min(num_workers(x), C) if x.size >= THREAD_MIN_ELEMENTS else 1
-    bounds = np.linspace(0, C, n + 1).astype(int)
-    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    return even_slices(C, min(num_workers(x), C) if x.size >= THREAD_MIN_ELEMENTS else 1)
 
 
 def _per_chunk(fn, chunks):
