@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.comm
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import emit, machine_info, median_time, set_threads  # noqa: E402
+from benchmarks.common import (emit, load_record, machine_info, median_time,  # noqa: E402
+                               set_threads, snapshot)
 from refimpl.data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentConfig,  # noqa: E402
                                   augment_batch)
 
@@ -91,6 +92,7 @@ def main(argv=None):
     for size in args.sizes:
         images = np.random.default_rng(0).integers(0, 256, (b, size, size, 3), dtype=np.uint8)
         ids = np.arange(b)
+        before = snapshot()
         epoch = iter(range(10 ** 6))  # a new epoch each call: fresh parameters
         t_ref = median_time(lambda: augment_batch(images, ids, 0, next(epoch), size, cfg),
                             repeat=args.repeat)
@@ -98,7 +100,8 @@ def main(argv=None):
         t_pil = median_time(lambda: pillow_augment(images, size, cfg, rnd), repeat=args.repeat)
         emit({"benchmark": "augment", "batch": b, "size": size, "threads": args.threads,
               "refimpl_img_per_s": round(b / t_ref, 1), "pillow_img_per_s": round(b / t_pil, 1),
-              "ratio": round(t_pil / t_ref, 3), "machine": info})
+              "ratio": round(t_pil / t_ref, 3), **load_record(before, args.threads),
+              "machine": info})
     from refimpl.data.synthetic import SyntheticDataset
     ds = SyntheticDataset(1281167, size=32, num_classes=10, seed=0)
     starts = iter(range(0, 1281167 - b, b))  # a new batch each call

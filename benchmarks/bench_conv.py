@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import best_call, emit, machine_info, set_threads  # noqa: E402
+from benchmarks.common import (best_call, emit, load_record, machine_info,  # noqa: E402
+                               set_threads, snapshot)
 from refimpl.layers.conv import conv2d_backward, conv2d_forward  # noqa: E402
 
 
@@ -92,12 +93,14 @@ def main():
     # best over several passes through all shapes: a burst of load from
     # another process then spoils one pass of a shape, not its result
     best = {}
+    before = snapshot()
     for _ in range(args.rounds):
         for width, batch, shapes in configs:
             for name, count, x_shape, w_shape, stride, pad in shapes:
                 t = bench_one(torch, x_shape, w_shape, stride, pad, args.repeat)
                 key = (width, batch, name)
                 best[key] = {k: min(v, best.get(key, t)[k]) for k, v in t.items()}
+    load = load_record(before, args.threads)  # over all the rounds
     for width, batch, shapes in configs:
         tot = {"rf": 0.0, "tf": 0.0, "rb": 0.0, "tb": 0.0}
         for name, count, x_shape, w_shape, stride, pad in shapes:
@@ -118,7 +121,8 @@ def main():
               "fwd_speed_ratio": round(tot["tf"] / tot["rf"], 3),
               "refimpl_bwd_ms": round(tot["rb"], 1), "torch_bwd_ms": round(tot["tb"], 1),
               "bwd_speed_ratio": round(tot["tb"] / tot["rb"], 3),
-              "total_speed_ratio": round((tot["tf"] + tot["tb"]) / (tot["rf"] + tot["rb"]), 3)})
+              "total_speed_ratio": round((tot["tf"] + tot["tb"]) / (tot["rf"] + tot["rb"]), 3),
+              **load})
 
 
 if __name__ == "__main__":

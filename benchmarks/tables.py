@@ -67,13 +67,13 @@ def summary_table(records):
             f"count-weighted | width {r['width']}, batch {r['batch']} "
             f"| {r['total_speed_ratio']:.2f} "
             f"| ms: refimpl {r['refimpl_fwd_ms'] + r['refimpl_bwd_ms']:.0f}, "
-            f"PyTorch {r['torch_fwd_ms'] + r['torch_bwd_ms']:.0f} |")
+            f"PyTorch {r['torch_fwd_ms'] + r['torch_bwd_ms']:.0f}; {_load(r)} |")
     for r in (r for r in records if r.get("benchmark") == "augment"):
         rows.append(
             f"| `bench_augment.py`: augmentation vs Pillow per image, {r['threads']} thread "
             f"| {r['size']}x{r['size']}, batch {r['batch']} | {r['ratio']:.2f} "
             f"| img/s: refimpl {r['refimpl_img_per_s']:,.0f}, "
-            f"Pillow {r['pillow_img_per_s']:,.0f} |")
+            f"Pillow {r['pillow_img_per_s']:,.0f}; {_load(r)} |")
     if not rows:
         return []
     return ["| benchmark | configuration | ratio (refimpl / PyTorch speed) | detail |",

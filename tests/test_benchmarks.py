@@ -102,7 +102,7 @@ def test_tables_from_bench_output(tmp_path):
     text = capsys_text(tables, path)
     assert ("| 2 | 16 | 128 | 140.0 | 196.6 | 0.71 (0.75) | 233.3 | 0.60 (0.65) "
             "| load 1.2-1.9, others 0.04 cores |") in text
-    assert "| width 64, batch 64 | 0.93 | ms: refimpl 3000, PyTorch 2800 |" in text
+    assert "| width 64, batch 64 | 0.93 | ms: refimpl 3000, PyTorch 2800; " in text
     assert ("| cpu | 1,281,167 | 2 | 7.100 | 0.58 | 14.200 | 2.00 | 9.000 | 1.27 | 0.01, 10.50 "
             "| 1,596 | 6,356 | 0.251 | load 2.0-3.1 (LOADED: do not trust) |") in text
     assert "1 of 2 configurations (P = 2, 4) send exactly" in text
