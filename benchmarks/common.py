@@ -64,13 +64,16 @@ def best_call(fn, repeat):
     return best
 
 
-def sgemm_rate(shapes, parts, repeat=5):
+def sgemm_rate(shapes, parts, repeat=30):
     """GFLOP/s of float32 GEMMs as a blocked algorithm runs them on ``parts`` threads.
 
     shapes: [(m, k, n), ...], the products of one tile; each of ``parts``
     threads (``threads.parallel_map``) runs all of them on its own operands
-    into its own outputs, concurrently. Best of ``repeat``. The rate that a
-    benchmark's "fraction of the GEMM limit" divides by.
+    into its own outputs, concurrently. Best of ``repeat`` (each call takes
+    milliseconds: with 5, one make bench run measured the classifier's
+    tile 35% slower than the run before, and its "fraction" jumped from
+    0.54 to 0.79 with the step no faster). The rate that a benchmark's
+    "fraction of the GEMM limit" divides by.
     """
     from refimpl.threads import parallel_map
     g = np.random.default_rng(0)
