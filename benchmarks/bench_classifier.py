@@ -133,8 +133,10 @@ def blocked_cosine_softmax(z, y, W, block):
     """refimpl's algorithm written in PyTorch: -> (loss, dW (N, D)).
 
     The second PyTorch comparator, so that "algorithm" and "framework" are
-    told apart: the logits block by block into one (B, N) buffer with an
-    online max / sum of exp, W_hat recomputed in the backward pass, the
+    told apart: the logits block by block, each block's exp(l - m_k) kept in
+    one (B, N) buffer with its row maxima m_k (online max / sum of exp), the
+    label logits read while the block exists, W_hat recomputed in the
+    backward pass, whose softmax is one multiply, E exp(m_k - M) / S; the
     gradients by hand (no autograd graph over N); PyTorch's own threads
     inside each operation. Only dW is formed (the features' gradient, B x D,
     costs one more GEMM per block: ``dL @ w_hat``, included to keep the work
@@ -144,27 +146,35 @@ def blocked_cosine_softmax(z, y, W, block):
     import torch.nn.functional as F
     B, N = z.shape[0], W.shape[0]
     Zt = F.normalize(z) / TAU
-    logits = torch.empty((B, N), dtype=z.dtype, device=z.device)
-    M = torch.full((B,), -float("inf"), dtype=z.dtype, device=z.device)
-    S = torch.zeros_like(M)
-    for a in range(0, N, block):
-        L = torch.matmul(Zt, F.normalize(W[a:a + block]).t(), out=logits[:, a:a + block])
-        m = torch.maximum(M, L.amax(1))
-        S = S * torch.exp(M - m) + torch.exp(L - m[:, None]).sum(1)
-        M = m
+    E = torch.empty((B, N), dtype=z.dtype, device=z.device)
     rows = torch.arange(B, device=z.device)
-    loss = (M + torch.log(S) - logits[rows, y]).mean()
-    dW = torch.empty_like(W)
-    dZ = torch.zeros_like(z)
+    t = torch.zeros((B,), dtype=z.dtype, device=z.device)
+    ms, ss = [], []
     for a in range(0, N, block):
         c = min(a + block, N)
-        dL = torch.exp(logits[:, a:c] - M[:, None]) / (S[:, None] * B)
+        L = Zt @ F.normalize(W[a:c]).t()
+        m = L.amax(1)
+        mine = (y >= a) & (y < c)
+        t[mine] = L[rows[mine], y[mine] - a]
+        torch.exp(L - m[:, None], out=E[:, a:c])
+        ms.append(m)
+        ss.append(E[:, a:c].sum(1))
+    m_blocks = torch.stack(ms)                                       # (n_blocks, B)
+    M = m_blocks.amax(0)
+    S = (torch.stack(ss) * torch.exp(m_blocks - M)).sum(0)
+    loss = (M + torch.log(S) - t).mean()
+    g = torch.exp(m_blocks - M) / (S * B)                            # (n_blocks, B)
+    dW = torch.empty_like(W)
+    dZ = torch.zeros_like(z)
+    for k, a in enumerate(range(0, N, block)):
+        c = min(a + block, N)
+        dL = E[:, a:c] * g[k][:, None]
         mine = (y >= a) & (y < c)
         dL[rows[mine], y[mine] - a] -= 1.0 / B
         norm = W[a:c].norm(dim=1, keepdim=True).clamp_min(1e-12)
         what = W[a:c] / norm
-        g = dL.t() @ Zt
-        dW[a:c] = (g - what * (g * what).sum(1, keepdim=True)) / norm
+        gw = dL.t() @ Zt
+        dW[a:c] = (gw - what * (gw * what).sum(1, keepdim=True)) / norm
         dZ += dL @ what
     return loss, dW
 

@@ -46,8 +46,10 @@ def test_bytes_per_rank_match_design_formula(result):
     b, f = B // P, 8  # bytes per float64
     want = {"all_gather": {"calls": 2, "sent": b * D * f + b * 8, "received": B * D * f + B * 8},
             "all_reduce_max": {"calls": 1, "sent": B * f, "received": B * f},
-            # the loss message [sum exp, target logit] and top-k's count message
-            "all_reduce_sum": {"calls": 2, "sent": 2 * B * f + B * f, "received": 3 * B * f},
+            # top-k's guesses of the label logits, the loss message [sum exp,
+            # target logit] and top-k's count message
+            "all_reduce_sum": {"calls": 3, "sent": B * f + 2 * B * f + B * f,
+                               "received": 4 * B * f},
             "reduce_scatter": {"calls": 1, "sent": B * D * f, "received": b * D * f}}
     if P > 1:  # one shape check (9 int64) before the gather of z, none for the labels
         want["shape_check"] = {"calls": 1, "sent": 72, "received": 72 * P}

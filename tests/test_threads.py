@@ -1,5 +1,6 @@
 """refimpl's threads: set_num_threads validation, the BLAS limit and its restore,
-parallel_map's order, concurrency, nesting and errors, REFIMPL_NUM_THREADS."""
+parallel_map's order, concurrency, nesting and errors, parallel_sum's order and
+memory, REFIMPL_NUM_THREADS."""
 import os
 
 import numpy as np
@@ -77,6 +78,33 @@ def test_parallel_map_is_serial_with_one_thread_and_raises(threads):
     with pytest.raises(KeyError, match="item 1"):
         threads_mod.parallel_map(fn, range(4))
     assert threads_mod.num_workers(np.zeros(1)) == 2
+
+
+def test_parallel_sum_adds_in_order_and_waits_on_errors(threads):
+    """parallel_sum gives the serial left-to-right sum's bits on 2 threads
+    (float32 sums that depend on the order) and raises a worker's error only
+    after every item has finished. (What it saves in memory is measured by
+    bench_classifier's peak memory, not here.)"""
+    import time
+    parts = [np.float32(v) * np.ones(3, np.float32) for v in (1e8, 1.0, -1e8, 3.0, 0.5)]
+    threads(2)
+    total = threads_mod.parallel_sum(lambda i: parts[i % 5].copy(), range(50))
+    expect = parts[0].copy()
+    for i in range(1, 50):
+        expect += parts[i % 5]
+    assert np.array_equal(total, expect) and total.dtype == np.float32
+    assert not np.array_equal(total, sum(parts[i % 5] for i in reversed(range(50))))
+    finished = []
+
+    def slow_or_bad(i):
+        if i == 1:
+            raise KeyError("item 1")
+        time.sleep(0.05)
+        finished.append(i)
+        return np.zeros(1)
+    with pytest.raises(KeyError, match="item 1"):
+        threads_mod.parallel_sum(slow_or_bad, range(6))
+    assert sorted(finished) == [0, 2, 3, 4, 5]
 
 
 def test_num_threads_default_from_env():

@@ -196,8 +196,8 @@ comm.show("1")
 
 # %%
 loss, _ = clf.forward(z, labels[mine])        # all_gather, local logits, MAX, SUM
-say(f"2-5 z {z.shape} -> local logits {clf.cache['logits'].shape} (B x N_r) -> loss "
-    f"{float(loss):.12f}")
+say(f"2-5 z {z.shape} -> local logits, kept as exp(l - m) {clf.cache['E'].shape} "
+    f"(B x N_r) -> loss {float(loss):.12f}")
 comm.show("2-5")
 
 # %% [markdown]

@@ -40,7 +40,7 @@ from refimpl.backend import rng
 from refimpl.layers.normalize import l2_normalize_forward
 from refimpl.method import dense_hardest_neighbours, hardest_neighbours, target_entries
 from refimpl.parallel import (CosineClassifier, SelfComm, cosine_softmax_backward,
-                              cosine_softmax_forward, shard_range)
+                              cosine_softmax_forward, shard_range, shard_softmax)
 
 if "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:  # under mpirun
     from mpi4py import MPI
@@ -165,7 +165,7 @@ for name, a in (("one-hot", 0.0), ("smoothed", alpha)):
     loss, _, cache = cosine_softmax_forward(z, np.array([i]), W, SelfComm(), N, tau,
                                             targets=targets)
     _, dW = cosine_softmax_backward(1.0, cache)                          # (N, D)
-    p = np.exp(cache["logits"][0] - cache["M"][0]) / cache["S"][0]       # softmax, (N,)
+    p = shard_softmax(cache)[0]                                          # softmax, (N,)
     y = np.zeros(N)
     y[targets[0][0]] = targets[1][0]
     dlogits[name] = p - y                                                # B = 1

@@ -659,8 +659,7 @@ class TraceRecorder:
         z = to_numpy(comm.all_gather(out.z))
         t["z"] = z
         t["z_hat"] = to_numpy(l2_normalize_forward(z)[0])
-        # The logits buffer (B, N_r) of the forward is intact after backward.
-        t["row_max"] = to_numpy(comm.all_reduce(clf.workspace.max(axis=1), "max"))
+        t["row_max"] = to_numpy(out.row_max)
         t["logsumexp"] = to_numpy(out.logsumexp)
         t["loss"] = np.array(out.loss, dtype=z.dtype)
         if self.mode == "full":

@@ -11,14 +11,15 @@ In the order a training step uses them (DESIGN.md's step table):
     classifier.py     the N-way cosine classifier, rows sharded over ranks:
                       gather, local logits, max/sum all-reduces, loss, backward,
                       reduce-scatter of the feature gradient
-    topk.py           top-k accuracy of the sharded logits (one all-reduce)
+    topk.py           top-k accuracy, counted block by block in the forward pass
     data_parallel.py  one all-reduce (SUM) of the flat gradient buffer; replica
                       checksums; BatchNorm modes (local / sync)
 
 The step that puts them together is ``refimpl.train.step``.
 """
 from refimpl.parallel.classifier import (CosineClassifier, check_targets,
-                                         cosine_softmax_backward, cosine_softmax_forward)
+                                         cosine_softmax_backward, cosine_softmax_forward,
+                                         shard_softmax)
 from refimpl.parallel.comm import (MPIComm, SelfComm, abort_on_error, detect_cuda_aware_mpi,
                                    select_gpu)
 from refimpl.parallel.data_parallel import (BN_MODES, allreduce_gradients, broadcast_buffers,
@@ -30,4 +31,4 @@ __all__ = ["BN_MODES", "CosineClassifier", "MPIComm", "SelfComm", "abort_on_erro
            "allreduce_gradients", "broadcast_buffers", "check_replicated", "check_targets",
            "cosine_softmax_backward", "cosine_softmax_forward", "detect_cuda_aware_mpi",
            "find_mpirun", "init_shard", "mpirun_command", "select_gpu", "set_batchnorm_mode",
-           "shard_owner", "shard_range"]
+           "shard_owner", "shard_range", "shard_softmax"]

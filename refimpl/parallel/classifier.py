@@ -20,31 +20,39 @@ or more than one B x N_r buffer. The rows a rank owns follow
 One forward + backward, per rank (b = B / P local rows, fp32 bytes):
 
     2  all_gather z_hat (b, D) -> Z (B, D), labels (b,) -> Y (B,)   B*D*4 + B*8
-    3  local logits against W_r, (B, N_r), block by block
+    3  local logits against W_r, (B, N_r), block by block; kept as
+       E = exp(logit - m_k), m_k the block's row maxima
     4  all_reduce max of the row maxima                              B*4
     5  all_reduce sum of [sum exp(logit - max), target logit]        2*B*4
-    6  dlogits = (softmax - y) / B, block by block;
-       dW_r local; dZ_r = dlogits W_hat_r / tau (a partial sum)
+    6  dlogits = (softmax - y) / B = E exp(m_k - M) / (B S) - y / B,
+       block by block; dW_r local; dZ_r = dlogits W_hat_r / tau (a partial sum)
     7  reduce_scatter dZ (B, D) -> this rank's (b, D)                B*D*4
 
-Top-k accuracy, when asked for, adds one all_reduce of B counts
-(``topk.py``), and with targets of more than one entry the label's own
-logit rides in the SUM message of row 5 (B more values).
+Top-k accuracy, when asked for, adds one all_reduce of B guesses of the
+labels' logits before step 3 and one of B counts after step 5 (``topk.py``:
+each block is counted while its logits exist), and with targets of more
+than one entry the label's own logit rides in the SUM message of row 5 (B
+more values).
 
-Layout and memory. The logits (B, N_r) are the only buffer of that size.
-They are made and used one block of ``block`` classes at a time: each block
-is computed into a small contiguous (B, block) array, reduced along its rows
-while it is in cache, and copied into its columns of the big buffer; backward
-reads a block back into a small array and turns it into its gradient there.
-The big buffer is written once and read once, and is not modified by
-backward. The normalized rows W_hat are recomputed block by block in
-backward instead of being kept (an N_r x D array saved). The row maxima and
-sums of exp are combined over blocks like an online softmax:
-s = sum_k s_k exp(m_k - m). Blocks run on ``threads.get_num_threads()``
-threads; their partial results are combined in block order, so the bits do
-not depend on the thread count. (Reductions run along the contiguous axis:
-on a GPU a reduction over the strided axis of a (65536, 1024) block took
-1.6 ms against 0.12 ms, measured on an H100.)
+Layout and memory. The buffer E (B, N_r) is the only one of that size. It
+is made one block of ``block`` classes at a time: each block's logits are
+computed into a small contiguous (B, block) array; while it is in cache its
+row maxima m_k, the target logits and the top-k candidates are read from it,
+and exp(logit - m_k) is written into the block's columns of E and summed
+along its rows. E, not the logits, is kept because backward then needs one
+multiply per element instead of an exp: softmax = E exp(m_k - M) / S, with
+one exp per block and row. (np.exp of float32 takes about 4.5 ns per element
+on the 2-core machine of the README's benchmarks, a multiply about 0.4; with
+two exp passes over B x N_r the classifier spent a fifth of its step in
+them.) E is written once and read once, and is not modified by backward. The
+normalized rows W_hat are recomputed block by block in backward instead of
+being kept (an N_r x D array saved). The row maxima and sums of exp are
+combined over blocks like an online softmax: s = sum_k s_k exp(m_k - m).
+Blocks run on ``threads.get_num_threads()`` threads; their partial results
+are combined in block order, so the bits do not depend on the thread count.
+(Reductions run along the contiguous axis: on a GPU a reduction over the
+strided axis of a (65536, 1024) block took 1.6 ms against 0.12 ms, measured
+on an H100.)
 
 Reused block buffers (CPU). Written as above, every block allocates about ten
 temporaries (the block's logits, their exp, W_hat, its gradient and the
@@ -52,11 +60,13 @@ normalization's products): some 40 MiB per block, 12 GB per step at
 N_r = 1.28M, which the allocator hands back to the kernel and faults in again
 (system time was a third of the step). On NumPy each thread therefore computes
 its blocks in buffers of its own, made once and reused every step
-(``_buffers``; 4 + 6 MiB per thread at B = 256, D = 128), with the same
+(``_buffers``; 4 + 4 MiB per thread at B = 256, D = 128), with the same
 operations in the same order: ``_forward_block_into`` / ``_backward_block_into``
 give the same bits as the readable ``_forward_block`` / ``_backward_block``,
 which the GPU runs and the tests compare them with (``REUSE_BUFFERS = False``
-selects them on the CPU too).
+selects them on the CPU too). The blocks' (B, D) parts of dZ are added in
+block order as they come (``threads.parallel_sum``), not all held: at
+N_r = 1.28M those parts were 40 MB.
 """
 import threading
 
@@ -67,8 +77,9 @@ from refimpl.backend import (asarray, get_array_module, resolve_dtype, scatter_a
 from refimpl.checks import check_int
 from refimpl.layers.normalize import l2_normalize_backward, l2_normalize_forward
 from refimpl.parallel.sharding import init_shard, row_blocks, shard_range
-from refimpl.parallel.topk import topk_accuracy
-from refimpl.threads import parallel_map
+from refimpl.parallel.topk import (label_logit_guess, label_logit_slack, topk_accuracy,
+                                   topk_candidates)
+from refimpl.threads import parallel_map, parallel_sum
 
 # Classes per block. CPU: (256, 4096) float32 logits = 4 MiB, about a cache's
 # worth. GPU: large blocks, since each block costs ~25 kernel launches.
@@ -113,30 +124,32 @@ def check_targets(targets, labels, num_classes):
     return ids.astype(np.int64), weights
 
 
-def _forward_block(Zt, w, logits, a, c):
-    """Classes [a, c) of the shard: write their logits; -> (row max m, sum exp(l - m)).
+def _forward_block(Zt, w, E, a, c, inspect):
+    """Classes [a, c) of the shard: -> (row max m, sum exp(l - m), inspect's result).
 
-    Zt (B, D) = Z_hat / tau; w (N_r, D) the shard; logits (B, N_r) the buffer.
+    Zt (B, D) = Z_hat / tau; w (N_r, D) the shard; E (B, N_r) the buffer,
+    whose columns [a, c) get exp(l - m) (m: this block's row maxima).
+    inspect(L, a, c) reads the block's logits L (B, c - a) before they are
+    gone: the target logits, the top-k candidates.
     """
     xp = get_array_module(w)
     what, _ = l2_normalize_forward(w[a:c])                           # (c-a, D)
     L = Zt @ what.T                                                  # (B, c-a) logits, / tau
-    logits[:, a:c] = L
     m = xp.max(L, axis=1)                                            # (B,) block max
-    s = xp.sum(xp.exp(L - m[:, None]), axis=1)                       # (B,) sum exp(l - m)
-    return m, s
+    seen = inspect(L, a, c)
+    ex = xp.exp(L - m[:, None])                                      # (B, c-a) exp(l - m)
+    E[:, a:c] = ex
+    return m, xp.sum(ex, axis=1), seen
 
 
-def _backward_block(logits, M, inv_SB, targets, Zt, w, dw, a, c):
+def _backward_block(E, g, targets, Zt, w, dw, a, c):
     """Classes [a, c): write dW rows [a, c) into dw; -> this block's part of dZ_hat * tau.
 
-    M (B, 1) the global row max, inv_SB (B, 1) = dout / (B S); targets: the
-    (rows, cols - a, -dout y / B) entries in this block.
+    g (B, 1) = exp(m - M) dout / (B S), the block's row maxima m against the
+    global M: E g = dout softmax / B. targets: the (rows, cols - a,
+    -dout y / B) entries in this block.
     """
-    xp = get_array_module(w)
-    dL = logits[:, a:c] - M                                          # (B, c-a), a new array:
-    xp.exp(dL, out=dL)                                               # exp(l - M) ->
-    dL *= inv_SB                                                     # dout softmax / B
+    dL = E[:, a:c] * g                                               # (B, c-a) dout softmax / B
     if targets[0].size:
         scatter_add(dL, targets[:2], targets[2])                     # - dout y / B
     # W_hat recomputed here rather than kept from forward: N_r x D saved.
@@ -152,18 +165,18 @@ def _reuse_buffers(xp):
 
 def _buffers(B, n, D, dtype):
     """This thread's reusable arrays for a block of n classes, as contiguous
-    views: E (B, n), what, tmp, g (n, D), norm, denom (n, 1). Made anew only
+    views: L (B, n), what, tmp (n, D), norm, denom (n, 1). Made anew only
     when B, D or the dtype change or a block is larger than any before."""
     key = (B, D, np.dtype(dtype))
     bufs = getattr(_thread_buffers, "arrays", None)
     if bufs is None or bufs[0] != key or bufs[1] < n:
-        bufs = (key, n, {"E": np.empty(B * n, dtype),
-                         **{k: np.empty(n * D, dtype) for k in ("what", "tmp", "g")},
+        bufs = (key, n, {"L": np.empty(B * n, dtype),
+                         **{k: np.empty(n * D, dtype) for k in ("what", "tmp")},
                          **{k: np.empty(n, dtype) for k in ("norm", "denom")}})
         _thread_buffers.arrays = bufs
     flat = bufs[2]
-    view = {k: flat[k][:n * D].reshape(n, D) for k in ("what", "tmp", "g")}
-    view["E"] = flat["E"][:B * n].reshape(B, n)
+    view = {k: flat[k][:n * D].reshape(n, D) for k in ("what", "tmp")}
+    view["L"] = flat["L"][:B * n].reshape(B, n)
     view.update({k: flat[k][:n].reshape(n, 1) for k in ("norm", "denom")})
     return view
 
@@ -180,35 +193,36 @@ def _normalize_into(x, buf, eps=1e-12):
     return buf["what"], buf["denom"], unclamped
 
 
-def _forward_block_into(Zt, w, logits, a, c):
-    """``_forward_block`` in this thread's reused buffers (NumPy only)."""
+def _forward_block_into(Zt, w, E, a, c, inspect):
+    """``_forward_block`` in this thread's reused buffers (NumPy only); the
+    exponentials are written straight into E's columns."""
     buf = _buffers(Zt.shape[0], c - a, w.shape[1], w.dtype)
     what, _, _ = _normalize_into(w[a:c], buf)
-    L = np.matmul(Zt, what.T, out=buf["E"])                          # (B, c-a) logits, / tau
-    logits[:, a:c] = L
+    L = np.matmul(Zt, what.T, out=buf["L"])                          # (B, c-a) logits, / tau
     m = np.max(L, axis=1)
+    seen = inspect(L, a, c)
     np.subtract(L, m[:, None], out=L)
-    np.exp(L, out=L)
-    return m, np.sum(L, axis=1)
+    ex = np.exp(L, out=E[:, a:c])
+    return m, np.sum(ex, axis=1), seen
 
 
-def _backward_block_into(logits, M, inv_SB, targets, Zt, w, dw, a, c):
-    """``_backward_block`` in this thread's reused buffers (NumPy only)."""
+def _backward_block_into(E, g, targets, Zt, w, dw, a, c):
+    """``_backward_block`` in this thread's reused buffers (NumPy only); dW_hat
+    is formed in dw's rows and turned into dW there."""
     buf = _buffers(Zt.shape[0], c - a, w.shape[1], w.dtype)
-    dL = np.subtract(logits[:, a:c], M, out=buf["E"])
-    np.exp(dL, out=dL)
-    dL *= inv_SB
+    dL = np.multiply(E[:, a:c], g, out=buf["L"])
     if targets[0].size:
         scatter_add(dL, targets[:2], targets[2])
     what, denom, unclamped = _normalize_into(w[a:c], buf)
-    g = np.matmul(dL.T, Zt, out=buf["g"])                            # dW_hat (c-a, D)
-    # l2_normalize_backward: (g - what <g, what>) / denom, in place
-    np.multiply(g, what, out=buf["tmp"])
+    dZ = dL @ what
+    dwhat = np.matmul(dL.T, Zt, out=dw[a:c])                         # (c-a, D)
+    # l2_normalize_backward: (dwhat - what <dwhat, what>) / denom
+    np.multiply(dwhat, what, out=buf["tmp"])
     dot = np.sum(buf["tmp"], axis=-1, keepdims=True) * unclamped
     np.multiply(what, dot, out=buf["tmp"])
-    np.subtract(g, buf["tmp"], out=buf["tmp"])
+    np.subtract(dwhat, buf["tmp"], out=buf["tmp"])
     np.divide(buf["tmp"], denom, out=dw[a:c])
-    return dL @ what
+    return dZ
 
 
 def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, targets=None,
@@ -230,14 +244,17 @@ def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, targets=No
                    class id ranks first, like argmax)
       block        classes per block (None: BLOCK of z's device; any value gives
                    the same loss up to rounding)
-      workspace    None, or a (B, N_r) array of z's dtype to hold the logits
+      workspace    None, or a (B, N_r) array of z's dtype for the buffer E
                    (reused across steps: a fresh 1.3 GB buffer per step costs
                    its page faults every time)
     Outputs (identical on every rank):
       loss    0-d array, the mean over the global batch B
       acc     {} or {k: fraction} for topk (host floats)
-      cache   for cosine_softmax_backward; its "M" and "S" are the row
-              maxima and sums of exp(l - M) of the B rows (log-sum-exp = M + log S)
+      cache   for cosine_softmax_backward: "E" (B, N_r) = exp(l - m_k) with
+              "m_blocks" (n_blocks, B) the row maxima m_k of each block k
+              of classes, "M" and "S" the global row maxima and sums of
+              exp(l - M) of the B rows (log-sum-exp = M + log S);
+              ``shard_softmax(cache)`` gives the probabilities
     """
     xp = get_array_module(z)
     P, r = comm.size, comm.rank
@@ -268,42 +285,56 @@ def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, targets=No
                          f"got values in [{Y.min()}, {Y.max()}]")
     ids, weights = check_targets(targets, Y, num_classes)
     # The target entries that fall in this shard, sorted by class (for block
-    # lookups): t_rows indexes the global batch, t_cols the shard's classes.
+    # lookups): t_rows indexes the global batch, t_cols the shard's classes;
+    # t_own marks the labels' own entries (ids[:, 0]).
     b_idx = np.broadcast_to(np.arange(B)[:, None], ids.shape)
+    own = np.broadcast_to(np.arange(ids.shape[1]) == 0, ids.shape)
     mine = (ids >= lo) & (ids < hi)
     order = np.argsort(ids[mine], kind="stable")
     t_cols = (ids[mine] - lo)[order]                                 # classes in the shard
-    t_rows, t_wts = b_idx[mine][order], weights[mine][order]
+    t_rows, t_wts, t_own = b_idx[mine][order], weights[mine][order], own[mine][order]
 
-    # 3: local logits (B, N_r), one block of classes at a time.
     Zt = Z * (1.0 / tau)                                             # (B, D): 1/tau folded in once
-    logits = workspace                                               # the one B x N_r buffer
-    if logits is None or logits.shape != (B, hi - lo) or logits.dtype != z.dtype:
-        logits = xp.empty((B, hi - lo), dtype=z.dtype)
+    want_acc = bool(topk)
+    if want_acc:
+        # 2b (top-k only): every rank needs the labels' logits to pick its
+        # candidates while each block is in cache (topk.py).
+        guess = comm.all_reduce(label_logit_guess(Zt, w, Y, lo, hi), "sum")  # (B,)
+        slack = label_logit_slack(Zt)                                # (B,)
+        kmax = max(int(k) for k in topk)
 
+    def inspect(L, a, c):
+        """The block's target logits (in t_cols order) and top-k candidates."""
+        i, j = np.searchsorted(t_cols, [a, c])
+        t = L[xp.asarray(t_rows[i:j]), xp.asarray(t_cols[i:j] - a)]
+        return t, (topk_candidates(L, lo + a, guess, slack, kmax) if want_acc else None)
+
+    # 3: this rank's classes, one block at a time: E = exp(l - m_k) (B, N_r).
+    E = workspace                                                    # the one B x N_r buffer
+    if E is None or E.shape != (B, hi - lo) or E.dtype != z.dtype:
+        E = xp.empty((B, hi - lo), dtype=z.dtype)
     forward_block = (_forward_block_into if _reuse_buffers(xp) else _forward_block)
-    parts = parallel_map(lambda ab: forward_block(Zt, w, logits, *ab),
+    parts = parallel_map(lambda ab: forward_block(Zt, w, E, *ab, inspect),
                          row_blocks(hi - lo, block))
-    m_loc = parts[0][0]
-    for m, _ in parts[1:]:
+    m_blocks = xp.stack([m for m, _, _ in parts])                    # (n_blocks, B)
+    m_loc = m_blocks[0]
+    for m in m_blocks[1:]:
         m_loc = xp.maximum(m_loc, m)
-    s_loc = sum(s * xp.exp(m - m_loc) for m, s in parts)             # (B,), in block order
+    s_loc = sum(s * xp.exp(m - m_loc) for m, s, _ in parts)          # (B,), in block order
+    t_logits = xp.concatenate([t for _, _, (t, _) in parts])         # (entries,) t_cols order
 
     # 4: the global row max, the shift that keeps every exp <= 1.
     M = comm.all_reduce(m_loc, "max")                                # (B,)
     # 5: sum of exp over all shards, and the target logit sum_j y_bj l_bj.
-    rows_d, cols_d = xp.asarray(t_rows), xp.asarray(t_cols)
+    rows_d = xp.asarray(t_rows)
     t_loc = xp.zeros(B, dtype=z.dtype)
-    scatter_add(t_loc, rows_d, xp.asarray(t_wts, dtype=z.dtype) * logits[rows_d, cols_d])
+    scatter_add(t_loc, rows_d, xp.asarray(t_wts, dtype=z.dtype) * t_logits)
     msg = [s_loc * xp.exp(m_loc - M), t_loc]
     smoothed = ids.shape[1] > 1
-    want_acc = bool(topk)
     if want_acc and smoothed:
         # Accuracy needs the label's own logit; with one-hot targets it is t.
-        label_own = (ids[:, 0] >= lo) & (ids[:, 0] < hi)
         l_loc = xp.zeros(B, dtype=z.dtype)
-        own_b = xp.asarray(np.nonzero(label_own)[0])
-        l_loc[own_b] = logits[own_b, xp.asarray(ids[label_own, 0] - lo)]
+        l_loc[rows_d[xp.asarray(t_own)]] = t_logits[xp.asarray(t_own)]
         msg.append(l_loc)
     total = comm.all_reduce(xp.concatenate(msg), "sum")              # (2B,) or (3B,)
     S, T = total[:B], total[B:2 * B]
@@ -313,11 +344,24 @@ def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, targets=No
     acc = {}
     if want_acc:
         l_label = total[2 * B:] if smoothed else T                   # (B,)
-        acc = topk_accuracy(logits, l_label, ids[:, 0], lo, topk, comm, block)
+        acc = topk_accuracy([cand for _, _, (_, cand) in parts], l_label, Y, topk, comm)
 
-    cache = {"logits": logits, "M": M, "S": S, "Zt": Zt, "w": w, "zcache": zcache,
-             "targets": (t_rows, t_cols, t_wts), "tau": tau, "block": block, "comm": comm}
+    cache = {"E": E, "m_blocks": m_blocks, "M": M, "S": S, "Zt": Zt, "w": w,
+             "zcache": zcache, "targets": (t_rows, t_cols, t_wts), "tau": tau,
+             "block": block, "comm": comm}
     return xp.asarray(loss, dtype=z.dtype), acc, cache
+
+
+def shard_softmax(cache):
+    """(B, N_r) this shard's columns of the softmax of the last forward's logits,
+    exp(l_bj - M_b) / S_b, from its cache (a new array; for inspection)."""
+    E, m_blocks = cache["E"], cache["m_blocks"]
+    xp = get_array_module(E)
+    scale = xp.exp(m_blocks - cache["M"]) / cache["S"]                # (n_blocks, B)
+    p = xp.empty_like(E)
+    for k, (a, c) in enumerate(row_blocks(E.shape[1], cache["block"])):
+        p[:, a:c] = E[:, a:c] * scale[k][:, None]
+    return p
 
 
 def cosine_softmax_backward(dout, cache, dw_out=None):
@@ -330,15 +374,18 @@ def cosine_softmax_backward(dout, cache, dw_out=None):
              dw (N_r, D), the gradient of this rank's shard.
 
       dlogits_bj = dout (softmax_bj - y_bj) / B               (local block)
+                 = E_bj exp(m_k - M_b) dout / (B S_b) - dout y_bj / B
       dW_hat_r   = dlogits_r^T Z_hat / tau,  dW_r = normalize backward
       dZ_hat     = reduce_scatter( sum over shards of dlogits_r W_hat_r / tau )
       dz         = normalize backward of dZ_hat
+    The softmax takes one multiply: forward's exp(l - m_k) is in E, and one
+    exp per block and row rescales it to the global max.
     Gradient scale: this is the gradient of the *global* mean loss; summing
     the replicated parameters' gradients over ranks (never averaging) gives
     the 1-rank gradient.
     """
-    logits, M, S, Zt, w = (cache[k] for k in ("logits", "M", "S", "Zt", "w"))
-    xp = get_array_module(logits)
+    E, m_blocks, M, S, Zt, w = (cache[k] for k in ("E", "m_blocks", "M", "S", "Zt", "w"))
+    xp = get_array_module(E)
     if getattr(dout, "size", 1) != 1:
         raise ValueError(f"cosine_softmax_backward: dout must be a scalar, got shape "
                          f"{dout.shape}")
@@ -346,26 +393,25 @@ def cosine_softmax_backward(dout, cache, dw_out=None):
     if dw.shape != w.shape or dw.dtype != w.dtype:
         raise ValueError(f"dw_out must be {w.dtype} of shape {w.shape}, "
                          f"got {dw.dtype} of shape {dw.shape}")
-    B = logits.shape[0]
+    B = E.shape[0]
     scale = float(to_numpy(dout)) / B                                # d loss / d (row term)
     inv_tau = 1.0 / cache["tau"]
     t_rows, t_cols, t_wts = cache["targets"]
-    M = M[:, None]                                                   # (B, 1)
-    inv_SB = (scale / S)[:, None]                                    # (B, 1)
+    # g[k] (B, 1): block k's exp(l - m_k) -> dout softmax / B.
+    g = (xp.exp(m_blocks - M) * (scale / S))[:, :, None]            # (n_blocks, B, 1)
 
     backward_block = (_backward_block_into if _reuse_buffers(xp) else _backward_block)
 
-    def block_gradients(ab):
-        a, c = ab
+    def block_gradients(k_ab):
+        k, (a, c) = k_ab
         i, j = np.searchsorted(t_cols, [a, c])                       # targets in this block
         targets = (xp.asarray(t_rows[i:j]), xp.asarray(t_cols[i:j] - a),
-                   xp.asarray(-t_wts[i:j] * scale, dtype=logits.dtype))  # - dout y / B
-        return backward_block(logits, M, inv_SB, targets, Zt, w, dw, a, c)
+                   xp.asarray(-t_wts[i:j] * scale, dtype=E.dtype))   # - dout y / B
+        return backward_block(E, g[k], targets, Zt, w, dw, a, c)
 
-    parts = parallel_map(block_gradients, row_blocks(logits.shape[1], cache["block"]))
-    dZ = parts[0]
-    for p in parts[1:]:
-        dZ += p                                                      # block order: same bits
+    # Each block's (B, D) part is added as soon as it and those before it are
+    # done (block order: the same bits on any number of threads).
+    dZ = parallel_sum(block_gradients, enumerate(row_blocks(E.shape[1], cache["block"])))
     dZ *= inv_tau                                                    # (B, D), this shard's part
     # 7: the adjoint of step 2's all_gather.
     dzhat = cache["comm"].reduce_scatter(dZ)                        # (b, D)
@@ -400,7 +446,7 @@ class CosineClassifier:
         self.weight = asarray(init_shard(num_classes, dim, self.lo, self.hi, seed, dtype),
                               device=device)
         self.grad = xp_for(device).zeros_like(self.weight)
-        self.workspace = None  # the (B, N_r) logits buffer, kept across steps
+        self.workspace = None  # the (B, N_r) buffer E of exp(l - m_k), kept across steps
         self.cache = None
 
     def forward(self, z, labels, targets=None, topk=None):
@@ -408,8 +454,12 @@ class CosineClassifier:
         loss, acc, self.cache = cosine_softmax_forward(
             z, labels, self.weight, self.comm, self.num_classes, self.tau, targets, topk,
             self.block, self.workspace)
-        self.workspace = self.cache["logits"]
+        self.workspace = self.cache["E"]
         return loss, acc
+
+    def row_max(self):
+        """(B,) max_j logit_bj of each row of the last forward's global batch."""
+        return self.cache["M"]
 
     def logsumexp(self):
         """(B,) log sum_j exp(logit_bj) of each row of the last forward's global batch."""

@@ -15,7 +15,8 @@ rows, G = replicated parameters, Q = BatchNorm buffer elements):
     all_gather z_hat, labels   sent b D f + 8 b      received B D f + 8 B
     all_reduce MAX             B f
     all_reduce SUM             2 B f (+ B f with smoothed targets: the label
-                               logit for top-k), + B f top-k counts
+                               logit for top-k), + B f top-k counts, + B f
+                               the labels' logit guesses for top-k
     reduce_scatter dZ          sent B D f            received b D f
     all_reduce gradients       G f
     bcast BN buffers ("local") Q f (rank 0 sends, the others receive)
@@ -83,7 +84,7 @@ def cost(cfg, num_instances, world_size, rank=0, image_size=32):
         "all_gather z_hat, labels": (b * D * f + 8 * b, B * D * f + 8 * B),
         "all_reduce MAX": (B * f, B * f),
         "all_reduce SUM (exp sums, target logits, top-k)":
-            ((3 + smoothed) * B * f, (3 + smoothed) * B * f),
+            ((4 + smoothed) * B * f, (4 + smoothed) * B * f),
         "reduce_scatter dZ": (B * D * f, b * D * f),
         "all_reduce gradients": (G * f, G * f),
     }

@@ -40,12 +40,14 @@ class StepOutputs:
     acc        {k: top-k accuracy of the global batch} ({} unless asked)
     z          (b, D) the local batch's unnormalized features
     dz         (b, D) the gradient of the global mean loss with respect to z
+    row_max    (B,) max_j logit_bj of every row of the global batch
     logsumexp  (B,) log sum_j exp(logit_bj) of every row of the global batch
     """
     loss: float
     acc: dict
     z: object
     dz: object
+    row_max: object
     logsumexp: object
 
 
@@ -81,11 +83,11 @@ def forward_backward(net, clf, x, labels, comm, targets=None, topk=None, step=No
         where = "" if step is None else f" at step {step}"
         raise FloatingPointError(f"the loss is {loss}{where}; no parameter or BatchNorm "
                                  f"statistic was updated")
-    lse = clf.logsumexp()                                            # (B,)
+    row_max, lse = clf.row_max(), clf.logsumexp()                    # (B,), (B,)
     dz = clf.backward()                                              # 6-7: (b, D)
     net.backward(dz, need_dx=False)                                  # 8 (no image gradient)
     allreduce_gradients(store.grad, comm)                            # 9
-    return StepOutputs(loss, acc, z, dz, lse)
+    return StepOutputs(loss, acc, z, dz, row_max, lse)
 
 
 def update(net, comm, net_opt, clf_opt, lr=None, check_replicas=False):
