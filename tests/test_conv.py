@@ -8,7 +8,7 @@ from refimpl.layers.conv import (conv2d_backward, conv2d_backward_naive, conv2d_
                                  conv2d_forward_naive)
 
 DEFAULTS = {k: getattr(_conv, k) for k in ("WINOGRAD_DTYPES", "WINOGRAD_MAX_PIXELS",
-                                           "PIXEL_MAJOR_MAX_PIXELS")}
+                                           "PIXEL_MAJOR_MAX_PIXELS", "DW_FROM_DX_COLUMNS")}
 
 # (x shape, w shape, stride, pad): every code path of the fast version
 CASES = [
@@ -20,6 +20,7 @@ CASES = [
     ((1, 2, 7, 7), (3, 2, 7, 7), 2, 3),    # 7x7 stride 2 pad 3 (ImageNet stem), tiny
     ((2, 3, 7, 6), (2, 3, 2, 3), 3, 2),    # non-square kernel, stride 3, pad 2 > HH-1
     ((2, 3, 6, 6), (2, 3, 3, 3), 1, 0),    # no padding
+    ((2, 3, 6, 5), (2, 3, 2, 3), 1, 1),    # non-square kernel, stride 1: dx as a conv
 ]
 
 
@@ -36,11 +37,20 @@ def layout(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["dw-from-dx-columns", "dw-own-columns"], autouse=True)
+def dw_columns(request, monkeypatch):
+    """... and with dw from the columns of dx's convolution (where dx is one,
+    by im2col) or from an im2col of its own (``conv.DW_FROM_DX_COLUMNS``)."""
+    import refimpl.layers.conv as conv
+    monkeypatch.setattr(conv, "DW_FROM_DX_COLUMNS", request.param == "dw-from-dx-columns")
+    return request.param
+
+
 def test_winograd_is_float32_only_by_default():
     """refimpl's float64 (the oracle's dtype) keeps im2col's direct sums; the
     module's defaults, as imported (the fixture changes them for the others)."""
     assert DEFAULTS == {"WINOGRAD_DTYPES": (np.float32,), "WINOGRAD_MAX_PIXELS": 64,
-                        "PIXEL_MAJOR_MAX_PIXELS": 256}
+                        "PIXEL_MAJOR_MAX_PIXELS": 256, "DW_FROM_DX_COLUMNS": True}
 
 
 def test_layout_rule(layout):
