@@ -291,12 +291,12 @@ def test_conv_rejects_impossible_arguments(x_shape, w_shape, stride, pad, match)
         conv2d_forward(np.zeros(x_shape), np.zeros(w_shape), stride, pad)
 
 
-@pytest.mark.parametrize("stride,pad", [(1, 1), (2, 3)])
-def test_backward_without_dx_gives_the_same_dw(stride, pad):
+@pytest.mark.parametrize("stride,pad,filters", [(1, 1, 5), (2, 3, 5), (1, 1, 2), (1, 0, 3)])
+def test_backward_without_dx_gives_the_same_dw(stride, pad, filters):
     """need_dx=False (the stem: the image needs no gradient) returns dx None and
-    bitwise the dw of the full backward."""
+    bitwise the dw of the full backward (also where F <= C, dx a convolution)."""
     g = np.random.default_rng(3)
-    x, w = g.standard_normal((4, 3, 9, 9)), g.standard_normal((5, 3, 3, 3))
+    x, w = g.standard_normal((4, 3, 9, 9)), g.standard_normal((filters, 3, 3, 3))
     out, cache = conv2d_forward(x, w, stride, pad)
     dout = g.standard_normal(out.shape)
     dx, dw = conv2d_backward(dout, cache)

@@ -216,16 +216,14 @@ def _from_columns(out, N, Ho, Wo, pixel_major):
     return out.reshape(F, N, Ho, Wo).transpose(1, 0, 2, 3)
 
 
-def _conv_chunk(x, w, stride, ph, pw, keep_columns=False):
-    """Convolution of a few images as one GEMM: a (N, F, H', W') view (not
-    contiguous); with keep_columns, (that view, the columns, their layout)."""
+def _conv_chunk(x, w, stride, ph, pw):
+    """Convolution of a few images as one GEMM: a (N, F, H', W') view (not contiguous)."""
     N, _, H, W = x.shape
     F, C, HH, WW = w.shape
     pm = _pixel_major((H + 2 * ph - HH) // stride + 1, (W + 2 * pw - WW) // stride + 1, HH, WW)
     cols, Ho, Wo = _columns(x, HH, WW, stride, ph, pw, pm)  # (C*HH*WW, N*H'*W')
     out = w.reshape(F, C * HH * WW) @ cols  # (F, N*H'*W')
-    view = _from_columns(out, N, Ho, Wo, pm)  # (N, F, H', W') view
-    return (view, cols, pm) if keep_columns else view
+    return _from_columns(out, N, Ho, Wo, pm)  # (N, F, H', W') view
 
 
 def _images_per_chunk(N, C, HH, WW, Ho, Wo, itemsize):
@@ -333,10 +331,12 @@ def conv2d_backward(dout, cache, need_dx=True):
     # so dw[f, c, kh, kw] = (cols_d @ x^T)[(f, HH-1-kh, WW-1-kw), c], x in the
     # columns' order: one copy of x instead of a second im2col (of x). The
     # same products as dw's own im2col, summed over input instead of output
-    # pixels. Measured alternating in one process, ResNet-18 CIFAR step,
+    # pixels. Used with need_dx=False too (cols_d without dx's GEMM, no larger
+    # than x's columns as F <= C), so that skipping dx changes no bit of dw. Measured alternating in one process, ResNet-18 CIFAR step,
     # float32: width 16 / batch 128 0.865 -> 0.818 s (2 threads), 1.379 ->
     # 1.309 s (1 thread); width 64 / batch 64 3.86 -> 3.75 s.
-    shared = need_dx and dx_as_conv and U_flip is None and DW_FROM_DX_COLUMNS
+    shared = dx_as_conv and U_flip is None and DW_FROM_DX_COLUMNS
+    pm_d = _pixel_major(H, W, HH, WW)  # the column layout of dx's convolution (H x W outputs)
 
     def backward_shard(shard):
         """Writes dx[n0:n1] of the shard's images, returns their part of dw^T
@@ -345,8 +345,11 @@ def conv2d_backward(dout, cache, need_dx=True):
             dwf_t = xp.zeros((F * HH * WW, C), dtype=dout.dtype)
             for n0 in range(shard[0], shard[1], nb):
                 n1 = min(n0 + nb, shard[1])
-                dx[n0:n1], cols_d, pm_d = _conv_chunk(dout[n0:n1], w_flip, 1, HH - 1 - pad,
-                                                      WW - 1 - pad, keep_columns=True)
+                cols_d, _, _ = _columns(dout[n0:n1], HH, WW, 1, HH - 1 - pad, WW - 1 - pad,
+                                        pm_d)  # (F*HH*WW, nb*H*W)
+                if need_dx:  # dx's convolution, as _conv_chunk does it
+                    dx_cols = w_flip.reshape(C, F * HH * WW) @ cols_d  # (C, nb*H*W)
+                    dx[n0:n1] = _from_columns(dx_cols, n1 - n0, H, W, pm_d)  # (nb, C, H, W)
                 dwf_t += cols_d @ _gemm_columns(x[n0:n1], pm_d).T  # (F*HH*WW, C)
             return dwf_t
         dw_t = xp.zeros((C * HH * WW, F), dtype=dout.dtype)  # dw transposed, summed over chunks
