@@ -25,7 +25,8 @@
 # Memory falls as 1/P; the bytes per step do not depend on N at all (the
 # rows of W never move, only features and their gradients). The work of the
 # step is three GEMMs of $2 B N D$ floating-point operations each (logits,
-# $dW$, $dZ$) and $2 B N$ exponentials.
+# $dW$, $dZ$) and $B N$ exponentials: the buffer keeps each block's
+# $e^{l - m_k}$ ($m_k$ its row maxima), so backward's softmax is a multiply.
 
 # %%
 import os
@@ -133,12 +134,13 @@ for op, c in comm.counters.items():
 # %% [markdown]
 # The measured peak is the formula plus a few percent: the temporaries of
 # one block of 4096 classes per thread, the features, and NumPy itself.
-# The time is that of the three GEMMs and the $2BN$ exponentials, plus the
+# The time is that of the three GEMMs and the $BN$ exponentials, plus the
 # page faults of the first write into the 1.3 GB logits buffer (later steps
 # reuse it). The README's benchmark (`benchmarks/bench_classifier.py`, the
-# fastest of several steady-state steps) measured 3.0 s on the project's
-# 2-core machine; a busy or slower machine takes longer. On P ranks each
-# rank does 1/P of the GEMMs and the exponentials.
+# fastest of several steady-state steps, with an SGD update) measured 6.3 s
+# on the project's 2-core machine (2026-12-02; 3.0 s on an earlier, faster
+# host of the same class); a busy or slower machine takes longer. On P
+# ranks each rank does 1/P of the GEMMs and the exponentials.
 #
 # PyTorch's dense `F.cross_entropy(F.normalize(z) @ F.normalize(W).T / tau, y)`
 # holds the logits, their log-softmax and its gradient (each B x N) and a
