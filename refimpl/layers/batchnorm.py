@@ -54,11 +54,6 @@ def _channel_chunks(x):
     return even_slices(C, min(num_workers(x), C) if x.size >= THREAD_MIN_ELEMENTS else 1)
 
 
-def _per_chunk(fn, chunks):
-    """fn(c) for each channel slice c, on refimpl's threads; results in order."""
-    return parallel_map(fn, chunks) if len(chunks) > 1 else [fn(chunks[0])]
-
-
 # How the passes are laid out. Channels c of an (N, C, H, W) array are an
 # (N, c*H*W) view, ``_rows``: each image's c channels are one contiguous run.
 # Every elementwise pass works on that view with its per-channel constants
@@ -169,7 +164,7 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, train=True,
             xp.subtract(_rows(x, c), _per_pixel(m, slice(None), pixels), out=_rows(xc, c))
             return m, _channel_dot(_rows(xc, c), _rows(xc, c), pixels) / count  # biased var
 
-        parts = _per_chunk(centre, chunks)
+        parts = parallel_map(centre, chunks)
         mean = xp.concatenate([m for m, _ in parts])         # (C,)
         var = xp.concatenate([v for _, v in parts])          # (C,)
         centred = True
@@ -188,7 +183,7 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, train=True,
             d = _rows(x, c) - _per_pixel(shift, c, pixels)   # (N, c*H*W)
             return _channel_sum(d, pixels), _channel_dot(d, d, pixels)
 
-        parts = _per_chunk(sums, chunks)
+        parts = parallel_map(sums, chunks)
         stats = xp.concatenate([p[0] for p in parts] + [p[1] for p in parts] +
                                [xp.full((1,), local_count, dtype=x.dtype)])  # (2C + 1,)
         total = allreduce(stats)
@@ -243,7 +238,7 @@ def _normalize(x, xc, out, mean, inv_std, gamma, beta, chunks, pixels, centred=F
         xp.multiply(_rows(xc, c), _per_pixel(k, c, pixels), out=_rows(out, c))
         _rows(out, c)[...] += _per_pixel(b, c, pixels)
 
-    _per_chunk(normalize, chunks)
+    parallel_map(normalize, chunks)
 
 
 def batchnorm_backward(dout, cache):
@@ -265,16 +260,16 @@ def batchnorm_backward(dout, cache):
     dout = xp.ascontiguousarray(dout)
 
     chunks = _channel_chunks(dout)
-    parts = _per_chunk(lambda c: (_channel_sum(_rows(dout, c), pixels),
-                                  _channel_dot(_rows(dout, c), _rows(xc, c), pixels)), chunks)
+    parts = parallel_map(lambda c: (_channel_sum(_rows(dout, c), pixels),
+                                    _channel_dot(_rows(dout, c), _rows(xc, c), pixels)), chunks)
     dbeta = xp.concatenate([p[0] for p in parts])            # (C,)
     # sum(dout * xhat) = sum(dout * (x - mean)) / sqrt(var + eps)
     dgamma = xp.concatenate([p[1] for p in parts]) * inv_std  # (C,)
     scale = gamma.astype(dout.dtype, copy=False) * inv_std   # (C,) gamma / sqrt(var + eps)
     dx = xp.empty(dout.shape, dtype=dout.dtype)
     if not cache["train"]:
-        _per_chunk(lambda c: xp.multiply(_rows(dout, c), _per_pixel(scale, c, pixels),
-                                         out=_rows(dx, c)), chunks)
+        parallel_map(lambda c: xp.multiply(_rows(dout, c), _per_pixel(scale, c, pixels),
+                                           out=_rows(dx, c)), chunks)
         return dx, dgamma, dbeta
 
     allreduce = cache["allreduce"]
@@ -303,5 +298,5 @@ def batchnorm_backward(dout, cache):
         d -= _per_pixel(s1, c, pixels)                       #      - S1/m
         d *= _per_pixel(scale, c, pixels)
 
-    _per_chunk(input_gradient, chunks)
+    parallel_map(input_gradient, chunks)
     return dx, dgamma, dbeta

@@ -58,7 +58,7 @@ against them.
 import numpy as np
 
 from refimpl.backend import get_array_module
-from refimpl.threads import num_workers, parallel_map
+from refimpl.threads import num_workers, parallel_map, parallel_sum
 from refimpl.layers.window import output_size
 from refimpl.layers.winograd import winograd_conv_into, winograd_weights
 
@@ -222,8 +222,14 @@ def _conv_chunk(x, w, stride, ph, pw):
     F, C, HH, WW = w.shape
     pm = _pixel_major((H + 2 * ph - HH) // stride + 1, (W + 2 * pw - WW) // stride + 1, HH, WW)
     cols, Ho, Wo = _columns(x, HH, WW, stride, ph, pw, pm)  # (C*HH*WW, N*H'*W')
-    out = w.reshape(F, C * HH * WW) @ cols  # (F, N*H'*W')
-    return _from_columns(out, N, Ho, Wo, pm)  # (N, F, H', W') view
+    return _gemm_conv(w, cols, N, Ho, Wo, pm)
+
+
+def _gemm_conv(w, cols, N, Ho, Wo, pixel_major):
+    """The convolution's GEMM on ready columns: w (F, C, HH, WW) @ cols -> an
+    (N, F, H', W') view."""
+    F = w.shape[0]
+    return _from_columns(w.reshape(F, -1) @ cols, N, Ho, Wo, pixel_major)  # (F, N*H'*W')
 
 
 def _images_per_chunk(N, C, HH, WW, Ho, Wo, itemsize):
@@ -332,9 +338,10 @@ def conv2d_backward(dout, cache, need_dx=True):
     # columns' order: one copy of x instead of a second im2col (of x). The
     # same products as dw's own im2col, summed over input instead of output
     # pixels. Used with need_dx=False too (cols_d without dx's GEMM, no larger
-    # than x's columns as F <= C), so that skipping dx changes no bit of dw. Measured alternating in one process, ResNet-18 CIFAR step,
-    # float32: width 16 / batch 128 0.865 -> 0.818 s (2 threads), 1.379 ->
-    # 1.309 s (1 thread); width 64 / batch 64 3.86 -> 3.75 s.
+    # than x's columns as F <= C), so that skipping dx changes no bit of dw.
+    # Measured alternating in one process, ResNet-18 CIFAR step, float32:
+    # width 16 / batch 128 0.865 -> 0.818 s (2 threads), 1.379 -> 1.309 s
+    # (1 thread); width 64 / batch 64 3.86 -> 3.75 s.
     shared = dx_as_conv and U_flip is None and DW_FROM_DX_COLUMNS
     pm_d = _pixel_major(H, W, HH, WW)  # the column layout of dx's convolution (H x W outputs)
 
@@ -347,9 +354,8 @@ def conv2d_backward(dout, cache, need_dx=True):
                 n1 = min(n0 + nb, shard[1])
                 cols_d, _, _ = _columns(dout[n0:n1], HH, WW, 1, HH - 1 - pad, WW - 1 - pad,
                                         pm_d)  # (F*HH*WW, nb*H*W)
-                if need_dx:  # dx's convolution, as _conv_chunk does it
-                    dx_cols = w_flip.reshape(C, F * HH * WW) @ cols_d  # (C, nb*H*W)
-                    dx[n0:n1] = _from_columns(dx_cols, n1 - n0, H, W, pm_d)  # (nb, C, H, W)
+                if need_dx:  # dx's convolution on those columns
+                    dx[n0:n1] = _gemm_conv(w_flip, cols_d, n1 - n0, H, W, pm_d)  # (nb, C, H, W)
                 dwf_t += cols_d @ _gemm_columns(x[n0:n1], pm_d).T  # (F*HH*WW, C)
             return dwf_t
         dw_t = xp.zeros((C * HH * WW, F), dtype=dout.dtype)  # dw transposed, summed over chunks
@@ -377,10 +383,7 @@ def conv2d_backward(dout, cache, need_dx=True):
 
     # one partial dw per shard, added in shard order (not in the order the
     # threads finish): the same bits on every run for a given thread count
-    dw_parts = parallel_map(backward_shard, shards)
-    dw_t = dw_parts[0]
-    for part in dw_parts[1:]:
-        dw_t += part  # (C*HH*WW, F), or (F*HH*WW, C) flipped
+    dw_t = parallel_sum(backward_shard, shards)  # (C*HH*WW, F), or (F*HH*WW, C) flipped
     if shared:
         dw = dw_t.reshape(F, HH, WW, C)[:, ::-1, ::-1, :].transpose(0, 3, 1, 2)
         return dx, xp.ascontiguousarray(dw)  # (F, C, HH, WW)

@@ -159,6 +159,12 @@ def _backward_block(E, g, targets, Zt, w, dw, a, c):
     return dL @ what                                                 # (B, D) partial dZ_hat * tau
 
 
+def _block_entries(t_cols, a, c):
+    """The slice of the target entries (sorted by class) whose class is in [a, c)."""
+    i, j = np.searchsorted(t_cols, [a, c])
+    return slice(int(i), int(j))
+
+
 def _reuse_buffers(xp):
     return REUSE_BUFFERS and xp is np
 
@@ -305,8 +311,8 @@ def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, targets=No
 
     def inspect(L, a, c):
         """The block's target logits (in t_cols order) and top-k candidates."""
-        i, j = np.searchsorted(t_cols, [a, c])
-        t = L[xp.asarray(t_rows[i:j]), xp.asarray(t_cols[i:j] - a)]
+        e = _block_entries(t_cols, a, c)
+        t = L[xp.asarray(t_rows[e]), xp.asarray(t_cols[e] - a)]
         return t, (topk_candidates(L, lo + a, guess, slack, kmax) if want_acc else None)
 
     # 3: this rank's classes, one block at a time: E = exp(l - m_k) (B, N_r).
@@ -317,9 +323,7 @@ def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, targets=No
     parts = parallel_map(lambda ab: forward_block(Zt, w, E, *ab, inspect),
                          row_blocks(hi - lo, block))
     m_blocks = xp.stack([m for m, _, _ in parts])                    # (n_blocks, B)
-    m_loc = m_blocks[0]
-    for m in m_blocks[1:]:
-        m_loc = xp.maximum(m_loc, m)
+    m_loc = m_blocks.max(axis=0)                                     # (B,) this shard's max
     s_loc = sum(s * xp.exp(m - m_loc) for m, s, _ in parts)          # (B,), in block order
     t_logits = xp.concatenate([t for _, _, (t, _) in parts])         # (entries,) t_cols order
 
@@ -404,9 +408,9 @@ def cosine_softmax_backward(dout, cache, dw_out=None):
 
     def block_gradients(k_ab):
         k, (a, c) = k_ab
-        i, j = np.searchsorted(t_cols, [a, c])                       # targets in this block
-        targets = (xp.asarray(t_rows[i:j]), xp.asarray(t_cols[i:j] - a),
-                   xp.asarray(-t_wts[i:j] * scale, dtype=E.dtype))   # - dout y / B
+        e = _block_entries(t_cols, a, c)                             # targets in this block
+        targets = (xp.asarray(t_rows[e]), xp.asarray(t_cols[e] - a),
+                   xp.asarray(-t_wts[e] * scale, dtype=E.dtype))     # - dout y / B
         return backward_block(E, g[k], targets, Zt, w, dw, a, c)
 
     # Each block's (B, D) part is added as soon as it and those before it are

@@ -102,9 +102,7 @@ def topk_accuracy(parts, l_label, labels, topk, comm):
     """
     xp = get_array_module(l_label)
     kmax = max(int(k) for k in topk)
-    above = parts[0][0]
-    for a, _ in parts[1:]:
-        above = above + a                                            # (B,) sure winners
+    above = sum(a for a, _ in parts)                                 # (B,) sure winners
     rows, classes, values = (xp.concatenate([c[i] for _, c in parts]) for i in range(3))
     rows, classes, values = _first_per_row(rows, classes, values, kmax)
     lab = xp.asarray(labels)
