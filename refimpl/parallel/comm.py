@@ -454,9 +454,3 @@ def abort_on_error(comm, stream=None, passthrough=()):
         stream.flush()
         comm.abort(1)
         raise
-        stream = sys.stderr if stream is None else stream
-        stream.write(f"refimpl: rank {comm.rank}/{comm.size} failed:\n"
-                     + "".join(traceback.format_exception(type(e), e, e.__traceback__)))
-        stream.flush()
-        comm.abort(1)
-        raise
