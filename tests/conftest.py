@@ -29,7 +29,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def threads():
-    """threads.set_num_threads, put back to 1 after the test whatever happens."""
+    """threads.set_num_threads, put back after the test whatever happens (to
+    REFIMPL_NUM_THREADS, as at import: tests/kernel_matrix.py runs the suite at 1, 2, 4)."""
     from refimpl import threads as refimpl_threads
     yield refimpl_threads.set_num_threads
-    refimpl_threads.set_num_threads(1)
+    refimpl_threads.set_num_threads(refimpl_threads._threads_from_env())

@@ -3,9 +3,10 @@
     proc, seconds = run_ranks(P, script, *args)       # the CompletedProcess and its time
     data = rank_results(P, script, out_json, *args)   # what rank 0 wrote, checked
 
-P ranks share this 2-core machine, so every rank gets one refimpl thread and
-one BLAS thread (ENV): P ranks with one BLAS thread per core each would
-oversubscribe it. A rank program writes every rank's results to one JSON
+P ranks share this 2-core machine, so every rank gets one refimpl thread
+(unless REFIMPL_NUM_THREADS says otherwise: tests/kernel_matrix.py runs the
+ranks at 1, 2 and 4) and one BLAS thread (ENV): P ranks with one BLAS thread
+per core each would oversubscribe it. A rank program writes every rank's results to one JSON
 file from rank 0: ``{"size": P, "ranks": [...]}``.
 """
 import json
@@ -17,7 +18,8 @@ from pathlib import Path
 from refimpl.parallel.launch import mpirun_command
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, REFIMPL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+ENV = dict(os.environ, REFIMPL_NUM_THREADS=os.environ.get("REFIMPL_NUM_THREADS", "1"),
+           OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
 
 
 def run_ranks(P, script, *args, timeout=300):

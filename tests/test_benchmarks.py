@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import best_call, sgemm_rate  # noqa: E402
+from tolerances import LAYER64  # noqa: E402
 
 
 @pytest.mark.torch
@@ -35,9 +36,10 @@ def test_blocked_pytorch_classifier_equals_dense_autograd(block):
     with torch.no_grad():
         bloss, dW = blocked_cosine_softmax(z, y, W.detach(), block)
     loss = float(loss.detach())
-    assert abs(float(bloss) - loss) <= 1e-12 * abs(loss)
+    # the same sums over N = 100 classes in blocks: sum_bound(100, cond=10) = 2.2e-13
+    assert abs(float(bloss) - loss) <= LAYER64 * abs(loss)
     err = float((dW - W.grad).abs().max() / W.grad.abs().max())
-    assert err <= 1e-12, f"dW relative error {err:.1e}"
+    assert err <= LAYER64, f"dW relative error {err:.1e}"
 
 
 def test_sgemm_rate_and_best_call():

@@ -9,6 +9,7 @@ from refimpl.data.synthetic import SyntheticDataset
 from refimpl.evaluate.features import extract_features
 from refimpl.models import build_model
 from refimpl.parallel import SelfComm
+from tolerances import LAYER64
 
 N, SIZE = 23, 16
 
@@ -45,7 +46,8 @@ def test_extraction_equals_one_eval_batch(setup, batch_size):
     for kind in ("pooled", "head"):
         assert got[kind].dtype == np.float64
         err = np.max(np.abs(got[kind] - want[kind])) / np.max(np.abs(want[kind]))
-        assert err <= 1e-12, f"{kind} batch {batch_size}: {err:.2e}"
+        # eval mode: each image alone, through GEMMs blocked for another batch size
+        assert err <= LAYER64, f"{kind} batch {batch_size}: {err:.2e}"
     # eval mode: running statistics and counters exactly as they were
     after = net.store.snapshot_buffers()
     np.testing.assert_array_equal(after[0], before[0])
@@ -61,7 +63,7 @@ def test_eval_mode_is_not_batch_statistics(setup):
     snap = net.store.snapshot_buffers()
     train_mode = net.features(x, train=True)
     net.store.restore_buffers(snap)
-    assert np.max(np.abs(train_mode - want["pooled"])) > 1e-3
+    assert np.max(np.abs(train_mode - want["pooled"])) > 1e-3  # O(1) apart, not rounding
 
 
 def test_which_image_size_and_progress(setup):
@@ -70,12 +72,12 @@ def test_which_image_size_and_progress(setup):
     got = extract_features(net, data, SelfComm(), batch_size=10, which="head",
                            progress=lambda done, total: calls.append((done, total)))
     assert list(got) == ["head"] and calls == [(10, N), (20, N), (23, N)]
-    np.testing.assert_allclose(got["head"], want["head"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got["head"], want["head"], rtol=0, atol=LAYER64)  # O(1) features
     # another input size: the same as transforming to that size by hand
     small = extract_features(net, data, SelfComm(), image_size=8, which=("pooled",))
     x8 = eval_transform(data.read(np.arange(N)), 8, dtype=np.float64)
     np.testing.assert_allclose(small["pooled"], net.features(x8, train=False), rtol=0,
-                               atol=1e-12)
+                               atol=LAYER64)
 
 
 def test_float32_network_gives_float32_features():

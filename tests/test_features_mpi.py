@@ -6,6 +6,7 @@ of 5 and 6 over 4 ranks) and N = 3 (with 4 ranks, one share is empty).
 """
 import pytest
 from mpi_run import ROOT, rank_results
+from tolerances import LAYER64
 
 pytestmark = pytest.mark.mpi
 
@@ -27,8 +28,10 @@ def test_every_rank_gets_the_one_process_features(result, case, n):
         c = rank[case]
         for kind, width in (("pooled", F), ("head", DIM)):
             assert c[kind]["shape"] == [n, width] and c[kind]["dtype"] == "float64"
-            assert c[kind]["err"] <= 1e-12, f"rank {rank['rank']} {case} {kind}: {c[kind]['err']}"
-            assert c[kind]["rolled_err"] > 1e-3  # the comparison sees a row out of place
+            # eval mode: each image alone, in other batches on each rank
+            assert c[kind]["err"] <= LAYER64, f"rank {rank['rank']} {case} {kind}: {c[kind]['err']}"
+            # the comparison sees a row out of place: another image, O(1) apart
+            assert c[kind]["rolled_err"] > 1e-3
         assert c["buffers_unchanged"]
 
 

@@ -8,8 +8,8 @@ on NumPy arrays and once on CuPy copies of the same arrays
 (max |gpu - cpu| / max |cpu|, per tensor):
 
     float64: within 1e-10 (parity: the same equations, only the summation
-             order of the BLAS/reductions differs)
-    float32: within 1e-4
+             order of the BLAS/reductions differs; tolerances.INDEPENDENT64)
+    float32: within 1e-4 (tolerances.INDEPENDENT32)
 
 Outputs and every gradient are compared, and each result must keep the
 dtype it was given and stay on its device. The CPU side names
@@ -35,10 +35,12 @@ from refimpl.layers.pool import (global_avgpool_backward, global_avgpool_forward
 from refimpl.layers.relu import relu_backward, relu_forward
 from refimpl.models import build_model
 from refimpl.optim.sgd import SGD
+from tolerances import INDEPENDENT32, INDEPENDENT64, LAYER64
 
 pytestmark = pytest.mark.gpu
 
-TOL = {np.float64: 1e-10, np.float32: 1e-4}
+# another device's kernels and reduction orders: two independent implementations
+TOL = {np.float64: INDEPENDENT64, np.float32: INDEPENDENT32}
 DTYPES = pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 
 
@@ -285,8 +287,9 @@ def test_resnet18_two_sgd_steps(dtype):
         if truth_value is None:
             check_tensor(label, ours, cpu_value, TOL[dtype])
         else:
+            # as close to float64 as the CPU's float32 (x 4), or within INDEPENDENT32
             check_tensor(label + " vs float64", ours, truth_value,
-                         4 * scaled_error(cpu_value, truth_value) + 1e-4)
+                         4 * scaled_error(cpu_value, truth_value) + INDEPENDENT32)
 
     for store, device in ((cpu.store, "cpu"), (gpu.store, "gpu")):
         for arr in (store.data, store.grad, store.buffer_data):
@@ -342,7 +345,7 @@ def test_cosine_softmax_classifier(alpha, dtype):
         res[device] = (loss, dz, dw, acc)
     for name, i in (("loss", 0), ("dz", 1), ("dW", 2)):
         check_tensor(name, res["gpu"][i], res["cpu"][i], TOL[dtype])
-    assert res["gpu"][3] == res["cpu"][3]
+    assert res["gpu"][3] == res["cpu"][3]  # exact: the closest rival logit is 0.4 away
 
 
 def test_sgd_flat_buffer_matches_cpu():
@@ -356,5 +359,6 @@ def test_sgd_flat_buffer_matches_cpu():
         opt.step()
         opt.step(lr=0.05)
         out[device] = (p, opt.momentum_buffer)
-    check_tensor("params", out["gpu"][0], out["cpu"][0], 1e-12)
-    check_tensor("momentum", out["gpu"][1], out["cpu"][1], 1e-12)
+    # 2 elementwise steps of <= 6 roundings (the GPU may fuse them into FMAs): 2 gamma_12
+    check_tensor("params", out["gpu"][0], out["cpu"][0], LAYER64)
+    check_tensor("momentum", out["gpu"][1], out["cpu"][1], LAYER64)

@@ -1,9 +1,9 @@
 """Traces across world sizes, under real mpirun: a P-rank trace replays on P ranks and on 1.
 
 - refimpl-train --trace on 2 ranks (local BatchNorm): ``refimpl-oracle replay
-  --ranks 2`` reproduces every tensor bit for bit, ``mpirun -n 2
-  refimpl-oracle replay`` is the same command, and one process (BatchNorm in
-  2 groups) agrees to 1e-10;
+  --ranks 2`` reproduces every tensor bit for bit (the same machine, P, kernel and
+  threads), ``mpirun -n 2 refimpl-oracle replay`` is the same command, and one
+  process (BatchNorm in 2 groups) agrees to 1e-10;
 - a 3-rank trace with uneven shards (N = 37: 12, 12, 13 rows), sync
   BatchNorm and the classifier as touched rows + per-shard checksums
   (tests/oracle_worker.py) replays in one process.
@@ -18,6 +18,7 @@ from refimpl.oracle import Trace, compare_traces, format_trace_report, replay
 from refimpl.oracle.compare import worst_row
 
 from mpi_run import ENV, ROOT, run_ranks
+from tolerances import LAYER64, STEPS64
 
 pytestmark = pytest.mark.mpi
 TINY = ["train=synthetic:n=48,size=8,classes=4,seed=0", "width=1", "head_hidden=8", "dim=16",
@@ -46,10 +47,13 @@ def test_refimpl_train_trace_on_2_ranks(tmp_path):
         rep.stdout[-3000:] + rep.stderr[-3000:]
     # one process: local BatchNorm as 2 groups
     replay(trace, tmp_path / "ours1")
-    result = compare_traces(tmp_path / "ours1", trace)
+    # 2 steps, P = 2 against 1 process: STEPS64 relative, LAYER64 for tensors that are 0
+    # up to rounding (refimpl's defaults, 1e-10 and 1e-12, are 80x above the error here)
+    result = compare_traces(tmp_path / "ours1", trace, STEPS64, LAYER64)
     assert result["ok"], format_trace_report(result, True)
     rows = [r for _, rs in result["sections"] for r in rs]
-    assert worst_row(rows, result["rtol"], result["atol"])["rel"] < 1e-12
+    # 2 steps of P = 2 against 1 process: STEPS64 (measured up to 1.5e-12)
+    assert worst_row(rows, result["rtol"], result["atol"])["rel"] < STEPS64
 
 
 def test_uneven_shards_rows_and_checksums_on_3_ranks(tmp_path):
@@ -66,11 +70,12 @@ def test_uneven_shards_rows_and_checksums_on_3_ranks(tmp_path):
     checks = st["checksum/classifier.weight"]
     assert checks.shape == (3, 2) and np.all(checks[:, 1] > 0)
     replay(trace, tmp_path / "ours")                  # 1 process, sync BN: the global batch
-    result = compare_traces(tmp_path / "ours", trace)
+    result = compare_traces(tmp_path / "ours", trace)  # defaults: 100x above the error here
     assert result["ok"], format_trace_report(result, True)
     ours = Trace(tmp_path / "ours").step(1)
+    # sums of a shard's 192 entries of W after 2 steps, 1 process vs 3 (measured 7e-15)
     np.testing.assert_allclose(ours["checksum/classifier.weight"],
-                               t.step(1)["checksum/classifier.weight"], rtol=1e-12)
+                               t.step(1)["checksum/classifier.weight"], rtol=LAYER64)
 
 
 def test_float32_trace_replayed_under_mpirun_uses_the_noise_floor(tmp_path):

@@ -19,6 +19,7 @@ from refimpl.oracle import (Trace, TraceError, format_trace_report, load_encoder
 from refimpl.oracle.compare import worst_row  # noqa: E402
 from refimpl.oracle.torch_resnet import TorchNetwork  # noqa: E402
 from refimpl.oracle.torch_writer import TraceWriter  # noqa: E402
+from tolerances import INDEPENDENT64, NETWORK32  # noqa: E402
 
 pytestmark = pytest.mark.torch
 N, D, B, K, TAU, ALPHA = 16, 16, 8, 3, 0.15, 0.2
@@ -115,15 +116,17 @@ def test_writer_reads_the_optimizer_and_replay_agrees(tmp_path, groups, mask):
     result = replay_and_compare(trace)
     assert result["ok"], format_trace_report(result, True)
     rows = [r for _, rs in result["sections"] for r in rs]
-    assert worst_row(rows, result["rtol"], result["atol"])["rel"] < 1e-10
+    # teacher-forced replay: one step at a time against PyTorch (measured 4e-13)
+    assert worst_row(rows, result["rtol"], result["atol"])["rel"] < INDEPENDENT64
     assert "step 1: momentum/classifier.weight" not in result["not_compared"]
 
 
-def test_float32_torch_trace_within_1e4(tmp_path):
+def test_float32_torch_trace_within_float32_network_bound(tmp_path):
     result = replay_and_compare(torch_steps(tmp_path / "t", P=2, dtype=torch.float32))
     assert result["ok"], format_trace_report(result, True)
     rows = [r for _, rs in result["sections"] for r in rs]
-    assert worst_row(rows, result["rtol"], result["atol"])["rel"] < 1e-4
+    # u32 / u64 times the float64 test's error (4e-13): 2.2e-4 (measured 4.4e-5)
+    assert worst_row(rows, result["rtol"], result["atol"])["rel"] < NETWORK32
 
 
 @pytest.mark.parametrize("bug,P,first,words", [

@@ -8,6 +8,7 @@ global batch B = 12.
 """
 import pytest
 from mpi_run import ROOT, rank_results, run_ranks
+from tolerances import LAYER64, SHORT64, STEPS64, float32_bound
 
 pytestmark = pytest.mark.mpi
 
@@ -29,12 +30,14 @@ def result(request, tmp_path_factory):
 @pytest.mark.parametrize("case", ["float64_alpha0.0", "float64_alpha0.2",
                                   "float32_alpha0.0", "float32_alpha0.2"])
 def test_sharded_classifier_equals_dense(result, case):
-    tol = 1e-12 if case.startswith("float64") else 1e-5
+    # sums over the N = 37 classes in shards and blocks; float32 against the float64 dense
+    tol = LAYER64 if case.startswith("float64") else float32_bound(N)
     for r, rank in enumerate(result["ranks"]):
         c = rank["classifier"][case]
         for name in ("loss", "dz", "dW"):
             assert c[name] <= tol, f"rank {r} {case} {name}: {c[name]:.3e} > {tol}"
         assert c["dtypes_kept"]
+        # exact ranks: a label's closest rival logit is 0.03 away, float32 rounds by ~3e-6
         assert c["acc"] == c["ref_acc"], f"rank {r} {case}: top-k {c['acc']} vs {c['ref_acc']}"
     # The problem is built so that top-1 is neither 0 nor 1 (the check can fail).
     assert 0 < result["ranks"][0]["classifier"][case]["ref_acc"]["1"] < 1
@@ -66,9 +69,10 @@ def test_label_out_of_range_raises_on_every_rank(result):
 def test_all_gather_reduce_scatter_are_adjoint(result):
     for rank in result["ranks"]:
         a = rank["adjoint"]
-        assert a["identity"] <= 1e-12
-        assert a["all_gather_values"] == 0.0
-        assert a["reduce_scatter_values"] <= 1e-15
+        assert a["identity"] <= LAYER64  # two sums of 15 P products
+        assert a["all_gather_values"] == 0.0  # copies
+        # P <= 4 terms added in MPI's order: sum_bound(4, cond=10) = 8.9e-15
+        assert a["reduce_scatter_values"] <= SHORT64
 
 
 def test_uneven_collectives(result):
@@ -93,6 +97,8 @@ def test_hardest_neighbours_equal_dense_top_k(result):
         nb = rank["neighbours"]
         msg = nb.pop("k_too_large")
         assert msg is not None and "needs N > K" in msg
+        # exact ids: random rows' cosines near the 5th are >= 2e-4 apart (rounding 1e-15),
+        # the tie rows' cosines are exact
         assert all(nb.values()), (r, nb)
         assert len(nb) == 4
 
@@ -102,9 +108,9 @@ def test_training_step_P_ranks_equals_1_rank(result, bn):
     """3 SGD steps of encoder + head + classifier, float64, every parameter."""
     for r, rank in enumerate(result["ranks"]):
         s = rank["step"][bn]
-        assert s["worst_param_err"] <= 1e-10, \
+        assert s["worst_param_err"] <= STEPS64, \
             f"rank {r} bn={bn}: {s['worst_param']} off by {s['worst_param_err']:.3e}"
-        assert s["buffers"] <= 1e-10 and s["loss"] <= 1e-10
+        assert s["buffers"] <= STEPS64 and s["loss"] <= STEPS64
     # (Every step also ran check_replicated: unequal replicas abort the job.)
 
 
@@ -124,7 +130,7 @@ def test_negative_control_averaged_gradients_are_caught(result):
     if result["size"] == 1:
         pytest.skip("with one rank the average is the sum")
     for rank in result["ranks"]:
-        assert rank["step"]["averaged"]["worst_param_err"] > 1e-3
+        assert rank["step"]["averaged"]["worst_param_err"] > 1e-3  # O(1): far above STEPS64
 
 
 def test_rank_failure_ends_job():

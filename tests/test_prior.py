@@ -11,6 +11,7 @@ from refimpl.data.synthetic import SyntheticDataset
 from refimpl.method.prior import contrastive_prior, prior_batches, prior_summary
 from refimpl.optim.sgd import SGD
 from refimpl.parallel import CosineClassifier, SelfComm
+from tolerances import LAYER64
 
 N, D, B, SIZE = 37, 8, 12, 8
 
@@ -71,8 +72,9 @@ def test_prior_writes_W_in_place_and_equals_the_dense_reference():
 
     ref = dense_prior(tiny_net(), dataset, prior_batches(N, B, 1, seed=2), SIZE)
     assert clf.weight is weight and np.shares_memory(opt.params, clf.weight)
-    assert np.max(np.abs(opt.params.reshape(N, D) - ref)) <= 1e-12   # the optimizer sees it
-    assert np.max(np.abs(np.linalg.norm(clf.weight, axis=1) - 1)) <= 1e-12
+    # unit rows (absolute error = scaled) of a tiny net, batched two ways
+    assert np.max(np.abs(opt.params.reshape(N, D) - ref)) <= LAYER64   # the optimizer sees it
+    assert np.max(np.abs(np.linalg.norm(clf.weight, axis=1) - 1)) <= LAYER64  # (D + 3) u
     # No gradient, no parameter update; BN in train mode: running statistics moved.
     assert np.array_equal(net.store.data, params0)
     assert not np.any(net.store.grad) and np.array_equal(clf.grad, grad0)
@@ -95,9 +97,10 @@ def test_prior_equals_reference_with_grouped_bn_and_train_transform():
     ref_net = tiny_net()
     ref_net.bn.groups = 3
     ref = dense_prior(ref_net, dataset, prior_batches(N, B, 1, seed=4), SIZE, "train", 4)
-    assert np.max(np.abs(clf.weight - ref)) <= 1e-12
-    assert np.array_equal(net.store.buffer_data, ref_net.store.buffer_data)
-    # The eval transform gives other rows (the check can fail).
+    assert np.max(np.abs(clf.weight - ref)) <= LAYER64
+    assert np.array_equal(net.store.buffer_data, ref_net.store.buffer_data)  # same process
+    # The eval transform gives other rows (the check can fail): other images, an O(1)
+    # change of unit rows, far above rounding (1e-12).
     plain = dense_prior(tiny_net(), dataset, prior_batches(N, B, 1, seed=4), SIZE)
     assert np.max(np.abs(clf.weight - plain)) > 1e-3
 

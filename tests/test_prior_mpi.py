@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from mpi_run import ROOT, rank_results
 from refimpl.parallel.sharding import shard_range
+from tolerances import INDEPENDENT64
 
 pytestmark = pytest.mark.mpi
 
@@ -29,8 +30,10 @@ def test_prior_P_ranks_equals_dense_reference(result, bn):
     """The whole W and the BN running statistics, float64, every rank."""
     for r, rank in enumerate(result["ranks"]):
         c = rank[bn]
-        assert c["W"] <= 1e-10, f"rank {r} bn={bn}: W off by {c['W']:.3e}"
-        assert c["buffers"] <= 1e-10, f"rank {r} bn={bn}: BN statistics off by {c['buffers']:.3e}"
+        # P ranks against 1 process: INDEPENDENT64 (measured <= 1.3e-14)
+        assert c["W"] <= INDEPENDENT64, f"rank {r} bn={bn}: W off by {c['W']:.3e}"
+        assert c["buffers"] <= INDEPENDENT64, \
+            f"rank {r} bn={bn}: BN statistics off by {c['buffers']:.3e}"
         assert c["counts_equal"] and c["num_batches_tracked"] == T
         assert c["params_unchanged"] and c["grad_zero"]
         assert c["replicas"] is None, c["replicas"]   # equal on every rank
@@ -41,7 +44,7 @@ def test_negative_control_local_bn_is_not_plain_bn(result):
     if result["size"] == 1:
         pytest.skip("with one rank local BN is plain BN")
     for rank in result["ranks"]:
-        assert rank["local"]["W_vs_plain_bn"] > 1e-3
+        assert rank["local"]["W_vs_plain_bn"] > 1e-3  # other statistics: O(1), not rounding
 
 
 @pytest.mark.parametrize("bn", ["sync", "local"])

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from refimpl.parallel.launch import mpirun_command
+from tolerances import LAYER64
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = sorted((ROOT / "tutorials").glob("[0-9]*.py"))
@@ -62,13 +63,18 @@ def test_tutorial_runs(path):
 
 
 def rank_values(text, keys):
-    """[{key: value}] from every line 'rank r of P: ...' that names all the keys."""
+    """[{key: value}] from every report 'rank r of P: ...' that names all the keys.
+
+    A report runs from 'rank r of P:' to the end of its line or the next
+    report: mpirun, its ranks' output piped, sometimes joins one rank's line
+    to another's.
+    """
     rows = []
-    for line in text.splitlines():
-        if not re.match(r"rank \d+ of \d+: ", line) or not all(k + " " in line for k in keys):
-            continue
-        rows.append({k: float(re.search(re.escape(k) + r" ([-+0-9.eE]+)", line).group(1)
-                              .rstrip(".,")) for k in keys})
+    for m in re.finditer(r"rank \d+ of \d+: (.*?)(?=rank \d+ of \d+: |$)", text, re.M):
+        report = m.group(1)
+        if all(k + " " in report for k in keys):
+            rows.append({k: float(re.search(re.escape(k) + r" ([-+0-9.eE]+)", report).group(1)
+                                  .rstrip(".,")) for k in keys})
     return rows
 
 
@@ -87,7 +93,8 @@ def test_tutorial_under_mpirun_prints_the_one_process_numbers(name):
     assert len(many) == ranks, several.stdout[-2000:]
     for row in many:
         for k in keys:
-            assert abs(row[k] - one[0][k]) <= 1e-12 * abs(one[0][k]), \
+            # one step, P ranks vs 1, printed to 15 digits: ~1e-15 on every kernel
+            assert abs(row[k] - one[0][k]) <= LAYER64 * abs(one[0][k]), \
                 f"{name}: {k} {row[k]!r} on {ranks} ranks vs {one[0][k]!r} alone"
 
 

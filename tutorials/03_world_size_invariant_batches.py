@@ -68,7 +68,7 @@ per_rank = [augment_batch(ds.read(ids), ids, seed, epoch, out_size=32)
 four_ranks = np.concatenate(per_rank)                                        # (B, 3, 32, 32)
 print("augmented batch", one_rank.shape, one_rank.dtype,
       "| max |1 rank - 4 ranks| =", float(np.abs(one_rank - four_ranks).max()))
-assert np.array_equal(one_rank, four_ranks)
+assert np.array_equal(one_rank, four_ranks)  # each image alone, in one process: the same bits
 
 # %% [markdown]
 # A different epoch draws a different augmentation of the same image, and a
@@ -78,7 +78,7 @@ assert np.array_equal(one_rank, four_ranks)
 next_epoch = augment_batch(ds.read(batch), batch, seed, epoch + 1, out_size=32)
 changed = float(np.abs(next_epoch - one_rank).mean())
 print(f"mean |epoch {epoch} - epoch {epoch + 1}| = {changed:.3f} (normalized units)")
-assert changed > 0.05
+assert changed > 0.05  # another augmentation: O(0.1) apart, not rounding
 shutil.rmtree(tmp)  # the packed digits were only for this tutorial
 
 # %% [markdown]

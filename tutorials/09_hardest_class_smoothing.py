@@ -220,7 +220,8 @@ for j in table[i]:
 for j in near_pulled:
     assert moves["smoothed"][j] > 0                                     # ... or a pull
 assert near_pushed and near_pulled                                      # both kinds here
-assert np.abs(moves["smoothed"][others] - moves["one-hot"][others]).max() < 1e-12  # as before
+# as before: the same p_j, rounded the same way (a few roundings at most)
+assert np.abs(moves["smoothed"][others] - moves["one-hot"][others]).max() < 1e-12
 assert losses["smoothed"] > losses["one-hot"]
 say(f"neighbours still pushed: {near_pushed}, now pulled: {near_pulled}")
 

@@ -198,8 +198,12 @@ for P in (1, 2):
         print(f"P = {P} {str(dtype)[6:]:8s} one refimpl process: {verdict}, worst relative "
               f"error {measured[name][0]:.1e} ({measured[name][1]})")
         assert result["ok"]
+# float64: two independent implementations, at most 6.6e-13 on every BLAS kernel
+# (1e-10 is tests/tolerances.py's INDEPENDENT64). float32 rounds u32 / u64 = 5.4e8
+# times coarser, so the float32 runs differ from refimpl by up to ~5.4e8 x 6.6e-13 =
+# 3.6e-4 (measured 3.3e-5; tests/tolerances.py's NETWORK32)
 assert max(measured["p1_float64"][0], measured["p2_float64"][0]) < 1e-10
-assert max(measured["p1_float32"][0], measured["p2_float32"][0]) < 1e-4
+assert max(measured["p1_float32"][0], measured["p2_float32"][0]) < 1e-3
 
 # %% [markdown]
 # The command line, on 2 real ranks (it launches `mpirun -np 2` itself;
