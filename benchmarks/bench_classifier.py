@@ -1,6 +1,6 @@
 """The 1,281,167-way classifier step, refimpl's sharded softmax vs PyTorch's dense one.
 
-What is measured, per step, float32: the cosine classifier of DESIGN.md
+What is measured, per step, float32: the cosine classifier of docs/design.md
 (N = 1,281,167 ImageNet-1k instances, D = 128, global batch B = 256,
 tau = 0.15) -- forward, backward (to the features and the weight) and an
 SGD update (momentum 0.9, weight decay 1e-4) of the weight.

@@ -1,4 +1,4 @@
-"""Bytes per rank per training step: the counters against DESIGN.md's formula.
+"""Bytes per rank per training step: the counters against docs/design.md's formula.
 
 One full hybrid step (``train.step.train_step``: a tiny ResNet-18 + head, the
 sharded classifier, SGD, "local" BatchNorm) runs under mpirun for each P,
@@ -39,7 +39,7 @@ CLASSES = [64, 100_000]
 
 
 def formula(B, D, P, rank, G, Q, f=4):
-    """DESIGN.md's bytes per rank per step (module docstring)."""
+    """docs/design.md's bytes per rank per step (module docstring)."""
     b = B // P
     classifier_sent = (b * D * f + b * 8) + B * f + 2 * B * f + B * D * f
     classifier_received = (B * D * f + B * 8) + B * f + 2 * B * f + b * D * f
@@ -75,7 +75,7 @@ def worker():
             train_step(net, clf, x, y, comm, net_opt, clf_opt)      # the measured step
             rows.append({"B": B, "D": D, "N": N, "G": int(net.store.data.size),
                          "Q": int(net.store.buffer_data.size),
-                         # DESIGN.md's payload: every op but the shape check
+                         # docs/design.md's payload: every op but the shape check
                          # (9 int64 per rank before the gather of z, P > 1)
                          "sent": sum(c["sent"] for op, c in comm.counters.items()
                                      if op != "shape_check"),

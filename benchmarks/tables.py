@@ -111,7 +111,7 @@ def comm_lines(records):
     good = sum(bool(r["match"]) for r in comm)
     ps = sorted({r["P"] for r in comm})
     return [f"`bench_comm_bytes.py`: {good} of {len(comm)} configurations (P = "
-            f"{', '.join(map(str, ps))}) send exactly DESIGN.md's bytes per rank."]
+            f"{', '.join(map(str, ps))}) send exactly docs/design.md's bytes per rank."]
 
 
 def main(argv=None):

@@ -15,6 +15,6 @@ Read it in the order a training step runs (README, "Layout"):
     checkpoint  world-size-independent checkpoints (refimpl-export)
     oracle/     compare, gradcheck, traces, replay (refimpl-oracle)
 
-Nothing here uses autograd; DESIGN.md is the specification.
+Nothing here uses autograd; docs/design.md is the specification.
 """
 __version__ = "0.1.0"

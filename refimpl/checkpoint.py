@@ -1,6 +1,6 @@
 """Checkpoints: world-size-independent, atomic, verified.
 
-Contract (DESIGN.md, "Checkpoints"). A checkpoint is a directory
+Contract (docs/design.md, "Checkpoints"). A checkpoint is a directory
 
     meta.json               format version, config, epoch, step, N, D, dtype, arch,
                             world size at save time, sampler position, RNG rule,

@@ -4,8 +4,8 @@ Contract. The encoder and the head register their parameters here, by
 torchvision-style name (``layer1.0.conv1.weight``), with their initial values.
 ``finalize()`` then allocates
 
-    data   (P,)  every parameter, back to back, in registration order
-    grad   (P,)  their gradients, same layout
+    data   (G,)  every parameter, back to back, in registration order
+    grad   (G,)  their gradients, same layout
 
 and hands out views: ``params[name]`` and ``grads[name]`` are reshaped slices of
 ``data`` and ``grad``, so a layer that writes ``grads[name] += dw`` writes into
@@ -57,7 +57,7 @@ class ParamStore:
     """Parameters, gradients and buffers of one model, in flat buffers.
 
     Attributes after ``finalize()``:
-      data, grad    (P,) flat parameter / gradient buffers (dtype, device)
+      data, grad    (G,) flat parameter / gradient buffers of G parameters (dtype, device)
       params, grads dict name -> view into data / grad, shaped like the param
       buffer_data   (Q,) flat buffer of the float buffers (running statistics)
       buffers       dict name -> view into buffer_data, or a 0-d int64 NumPy
@@ -108,8 +108,8 @@ class ParamStore:
                          if k == "buffer" and self._init[n].dtype.kind == "f"]
 
         self.offsets, host = self._pack(param_names)               # name -> (start, stop)
-        self.data = asarray(host, device=self.device)              # (P,)
-        self.grad = xp.zeros_like(self.data)                       # (P,)
+        self.data = asarray(host, device=self.device)              # (G,)
+        self.grad = xp.zeros_like(self.data)                       # (G,)
         self.params = {n: self.data[a:b].reshape(self.shapes[n])
                        for n, (a, b) in self.offsets.items()}
         self.grads = {n: self.grad[a:b].reshape(self.shapes[n])
@@ -176,7 +176,7 @@ class ParamStore:
         self.grad.fill(0)
 
     def decay_mask(self, exclude=None):
-        """(P,) flat mask, 1 where weight decay applies and 0 where it does not.
+        """(G,) flat mask, 1 where weight decay applies and 0 where it does not.
 
         exclude: None (decay everything, like torch.optim.SGD given all
         parameters) or a predicate ``(name, shape) -> bool`` that is True for
@@ -216,7 +216,7 @@ class ParamStore:
 
     # ---- flat buffers by name (optimizer momentum) ------------------------
     def flat_dict(self, flat, prefix):
-        """{prefix + name: NumPy copy} of a (P,) buffer laid out like ``data``.
+        """{prefix + name: NumPy copy} of a (G,) buffer laid out like ``data``.
 
         Each entry is the parameter's slice, shaped like the parameter: how
         an optimizer's velocity (``SGD.momentum_buffer``) goes into a

@@ -11,7 +11,7 @@ OUT.json (pytest asserts on them, so a failure shows the numbers):
 
 - classifier: sharded loss, dW and dz vs the dense cosine softmax built from
   the layers (float64 and float32, one-hot and smoothed targets), top-1/top-5,
-  byte counters vs DESIGN.md's formula, labels out of range;
+  byte counters vs docs/design.md's formula, labels out of range;
 - adjoint: <all_gather(x), g> = <x, reduce_scatter(g)>, summed over ranks;
 - uneven: all_gather_v, all_to_all_v and ring_shift on uneven shards;
 - neighbours: the ring search of the hardest classes vs the dense top-K;

@@ -625,7 +625,7 @@ def test_train_step_nan_raises_before_any_update():
     np.testing.assert_array_equal(clf.weight, w0)
     for n, v in buffers0.items():
         np.testing.assert_array_equal(net.store.buffers[n], v, err_msg=n)
-    assert clf.cache is None  # the logits buffer is not kept alive by the failed step
+    assert clf.cache is None  # the exp buffer E is not kept alive by the failed step
 
 
 def test_forward_backward_returns_what_a_trace_needs():

@@ -44,7 +44,7 @@ def test_sharded_classifier_equals_dense(result, case):
 
 
 def test_bytes_per_rank_match_design_formula(result):
-    """DESIGN.md's table, fp64 here: gather B*D*8 + B*8, max B*8, sum 2*B*8, scatter B*D*8."""
+    """docs/design.md's table, fp64 here: gather B*D*8 + B*8, max B*8, sum 2*B*8, scatter B*D*8."""
     P = result["size"]
     b, f = B // P, 8  # bytes per float64
     want = {"all_gather": {"calls": 2, "sent": b * D * f + b * 8, "received": B * D * f + B * 8},

@@ -121,7 +121,7 @@ def test_dry_run_prints_memory_and_bytes(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "dry run: N = 48 instances, P = 1 ranks, B = 8" in out
-    for part in ("classifier shard: 48 rows x 8", "logits buffer B x N_r = 8 x 48",
+    for part in ("classifier shard: 48 rows x 8", "exp buffer E = exp(logits - block max), B x N_r = 8 x 48",
                  "activations of 8 images (8x8)", "neighbour table 48 x 3",
                  "all_gather z_hat, labels", "reduce_scatter dZ", "all_reduce gradients"):
         assert part in out, part

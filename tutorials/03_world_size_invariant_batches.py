@@ -5,7 +5,7 @@
 # rank takes its share, and why every random augmentation is seeded by
 # (seed, epoch, instance id) rather than by a rank's own random stream. This
 # is what lets a P-rank training run be compared with a 1-rank run number by
-# number (DESIGN.md, "World-size invariance").
+# number (docs/design.md, "World-size invariance").
 #
 # **You need** refimpl with its data extra (`make test` installs it): the
 # tutorial packs scikit-learn's bundled digits (no download) into a temporary

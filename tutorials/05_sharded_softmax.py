@@ -5,7 +5,7 @@
 # classifier whose rows are spread over P ranks, without any rank ever
 # holding all N logits: one all-reduce of the row maxima, one of the sums of
 # exponentials (and the target logit), and, in backward, one reduce-scatter
-# of the feature gradient. This is rows 2-7 of DESIGN.md's step table.
+# of the feature gradient. This is rows 2-7 of docs/design.md's step table.
 #
 # **You need** refimpl (`make test` installs it). Run
 # `python tutorials/05_sharded_softmax.py`; with MPI, also

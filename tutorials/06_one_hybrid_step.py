@@ -6,7 +6,7 @@
 # parallel on each rank's local batch, the classifier runs model parallel on
 # each rank's rows of W, and six collectives glue the two together. At each
 # one you will see the shapes that go in and come out and the bytes it moved,
-# next to DESIGN.md's formula. At the end, the step on 3 ranks gives the
+# next to docs/design.md's formula. At the end, the step on 3 ranks gives the
 # numbers of the step in 1 process.
 #
 # **You need** refimpl (`make test` installs it, with mpi4py and Open MPI).
@@ -249,7 +249,7 @@ comm.show("10-11")
 # %% [markdown]
 # ## The bytes against the formula
 #
-# Summed over the step, per collective, next to DESIGN.md's table (here
+# Summed over the step, per collective, next to docs/design.md's table (here
 # $f = 8$: the step runs in float64). The counters count what each rank hands
 # to MPI and gets back (the payload), not what the MPI algorithm puts on the
 # wire.

@@ -2,7 +2,7 @@
 # # 11 · Fit a million-way classifier on one machine: the formula, then one real step
 #
 # **You will learn** what a 1,281,167-way classifier (one class per ImageNet-1k
-# training image) costs in memory and communication, first from DESIGN.md's
+# training image) costs in memory and communication, first from docs/design.md's
 # formula (`refimpl-train --dry-run`), then by taking one real step of it,
 # forward, backward and SGD, in one process, and measuring its time and peak
 # memory against the formula.
@@ -76,7 +76,7 @@ print(f"{'P':>3s} {'W_r, dW_r, momentum':>20s} {'logits B x N_r':>15s} {'rank to
 for P in (8, 64):
     memory, moved, _ = cost(cfg, N, P, 0, 8)
     shard = next(v for k, v in memory.items() if k.startswith("classifier shard"))
-    logits = next(v for k, v in memory.items() if k.startswith("logits buffer"))
+    logits = next(v for k, v in memory.items() if k.startswith("exp buffer"))
     classifier_bytes = sum(s for k, (s, _) in moved.items()
                            if "gradients" not in k and "BN" not in k)
     print(f"{P:3d} {shard / MiB:16,.1f} MiB {logits / MiB:11,.1f} MiB "
@@ -135,7 +135,7 @@ for op, c in comm.counters.items():
 # The measured peak is the formula plus a few percent: the temporaries of
 # one block of 4096 classes per thread, the features, and NumPy itself.
 # The time is that of the three GEMMs and the $BN$ exponentials, plus the
-# page faults of the first write into the 1.3 GB logits buffer (later steps
+# page faults of the first write into the 1.3 GB exp buffer E (later steps
 # reuse it). The README's benchmark (`benchmarks/bench_classifier.py`, the
 # fastest of several steady-state steps, with an SGD update) measured 6.3 s
 # on the project's 2-core machine (2026-12-02; 3.0 s on an earlier, faster
@@ -165,5 +165,5 @@ print("the step's bytes match the formula exactly; its peak memory is the formul
 #   the classifier rows per rank are a quarter, the bytes per step the same.
 # - `python benchmarks/bench_classifier.py --ranks 1 2` runs this step on 1 and
 #   2 ranks next to PyTorch's dense one and prints the ratios.
-# - Make B = 1024: the logits buffer grows to 5 GB, now the largest item;
+# - Make B = 1024: the exp buffer E grows to 5 GB, now the largest item;
 #   P = 4 ranks bring it back to 1.25 GB each.

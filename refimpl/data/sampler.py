@@ -1,6 +1,6 @@
 """World-size-invariant batching: which instances form each global batch.
 
-DESIGN.md, "World-size invariance": the global batch of a step does not
+docs/design.md, "World-size invariance": the global batch of a step does not
 depend on the number of ranks P. So the order is decided globally, from
 (seed, epoch) alone, and every rank computes the same global batch and then
 takes its own contiguous slice of it:

@@ -1,6 +1,6 @@
 """Neighbour label agreement: do an instance's hardest-class neighbours share its label?
 
-Contract. PIC's smoothing (DESIGN.md) moves target mass from instance i to its
+Contract. PIC's smoothing (docs/design.md) moves target mass from instance i to its
 K hardest-class neighbours NK(i), the K instances whose classifier rows are
 most similar to row i. That helps only if those neighbours tend to show the
 same kind of object; with ground-truth labels (never used by training) this

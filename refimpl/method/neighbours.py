@@ -1,6 +1,6 @@
 """Hardest-class neighbours: the K classes most similar to each class, across shards.
 
-Contract (DESIGN.md). For every class i, NK(i) holds the K classes j != i
+Contract (docs/design.md). For every class i, NK(i) holds the K classes j != i
 with the largest cosine similarity <w_hat_i, w_hat_j> of the classifier's
 rows, ties to the lower global id. ``hardest_neighbours(clf, comm, k)``
 computes NK for every class from the sharded W and returns the whole table

@@ -1,6 +1,6 @@
 """The contrastive prior: the classifier's rows start as the instances' own features.
 
-Contract (DESIGN.md, "Contrastive prior"). Before the first training step,
+Contract (docs/design.md, "Contrastive prior"). Before the first training step,
 ``contrastive_prior`` makes one pass over the whole training set with the
 randomly initialized encoder and head and writes, for every instance i,
 

@@ -1,6 +1,6 @@
 """Smoothed labels of the hardest classes: the targets of the instance classifier.
 
-Contract (DESIGN.md, "Smoothed labels of the hardest classes"). For instance
+Contract (docs/design.md, "Smoothed labels of the hardest classes"). For instance
 i with neighbour set NK(i), the K classes j != i nearest to class i,
 
     y_i = (1 - alpha) e_i + (alpha / K) sum_{j in NK(i)} e_j,

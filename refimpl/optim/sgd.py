@@ -34,13 +34,13 @@ class SGD:
     """In-place SGD over one flat buffer.
 
     Arguments:
-      params, grads  (P,) arrays, same shape and dtype (views are fine, as long
+      params, grads  (G,) arrays of G parameters, same shape and dtype (views are fine, as long
                      as they are the arrays the model reads and writes)
       lr             default learning rate (``step(lr=...)`` overrides it)
       momentum       mu >= 0
       weight_decay   wd >= 0
       nesterov       Nesterov momentum (needs momentum > 0)
-      decay_mask     None (decay everything) or a (P,) 0/1 array, e.g.
+      decay_mask     None (decay everything) or a (G,) 0/1 array, e.g.
                      ``store.decay_mask(exclude=is_bn_or_bias)``
     """
 

@@ -1,6 +1,6 @@
 """Hybrid data/model parallelism by hand: communicators, the sharded classifier.
 
-In the order a training step uses them (DESIGN.md's step table):
+In the order a training step uses them (docs/design.md's step table):
 
     comm.py           SelfComm / MPIComm: all_gather next to its adjoint
                       reduce_scatter, all_reduce, bcast; byte counters; GPU

@@ -1,7 +1,7 @@
 """The N-way cosine classifier, its rows sharded over the ranks (model parallel).
 
 Contract. ``cosine_softmax_forward`` / ``cosine_softmax_backward`` compute the
-loss of DESIGN.md's step table, rows 2 to 7, for one rank's shard W_r of the
+loss of docs/design.md's step table, rows 2 to 7, for one rank's shard W_r of the
 classifier weight W (N x D):
 
     z_hat = z / ||z||,  w_hat_j = w_j / ||w_j||        (norms clamped at 1e-12)

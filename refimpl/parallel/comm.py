@@ -34,7 +34,7 @@ Byte counters. ``comm.counters[op]`` holds ``calls``, ``sent`` and
 ``received``: the bytes of the buffer this rank hands to the collective and of
 the buffer it gets back (for ``all_gather`` of a (b, D) float32 array:
 sent b*D*4, received P*b*D*4). This is the payload at the API, the quantity
-of DESIGN.md's step table; the bytes on the wire depend on MPI's algorithm
+of docs/design.md's step table; the bytes on the wire depend on MPI's algorithm
 (a ring all-reduce moves about 2 (P-1)/P times the buffer).
 
 GPU. CuPy arrays go to MPI directly when the MPI is CUDA-aware, otherwise
@@ -122,7 +122,7 @@ class _Comm:
         """Raise ValueError on every rank unless every rank brings x's shape and dtype.
 
         One Allgather of 9 int64 per rank (counted as "shape_check"; not part
-        of DESIGN.md's payload table). Without it, ranks with different local
+        of docs/design.md's payload table). Without it, ranks with different local
         batches make MPI hang or fail with a bare MPI_ERR_TRUNCATE.
         """
         if self.size == 1:

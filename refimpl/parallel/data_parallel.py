@@ -2,7 +2,7 @@
 
 Contract.
 
-- ``allreduce_gradients(grad, comm)``: step 9 of DESIGN.md's table, ONE
+- ``allreduce_gradients(grad, comm)``: step 9 of docs/design.md's table, ONE
   all-reduce (SUM) over the flat gradient buffer (``ParamStore.grad``).
 
   Gradient-scale convention (the first thing an oracle user must map): the

@@ -2,7 +2,7 @@
 
 In reading order:
 
-    step.py      forward_backward (DESIGN.md's rows 1-9), update (rows 10-11),
+    step.py      forward_backward (docs/design.md's rows 1-9), update (rows 10-11),
                  train_step: one step on this rank
     config.py    Config: every setting of a run; TOML + key=value overrides,
                  validated up front on every rank

@@ -3,7 +3,7 @@
     refimpl-train CONFIG.toml [key=value ...] [--resume DIR|auto] [--dry-run]
                   [--trace DIR --trace-steps N]     (an oracle trace: docs/oracle.md)
     python -m refimpl.train CONFIG.toml [key=value ...]
-    mpirun -n 2 refimpl-train configs/demo.toml out=runs/demo2
+    mpirun -n 2 refimpl-train refimpl/train/demo.toml out=runs/demo2
 
 The config file holds ``train.config.Config`` fields; ``key=value`` overrides
 them (``alpha=0``, ``augment.crop_scale=[0.2, 1.0]``). Every rank checks the
@@ -13,7 +13,7 @@ process; MPI is found by mpi4py when the job was started by mpirun or srun).
 
 --dry-run prints, without training, what the run costs on each rank: memory
 of the replicated parameters, the classifier shard, the activations and the
-neighbour table; bytes communicated per step by DESIGN.md's formula; and
+neighbour table; bytes communicated per step by docs/design.md's formula; and
 whether it fits the memory this machine has free.
 """
 import argparse
@@ -48,7 +48,7 @@ def build_parser():
         description="Train a ResNet as an N-way instance classifier (one class per image) "
                     "with the contrastive prior and hardest-class label smoothing; "
                     "alone or under mpirun -n P.")
-    p.add_argument("config", nargs="?", help="TOML config file (configs/demo.toml)")
+    p.add_argument("config", nargs="?", help="TOML config file (refimpl/train/demo.toml)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. epochs=5 alpha=0 out=runs/x")
     p.add_argument("--resume", metavar="DIR|auto",

@@ -15,7 +15,7 @@ both checks on the same inputs, so every rank stops with the same message;
 ``config_hash`` lets the ranks check that they all run the same config.
 
 Every field, its default and its meaning is in ``Config`` below;
-``configs/demo.toml`` is a complete example.
+``refimpl/train/demo.toml`` is a complete example.
 """
 import dataclasses
 import difflib

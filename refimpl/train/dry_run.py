@@ -2,7 +2,7 @@
 
 Contract. ``cost(cfg, N, P, rank)`` returns the memory of each part of the
 run on one rank, in bytes, and the bytes one training step moves, from
-DESIGN.md's step table (f = bytes per float, b = B / P, N_r = this rank's
+docs/design.md's step table (f = bytes per float, b = B / P, N_r = this rank's
 rows, G = replicated parameters, Q = BatchNorm buffer elements):
 
     replicated   G f (parameters) + G f (gradients) + G f (momentum) + Q f
@@ -75,7 +75,7 @@ def cost(cfg, num_instances, world_size, rank=0, image_size=32):
         "replicated parameters, gradients, momenta, BN buffers": (2 + momentum) * G * f + Q * f,
         f"classifier shard: {hi - lo} rows x {D} (weight, gradient, momentum)":
             (2 + momentum) * (hi - lo) * D * f,
-        f"logits buffer B x N_r = {B} x {hi - lo}": B * (hi - lo) * f,
+        f"exp buffer E = exp(logits - block max), B x N_r = {B} x {hi - lo}": B * (hi - lo) * f,
         f"activations of {b} images ({image_size}x{image_size})": act,
         f"neighbour table {N} x {cfg.k}": N * cfg.k * 8 if uses_table else 0,
     }
@@ -118,7 +118,7 @@ def dry_run(cfg, comm):
         for name, nbytes in memory.items():
             print(f"  {name:62s} {_mib(nbytes):>14s}")
         print(f"  {'total':62s} {_mib(total):>14s}")
-        print("bytes per step on rank 0 (DESIGN.md's step table; they do not grow with N):")
+        print("bytes per step on rank 0 (docs/design.md's step table; they do not grow with N):")
         for name, (sent, received) in moved.items():
             print(f"  {name:50s} sent {sent:>12,d}  received {received:>12,d}")
         print(f"  {'total':50s} sent {sum(s for s, _ in moved.values()):>12,d}  received "

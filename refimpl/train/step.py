@@ -1,4 +1,4 @@
-"""One hybrid data/model-parallel training step, in the order of DESIGN.md's table.
+"""One hybrid data/model-parallel training step, in the order of docs/design.md's table.
 
     forward_backward:
     1   encoder + head on the local batch -> z (b, D)           data parallel
