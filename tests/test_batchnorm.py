@@ -1,4 +1,4 @@
-"""BatchNorm: finite differences, PyTorch parity, synchronized (allreduce) mode.
+"""BatchNorm: finite differences, the readable twin, PyTorch parity, synchronized (allreduce) mode.
 
 The synchronized path is tested in one process: a batch is split into unequal
 "ranks", and each rank's allreduce returns the sum of all ranks' vectors (one
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from refimpl.oracle import check_tensor, numerical_grad
-from refimpl.layers.batchnorm import batchnorm_backward, batchnorm_forward
+from refimpl.layers.batchnorm import (batchnorm_backward, batchnorm_backward_naive,
+                                      batchnorm_forward, batchnorm_forward_naive)
 from tolerances import FD64, INDEPENDENT64, LAYER32, LAYER64, SHORT64
 
 SHAPES = [(7, 4), (3, 2, 3, 3)]
@@ -93,6 +94,66 @@ def test_gradients_match_finite_differences(shape, train):
         # The batch-statistics gradient removes the mean of dout per channel: 0 up to
         # <= 27 entries of ~10 roundings each (27 * 10 u * max|dx| ~ 1e-13).
         assert np.abs(dx.sum(axis=tuple(i for i in range(x.ndim) if i != 1))).max() < 1e-10
+
+
+# (N, C) and (N, C, H, W), N*H*W from 7 to 147 values per channel
+TWIN_SHAPES = [(7, 4), (16, 5), (3, 2, 3, 3), (4, 3, 5, 6), (3, 3, 7, 7)]
+
+
+def _fast_and_naive(x, gamma, beta, rm, rv, dout, train):
+    """{name: (fast, naive)} for out, the new running statistics, dx, dgamma, dbeta."""
+    kwargs = dict(train=train, momentum=0.3, eps=1e-4)
+    fast = batchnorm_forward(x, gamma, beta, rm, rv, **kwargs)
+    naive = batchnorm_forward_naive(x, gamma, beta, rm, rv, **kwargs)
+    names = ("out", "running_mean", "running_var", "dx", "dgamma", "dbeta")
+    results = [(f[0], f[2], f[3]) + backward(dout, f[1]) for f, backward in
+               ((fast, batchnorm_backward), (naive, batchnorm_backward_naive))]
+    return {name: pair for name, pair in zip(names, zip(*results))}
+
+
+@pytest.mark.parametrize("shape", TWIN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fast_matches_naive(shape, train):
+    """The chunked in-place passes against the docstring's equations on the
+    whole array: the per-channel sums in another order."""
+    x, gamma, beta, rm, rv = make_inputs(shape, seed=20)
+    dout = np.random.default_rng(21).standard_normal(shape)
+    for name, (fast, naive) in _fast_and_naive(x, gamma, beta, rm, rv, dout, train).items():
+        # sums of <= 147 values per channel: sum_bound(147, sqrt(147)) = 4e-13
+        check_tensor(name, fast, naive, LAYER64)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fast_matches_naive_on_non_contiguous_inputs(train):
+    r = np.random.default_rng(22)
+    # NHWC memory viewed as NCHW, and a strided (N, C) view; a reversed view as dout
+    x4 = (r.standard_normal((5, 4, 3, 3)) * 2 + 1).transpose(0, 3, 1, 2)   # (5, 3, 4, 3)
+    x2 = r.standard_normal((9, 10))[:, ::2]                                # (9, 5)
+    for x in (x4, x2):
+        assert not x.flags.c_contiguous
+        C = x.shape[1]
+        gamma, beta = r.uniform(0.5, 1.5, C), r.uniform(-1, 1, C)
+        rm, rv = r.standard_normal(C), r.uniform(0.5, 2, C)
+        dout = r.standard_normal(x.shape)[..., ::-1]
+        for name, (fast, naive) in _fast_and_naive(x, gamma, beta, rm, rv, dout, train).items():
+            check_tensor(name, fast, naive, LAYER64)  # <= 60 values per channel
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_naive_gradients_match_finite_differences(shape, train):
+    """The twin is right on its own, not only equal to the fast path."""
+    x, gamma, beta, rm, rv = make_inputs(shape, seed=23)
+    dout = np.random.default_rng(24).standard_normal(shape)
+    _, cache, _, _ = batchnorm_forward_naive(x, gamma, beta, rm, rv, train=train)
+    dx, dgamma, dbeta = batchnorm_backward_naive(dout, cache)
+
+    def f(x_=x, g_=gamma, b_=beta):
+        return batchnorm_forward_naive(x_, g_, b_, rm, rv, train=train)[0]
+
+    check_tensor("dx", dx, numerical_grad(lambda t: f(x_=t), x.copy(), dout), FD64)
+    check_tensor("dgamma", dgamma, numerical_grad(lambda t: f(g_=t), gamma.copy(), dout), FD64)
+    check_tensor("dbeta", dbeta, numerical_grad(lambda t: f(b_=t), beta.copy(), dout), FD64)
 
 
 def test_train_statistics_and_running_update():

@@ -1,10 +1,11 @@
-"""ReLU and Linear: finite differences, PyTorch parity, dtype, non-contiguous inputs."""
+"""ReLU and Linear: finite differences, ReLU's readable twin, PyTorch parity, dtype, non-contiguous inputs."""
 import numpy as np
 import pytest
 
 from refimpl.oracle import check_tensor, numerical_grad
 from refimpl.layers.linear import linear_backward, linear_forward
-from refimpl.layers.relu import relu_backward, relu_forward
+from refimpl.layers.relu import (relu_backward, relu_backward_naive, relu_forward,
+                                 relu_forward_naive)
 from tolerances import FD64, INDEPENDENT64, ROUNDINGS64, SHORT64
 
 
@@ -84,6 +85,56 @@ def test_relu_and_add_threads_give_the_same_bits(threads, n):
     for name, a, b in zip(("out", "mask", "dx", "add"), results[1], results[0]):  # elementwise
         np.testing.assert_array_equal(a, b, err_msg=f"{name} differs on {n} threads")
     np.testing.assert_array_equal(results[0][3], x + other)
+
+
+def _relu_fast_and_naive(x, dout):
+    """{name: (fast, naive)} for out and dx."""
+    out, cache = relu_forward(x)
+    out_n, cache_n = relu_forward_naive(x)
+    return {"out": (out, out_n),
+            "dx": (relu_backward(dout, cache), relu_backward_naive(dout, cache_n))}
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (2, 3, 4, 5), (3, 4, 5)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_relu_fast_matches_naive(shape):
+    """The thread-sliced passes against max(x, 0) and dout * [x > 0] on the
+    whole array, exact zeros (the kink) included."""
+    g = np.random.default_rng(10)
+    x = g.standard_normal(shape)
+    x.flat[::7] = 0.0
+    dout = g.standard_normal(shape)
+    for name, (fast, naive) in _relu_fast_and_naive(x, dout).items():
+        check_tensor(name, fast, naive, ROUNDINGS64)  # no rounding: x or 0, dout or 0
+
+
+def test_relu_fast_matches_naive_on_non_contiguous_inputs():
+    g = np.random.default_rng(11)
+    x = g.standard_normal((4, 5, 6, 2)).transpose(0, 3, 1, 2)   # NHWC viewed as NCHW
+    dout = g.standard_normal((4, 2, 5, 12))[..., ::-2]          # strided, reversed
+    assert not x.flags.c_contiguous and not dout.flags.c_contiguous
+    for name, (fast, naive) in _relu_fast_and_naive(x, dout).items():
+        check_tensor(name, fast, naive, ROUNDINGS64)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_relu_fast_matches_naive_on_threads(threads, n):
+    """Above THREAD_MIN_ELEMENTS, one run of elements per thread."""
+    from refimpl.threads import THREAD_MIN_ELEMENTS, elementwise_slices
+    threads(n)
+    g = np.random.default_rng(12)
+    x = g.standard_normal(THREAD_MIN_ELEMENTS + 7)
+    assert len(elementwise_slices(x)) == n
+    for name, (fast, naive) in _relu_fast_and_naive(x, g.standard_normal(x.shape)).items():
+        check_tensor(name, fast, naive, ROUNDINGS64)
+
+
+def test_relu_naive_gradient_matches_finite_differences():
+    x = away_from_zero((4, 3, 2, 3), seed=13)
+    dout = np.random.default_rng(14).standard_normal(x.shape)
+    dx = relu_backward_naive(dout, relu_forward_naive(x)[1])
+    check_tensor("dx", dx, numerical_grad(lambda t: relu_forward_naive(t)[0], x.copy(), dout),
+                 FD64)
 
 
 @pytest.mark.torch

@@ -30,6 +30,10 @@ Threads (``threads.set_num_threads``): every statistic is per channel, so a
 large layer is cut into one slice of channels per thread and each thread
 runs the same operations on its channels, writing into shared outputs; the
 bits are those of one thread (``_channel_chunks``).
+
+The fast path works in chunked, in-place passes; ``batchnorm_forward_naive`` /
+``batchnorm_backward_naive`` (end of file) are the same equations in plain
+NumPy over the whole array, and what the fast path is tested against.
 """
 from refimpl.backend import get_array_module
 from refimpl.threads import THREAD_MIN_ELEMENTS, even_slices, num_workers, parallel_map
@@ -122,6 +126,8 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, train=True,
       new_running_mean = (1 - momentum) * running_mean + momentum * mean
       new_running_var  = (1 - momentum) * running_var + momentum * var * m / (m - 1)
     Eval: xhat = (x - running_mean) / sqrt(running_var + eps).
+
+    Readable twin (the same equations, plain NumPy): ``batchnorm_forward_naive``.
     """
     xp = get_array_module(x)
     _check_shape(x)
@@ -253,6 +259,8 @@ def batchnorm_backward(dout, cache):
     the (global, if synced) sums of dout and dout * xhat:
       dx = gamma / sqrt(var + eps) * (dout - S1 / m - xhat * S2 / m)
     Eval mode (x-affine): dx = gamma / sqrt(running_var + eps) * dout.
+
+    Readable twin: ``batchnorm_backward_naive``.
     """
     xp = get_array_module(dout)
     xc, gamma, inv_std, pixels = cache["xc"], cache["gamma"], cache["inv_std"], cache["pixels"]
@@ -299,4 +307,60 @@ def batchnorm_backward(dout, cache):
         d *= _per_pixel(scale, c, pixels)
 
     parallel_map(input_gradient, chunks)
+    return dx, dgamma, dbeta
+
+
+# ------------------------------------------------------------ readable twins
+# The equations of batchnorm_forward / batchnorm_backward's docstrings, in
+# plain NumPy over the whole array: no channel chunks, nothing in place, no
+# synchronized mode (its statistics are those of the union of the ranks'
+# batches, which tests/test_batchnorm.py checks against one full batch).
+# tests/test_batchnorm.py tests the fast path against these.
+
+def batchnorm_forward_naive(x, gamma, beta, running_mean, running_var, train=True,
+                            momentum=0.1, eps=1e-5):
+    """Readable twin of ``batchnorm_forward`` (local statistics only).
+
+    The same arguments (no ``allreduce``) and the same returns: out, cache (for
+    ``batchnorm_backward_naive``), new_running_mean, new_running_var.
+    """
+    xp = get_array_module(x)
+    _check_shape(x)
+    C = x.shape[1]
+    axes = (0,) + tuple(range(2, x.ndim))     # every axis but the channel axis
+    per_channel = (1, C) + (1,) * (x.ndim - 2)  # (C,) -> (1, C) or (1, C, 1, 1)
+    m = x.size // C                           # values per channel: N*H*W
+    if train:
+        mean = x.mean(axis=axes)                                   # (C,)
+        var = ((x - mean.reshape(per_channel)) ** 2).mean(axis=axes)  # (C,) biased
+    else:
+        mean, var = running_mean, running_var                      # (C,)
+    std = xp.sqrt(var + eps)                                       # (C,)
+    xhat = (x - mean.reshape(per_channel)) / std.reshape(per_channel)  # like x
+    out = gamma.reshape(per_channel) * xhat + beta.reshape(per_channel)
+
+    new_mean, new_var = running_mean, running_var  # eval: returned unchanged
+    if train and running_mean is not None:
+        new_mean = (1 - momentum) * running_mean + momentum * mean
+    if train and running_var is not None:
+        # the running variance is the unbiased one (PyTorch); xhat used the biased one
+        new_var = (1 - momentum) * running_var + momentum * var * m / (m - 1)
+    cache = {"train": train, "xhat": xhat, "gamma": gamma, "std": std, "count": m}
+    return out, cache, new_mean, new_var
+
+
+def batchnorm_backward_naive(dout, cache):
+    """Readable twin of ``batchnorm_backward``: dx (like x), dgamma (C,), dbeta (C,)."""
+    xhat, gamma, std, m = cache["xhat"], cache["gamma"], cache["std"], cache["count"]
+    C = gamma.shape[0]
+    axes = (0,) + tuple(range(2, dout.ndim))
+    per_channel = (1, C) + (1,) * (dout.ndim - 2)
+    dbeta = dout.sum(axis=axes)                                    # (C,) S1
+    dgamma = (dout * xhat).sum(axis=axes)                          # (C,) S2
+    scale = (gamma / std).reshape(per_channel)                     # gamma / sqrt(var + eps)
+    if not cache["train"]:
+        return scale * dout, dgamma, dbeta                         # x-affine: no statistic moves
+    # the mean absorbs S1 / m of dout, the variance xhat * S2 / m
+    dx = scale * (dout - dbeta.reshape(per_channel) / m
+                  - xhat * dgamma.reshape(per_channel) / m)
     return dx, dgamma, dbeta

@@ -6,7 +6,8 @@ its choice of subgradient at the kink: the gradient at x == 0 is 0.
 Threads (``threads.set_num_threads``): a large array is cut into one
 contiguous run of elements per thread (``threads.elementwise_slices``); an
 elementwise result does not depend on the cut, so the bits are those of one
-thread.
+thread. ``relu_forward_naive`` / ``relu_backward_naive`` are the same two
+equations on the whole array, and what the fast path is tested against.
 """
 from refimpl.backend import get_array_module
 from refimpl.threads import elementwise_slices, parallel_map
@@ -19,6 +20,8 @@ def relu_forward(x, out=None):
              write into, x itself included (in place: the caller's block
              owns x and needs it no more).
     Outputs: out like x (same dtype); cache for relu_backward.
+
+    Readable twin: ``relu_forward_naive``.
     """
     xp = get_array_module(x)
     x = xp.ascontiguousarray(x)
@@ -44,6 +47,8 @@ def relu_backward(dout, cache):
 
     Inputs:  dout like x; cache from relu_forward.
     Outputs: dx like x (dtype of dout).
+
+    Readable twin: ``relu_backward_naive``.
     """
     xp = get_array_module(dout)
     mask = cache
@@ -53,3 +58,17 @@ def relu_backward(dout, cache):
     d1, m1, dx1 = dout.reshape(-1), mask.reshape(-1), dx.reshape(-1)
     parallel_map(lambda s: xp.multiply(d1[s], m1[s], out=dx1[s]), elementwise_slices(dout))
     return dx
+
+
+# ------------------------------------------------------------ readable twins
+
+def relu_forward_naive(x):
+    """Readable twin of ``relu_forward``: out = max(x, 0); cache = x."""
+    xp = get_array_module(x)
+    return xp.maximum(x, 0), x
+
+
+def relu_backward_naive(dout, cache):
+    """Readable twin of ``relu_backward``: dx = dout * [x > 0] (0 at the kink)."""
+    x = cache
+    return dout * (x > 0)
