@@ -1,8 +1,11 @@
-"""BasicBlock and Bottleneck backward against centered finite differences.
+"""BasicBlock and Bottleneck backward against centered finite differences;
+the BatchNorm mode's groups (``net.bn.groups``).
 
 float64, tiny shapes, random upstream gradient, non-trivial BN gammas/betas.
 Checked: dx and a few parameter gradients (first conv, a BN scale and shift,
 the downsample conv), in train mode (batch statistics) and in eval mode.
+``net.bn.groups = G`` normalizes the batch as G parts: per-rank (local)
+BatchNorm in one process.
 """
 import numpy as np
 import pytest
@@ -10,6 +13,9 @@ import pytest
 from refimpl.oracle import check_tensor, numerical_grad
 from refimpl.models.blocks import BasicBlock, Bottleneck
 from refimpl.params import ParamStore
+from refimpl.parallel import SelfComm, set_batchnorm_mode
+from parallel_problem import B, small_net
+from tolerances import LAYER64
 
 # scaled error: max|diff| / max|numerical|; h = 1e-6 central differences. These blocks'
 # F / max|g| reach 58 (tolerances.fd_bound's terms): fd_bound(f_over_g=60) = 1.3e-7.
@@ -147,3 +153,39 @@ def test_zero_init_residual_resnet(arch):
         for n, v in bn_weights.items():
             if n not in zeroed:
                 np.testing.assert_array_equal(v, 1.0, err_msg=n)
+
+
+# -------------------------------------------------------------- bn_groups
+
+def test_bn_groups_validation():
+    """bn groups must be a positive integer dividing the batch, without sync BN."""
+    net = small_net()
+    for bad in (0, 1.5, -2, "abc", float("nan"), True):
+        with pytest.raises(ValueError, match="bn groups must be a positive integer"):
+            net.bn.groups = bad
+    assert net.bn.groups == 1
+    net.bn.groups = 3
+    with pytest.raises(ValueError, match="a batch of 10 does not split into 3 equal groups"):
+        net.forward(np.zeros((10, 3, 8, 8)), train=True)
+    set_batchnorm_mode(net, SelfComm(), "sync")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        net.forward(np.zeros((12, 3, 8, 8)), train=True)
+
+
+def test_bn_groups_equal_separate_batches():
+    """bn groups = 3 = three models on the three parts (local BN on 3 ranks)."""
+    x = np.random.default_rng(8).standard_normal((B, 3, 8, 8))
+    grouped = small_net()
+    grouped.bn.groups = 3
+    z = grouped.forward(x, train=True)
+    parts = [small_net() for _ in range(3)]
+    z_ref = np.concatenate([net.forward(x[4 * g:4 * g + 4], train=True)
+                            for g, net in enumerate(parts)])
+    check_tensor("z", z, z_ref, LAYER64)
+    # The running statistics follow part 0 only (rank 0's, in a P-rank run): means over
+    # <= 256 values per channel, reduced over another array shape.
+    check_tensor("buffers", grouped.store.buffer_data, parts[0].store.buffer_data, LAYER64)
+    # part 1's statistics are other numbers (O(1) apart), not a rounding away
+    assert not np.allclose(parts[1].store.buffer_data, parts[0].store.buffer_data)
+    # Negative control: the whole batch in one group gives another z (O(1), not 1e-12).
+    assert np.abs(small_net().forward(x, train=True) - z).max() > 1e-3
