@@ -324,7 +324,7 @@ def test_identity_allreduce_equals_local(shape):
         check_tensor(name, a, b, LAYER64)
 
 
-def test_errors():
+def test_bad_shapes_are_refused_naming_the_argument():
     x, gamma, beta, rm, rv = make_inputs((4, 3), seed=16)
     with pytest.raises(ValueError, match="gamma"):
         batchnorm_forward(x, gamma[:2], beta, rm, rv)
@@ -332,12 +332,24 @@ def test_errors():
         batchnorm_forward(x, gamma, beta, rm, rv[:2])
     with pytest.raises(ValueError, match="shape"):
         batchnorm_forward(x[0], gamma, beta, rm, rv)
-    with pytest.raises(ValueError, match="more than 1 value"):
-        batchnorm_forward(x[:1], gamma, beta, rm, rv)
+
+
+def test_eval_without_running_stats_is_refused():
+    x, gamma, beta, _, _ = make_inputs((4, 3), seed=16)
     with pytest.raises(ValueError, match="running_mean"):
         batchnorm_forward(x, gamma, beta, None, None, train=False)
+
+
+def test_an_allreduce_of_the_wrong_shape_is_refused():
+    x, gamma, beta, rm, rv = make_inputs((4, 3), seed=16)
     with pytest.raises(ValueError, match="allreduce"):
         batchnorm_forward(x, gamma, beta, rm, rv, allreduce=lambda v: v[:-1])
+
+
+def test_batch_statistics_need_more_than_one_value_per_channel_in_the_group():
+    x, gamma, beta, rm, rv = make_inputs((4, 3), seed=16)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        batchnorm_forward(x[:1], gamma, beta, rm, rv)
     # One value per channel on this rank is fine when the group has more.
     out = batchnorm_forward(x[:1], gamma, beta, rm, rv, allreduce=lambda v: 3 * v)[0]
     assert np.isfinite(out).all()

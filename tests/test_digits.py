@@ -79,11 +79,14 @@ def test_deterministic_and_seeded(tmp_path, digits):
     assert not np.array_equal(te_seed1, test.manifest["source_indices"])
 
 
-def test_errors(tmp_path, capsys):
+def test_cli_refuses_an_existing_output_folder(tmp_path, capsys):
     assert main([str(tmp_path / "d"), "--size", "8"]) == 0
     assert PackedDataset(tmp_path / "d" / "train").image_size == (8, 8)
     assert main([str(tmp_path / "d")]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_bad_split_fraction_size_and_seed_are_refused():
     labels = load_digits_uint8(8)[1]
     with pytest.raises(ValueError, match=r"test_fraction must be in \(0, 1\)"):
         split_indices(labels, 1.0)

@@ -87,7 +87,7 @@ def test_float32_network_gives_float32_features():
     assert got["pooled"].dtype == np.float32 and got["head"].dtype == np.float32
 
 
-def test_errors(setup):
+def test_bad_which_and_batch_size_are_refused(setup):
     net, data, _, _ = setup
     with pytest.raises(ValueError, match="which must name"):
         extract_features(net, data, SelfComm(), which=("pooled", "logits"))

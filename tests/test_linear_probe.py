@@ -51,7 +51,7 @@ def test_deterministic_and_constant_features_allowed():
     assert linear_probe(xtr, ytr, xte, yte, max_iter=2)["converged"] is False
 
 
-def test_errors(monkeypatch):
+def test_bad_labels_shapes_and_regularization_are_refused():
     xtr, ytr, xte, yte = blobs(3, n_train=20, n_test=10)
     with pytest.raises(ValueError, match="at least 2 classes"):
         linear_probe(xtr, np.zeros(20, dtype=np.int64), xte, yte)
@@ -65,6 +65,10 @@ def test_errors(monkeypatch):
         linear_probe(xtr, ytr, xte, yte[:5])
     with pytest.raises(ValueError, match="C and tol"):
         linear_probe(xtr, ytr, xte, yte, C=0.0)
+
+
+def test_missing_scikit_learn_says_what_to_install(monkeypatch):
+    xtr, ytr, xte, yte = blobs(3, n_train=20, n_test=10)
     # without scikit-learn: an ImportError that says what to install
     monkeypatch.setitem(sys.modules, "sklearn.linear_model", None)
     with pytest.raises(ImportError, match="pip install scikit-learn"):

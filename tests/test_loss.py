@@ -112,7 +112,7 @@ def test_soft_target_in_other_dtype():
     assert softmax_cross_entropy_backward(1.0, cache).dtype == np.float32
 
 
-def test_errors():
+def test_bad_labels_logits_and_soft_targets_are_refused_naming_the_problem():
     logits, labels, soft = make_inputs(6)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 7\)"):
         softmax_cross_entropy_forward(logits, np.array([0, 1, 7, 2, 3]))
@@ -145,9 +145,17 @@ def test_errors():
         softmax_cross_entropy_forward(logits, labels > 3)
     with pytest.raises(ValueError, match="must be an array"):
         softmax_cross_entropy_forward(logits, [0, 1, 2, 3, 4])
+
+
+def test_backward_refuses_a_non_scalar_dout():
+    logits, labels, _ = make_inputs(6)
     _, cache = softmax_cross_entropy_forward(logits, labels)
     with pytest.raises(ValueError, match="scalar"):
         softmax_cross_entropy_backward(np.ones(2), cache)
+
+
+def test_soft_targets_within_float32_rounding_of_summing_to_1_are_accepted():
+    logits, _, soft = make_inputs(6)
     # Rows that sum to 1 within float32 rounding are accepted.
     softmax_cross_entropy_forward(logits.astype(np.float32),
                                   (soft * (1 + 1e-6)).astype(np.float32))

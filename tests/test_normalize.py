@@ -84,7 +84,7 @@ def test_dtype_and_no_mutation(dtype):
     np.testing.assert_array_equal(dout, dout0)
 
 
-def test_errors():
+def test_negative_eps_and_a_0d_input_are_refused():
     with pytest.raises(ValueError, match="eps"):
         l2_normalize_forward(np.ones((2, 3)), eps=-1.0)
     with pytest.raises(ValueError, match="axis"):
