@@ -1,23 +1,21 @@
 """PyTorch traces: the writer's hooks, its refusals, replay of an independent PyTorch step,
 and the planted convention bugs the oracle must name (the tutorial's, plus 1/P).
 
-The PyTorch step here is written without refimpl (dense classifier, autograd,
-refimpl's independent ``TorchNetwork`` as the model); P ranks are emulated in
-one process as DDP behaves (the batch through the network in P chunks, rank
-0's BatchNorm buffers kept).
+The PyTorch step is ``refimpl.oracle.torch_resnet.torch_training_steps``, written
+without refimpl (dense classifier, autograd, the independent ``TorchNetwork`` as
+the model; tutorial 12 runs it too); P ranks are emulated in one process as DDP
+behaves (the batch through the network in P chunks, rank 0's BatchNorm buffers
+kept).
 """
-import functools
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-F = torch.nn.functional
 
 from refimpl.oracle import (Trace, TraceError, format_trace_report, load_encoder_file,  # noqa: E402
                             replay_and_compare)
 from refimpl.oracle.compare import worst_row  # noqa: E402
-from refimpl.oracle.torch_resnet import TorchNetwork  # noqa: E402
+from refimpl.oracle.torch_resnet import TorchNetwork, torch_training_steps  # noqa: E402
 from refimpl.oracle.torch_writer import TraceWriter  # noqa: E402
 from tolerances import INDEPENDENT64, NETWORK32  # noqa: E402
 
@@ -25,78 +23,13 @@ pytestmark = pytest.mark.torch
 N, D, B, K, TAU, ALPHA = 16, 16, 8, 3, 0.15, 0.2
 
 
-def neighbours(W, k, tie_rule=True):
-    S = F.normalize(W.detach(), dim=1) @ F.normalize(W.detach(), dim=1).T
-    S.fill_diagonal_(-float("inf"))
-    if tie_rule:
-        return torch.sort(S, dim=1, descending=True, stable=True).indices[:, :k]
-    return torch.argsort(S, dim=1, stable=True).flip(1)[:, :k]   # ties to the higher id
-
-
-def unbiased_bn(bn, x):
-    dims, shape = [0] + list(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
-    mean, var = x.mean(dims), x.var(dims, unbiased=True)
-    with torch.no_grad():
-        bn.running_mean.mul_(0.9).add_(0.1 * mean)
-        bn.running_var.mul_(0.9).add_(0.1 * var)
-        bn.num_batches_tracked += 1
-    xhat = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + bn.eps)
-    return xhat * bn.weight.view(shape) + bn.bias.view(shape)
-
-
-def torch_steps(out, P=1, dtype=torch.float64, bug=None, groups="one", steps=2, seed=0):
-    """``steps`` steps of an independent PyTorch implementation, traced into ``out``."""
-    g = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    model = TorchNetwork("resnet18", "cifar", width=2, head_hidden=8, dim=D).to(dtype)
-    if bug == "unbiased_bn":
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.forward = functools.partial(unbiased_bn, m)
-    W = torch.nn.Parameter(torch.tensor(g.choice([-0.5, 0.5], size=(N, D)), dtype=dtype))
-    if groups == "one":
-        params = list(model.parameters()) + [W]
-    else:  # refimpl-train's rule: no weight decay on BatchNorm and biases
-        params = [{"params": [p for p in model.parameters() if p.dim() > 1] + [W]},
-                  {"params": [p for p in model.parameters() if p.dim() <= 1],
-                   "weight_decay": 0.0}]
-    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    writer = TraceWriter(out, model, opt, W, {"tau": TAU, "alpha": ALPHA, "K": K,
-                                              "world_size": P, "bn": "local",
-                                              "neighbours": "initial_weight"})
-    table = neighbours(W, K, tie_rule=bug != "ties")
-    b = B // P
-    for s in range(steps):
-        x = torch.tensor(g.normal(size=(B, 3, 8, 8)), dtype=dtype)
-        ids = torch.tensor(g.permutation(N)[:B])
-        rows = table[ids]
-        writer.begin_step(ids, rows)
-        zs = []
-        for r in range(P):
-            zs.append(model(x[r * b:(r + 1) * b]))
-            if r == 0:
-                rank0 = {k: v.clone() for k, v in model.named_buffers()}
-        z = torch.cat(zs)
-        if bug == "dz_times_P":
-            z.register_hook(lambda dz: dz * P)
-        if bug == "dz_over_P":
-            z.register_hook(lambda dz: dz / P)
-        logits = F.normalize(z, dim=1) @ F.normalize(W, dim=1).T / TAU
-        y = torch.zeros(B, N, dtype=dtype)
-        y[torch.arange(B), ids] = 1 - ALPHA
-        y.scatter_add_(1, rows, torch.full((B, K), ALPHA / K, dtype=dtype))
-        loss = -(y * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-        writer.log(loss=loss, logsumexp=torch.logsumexp(logits, 1))
-        opt.zero_grad()
-        loss.backward()
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                v.copy_(rank0[k])
-        for group in opt.param_groups:
-            group["lr"] = 0.1 / (s + 1)
-        opt.step()
-    writer.close()
-    return out
+def torch_steps(out, P=1, dtype=torch.float64, bug=None, groups="one", steps=2):
+    """``steps`` steps of the independent PyTorch implementation, traced into ``out``:
+    nesterov SGD, one or two weight-decay groups, loss and logsumexp logged."""
+    return torch_training_steps(out, TraceWriter, P, dtype, lrs=(0.1, 0.05)[:steps], bug=bug,
+                                num_classes=N, dim=D, batch_size=B, k=K, tau=TAU, alpha=ALPHA,
+                                nesterov=True, logged=("loss", "logsumexp"),
+                                weight_decay_mask="all" if groups == "one" else "no_bn_bias")
 
 
 @pytest.mark.parametrize("groups,mask", [("one", "all"), ("two", "no_bn_bias")])

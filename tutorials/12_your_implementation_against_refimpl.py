@@ -35,9 +35,23 @@
 # features are concatenated (the all-gather), and rank 0's BatchNorm buffers
 # are kept (DDP's `broadcast_buffers`). Three switches plant the bugs of the
 # last section.
+#
+# The code is `torch_training_steps` in `refimpl/oracle/torch_resnet.py`
+# (plain PyTorch; refimpl's own tests replay the same code): read it there
+# as the implementation you would write. The one refimpl object it touches
+# is the `TraceWriter` handed to it, which hooks the model and the
+# optimizer and says in `hparams` what they cannot show:
+#
+#     writer = TraceWriter(out, model, opt, W, {"tau": TAU, "alpha": ALPHA, "K": K,
+#                                                "world_size": P, "bn": "local",
+#                                                "neighbours": "initial_weight"})
+#     ...                                     # per step:
+#     writer.begin_step(ids, neighbours=rows)
+#     writer.log(loss=loss, z_hat=z_hat, row_max=..., logsumexp=...)
+#     opt.step()                              # writes the step's file
+#     writer.close()
 
 # %%
-import functools
 import os
 import subprocess
 import sys
@@ -46,11 +60,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from refimpl.oracle import format_trace_report, replay_and_compare
 from refimpl.oracle.compare import worst_row
-from refimpl.oracle.torch_resnet import TorchNetwork
+from refimpl.oracle.torch_resnet import torch_training_steps
 from refimpl.oracle.torch_writer import TraceWriter
 from refimpl.parallel.launch import find_mpirun
 
@@ -59,79 +72,10 @@ LRS = (0.1, 0.05)                      # two steps, a learning rate each
 torch.set_num_threads(1)
 
 
-def hardest_neighbours(W, k, tie_rule=True):
-    """NK(i): the k rows j != i most similar to row i; ties to the lower id."""
-    Wn = F.normalize(W.detach(), dim=1)
-    S = Wn @ Wn.T                                                 # (N, N) cosines
-    S.fill_diagonal_(-float("inf"))                               # j != i
-    if tie_rule:
-        return torch.sort(S, dim=1, descending=True, stable=True).indices[:, :k]
-    return torch.argsort(S, dim=1, stable=True).flip(1)[:, :k]    # BUG: ties to the higher id
-
-
-def unbiased_batchnorm(bn, x):
-    """BUG: BatchNorm that normalizes with the UNBIASED batch variance."""
-    dims, shape = [0] + list(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
-    mean, var = x.mean(dims), x.var(dims, unbiased=True)
-    with torch.no_grad():
-        bn.running_mean.mul_(1 - bn.momentum).add_(bn.momentum * mean)
-        bn.running_var.mul_(1 - bn.momentum).add_(bn.momentum * var)
-        bn.num_batches_tracked += 1
-    xhat = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + bn.eps)
-    return xhat * bn.weight.view(shape) + bn.bias.view(shape)
-
-
 def my_training(out, P=1, dtype=torch.float64, bug=None):
     """Two steps of 'your' implementation, recorded into the trace ``out``."""
-    g = np.random.default_rng(0)
-    torch.manual_seed(0)
-    model = TorchNetwork("resnet18", "cifar", width=2, head_hidden=8, dim=D).to(dtype)
-    if bug == "unbiased_bn":
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.forward = functools.partial(unbiased_batchnorm, m)
-    # Rows of +-1/2: cosines are exact multiples of 1/8, so many of them tie
-    # and the tie rule of the neighbour search decides real entries.
-    W = torch.nn.Parameter(torch.tensor(g.choice([-0.5, 0.5], size=(N, D)), dtype=dtype))
-    opt = torch.optim.SGD(list(model.parameters()) + [W], lr=LRS[0], momentum=0.9,
-                          weight_decay=5e-4)
-    # The trace: hooks on model and opt; what they cannot see is said here.
-    writer = TraceWriter(out, model, opt, classifier=W,
-                         hparams={"tau": TAU, "alpha": ALPHA, "K": K, "world_size": P,
-                                  "bn": "local", "neighbours": "initial_weight", "seed": 0})
-    table = hardest_neighbours(W, K, tie_rule=bug != "ties")     # (N, K), once per epoch
-    b = B // P
-    for lr in LRS:
-        x = torch.tensor(g.normal(size=(B, 3, 8, 8)), dtype=dtype)   # (B, 3, 8, 8)
-        ids = torch.tensor(g.permutation(N)[:B])                     # (B,) instance ids
-        rows = table[ids]                                            # (B, K)
-        writer.begin_step(ids, neighbours=rows)
-        zs = []
-        for r in range(P):                                           # rank r's local batch
-            zs.append(model(x[r * b:(r + 1) * b]))
-            if r == 0:
-                rank0 = {k: v.clone() for k, v in model.named_buffers()}
-        z = torch.cat(zs)                                            # (B, D): the all-gather
-        if bug == "dz_times_P":
-            z.register_hook(lambda dz: dz * P)  # BUG: Partial FC's x P, no DDP averaging after
-        z_hat = F.normalize(z, dim=1)
-        logits = z_hat @ F.normalize(W, dim=1).T / TAU                # (B, N)
-        y = torch.zeros(B, N, dtype=dtype)
-        y[torch.arange(B), ids] = 1 - ALPHA
-        y.scatter_add_(1, rows, torch.full((B, K), ALPHA / K, dtype=dtype))
-        loss = -(y * F.log_softmax(logits, dim=1)).sum(dim=1).mean()  # mean over global B
-        writer.log(loss=loss, z_hat=z_hat, row_max=logits.max(dim=1).values,
-                   logsumexp=torch.logsumexp(logits, dim=1))
-        opt.zero_grad()
-        loss.backward()
-        with torch.no_grad():                                         # broadcast_buffers
-            for k, v in model.named_buffers():
-                v.copy_(rank0[k])
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()                                                    # the step file is written
-    writer.close()
-    return out
+    return torch_training_steps(out, TraceWriter, P, dtype, LRS, bug, num_classes=N, dim=D,
+                                batch_size=B, k=K, tau=TAU, alpha=ALPHA)
 
 
 # %% [markdown]
