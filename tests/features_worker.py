@@ -10,7 +10,6 @@ and compares with the one-process result (``SelfComm``) that it also computes
 itself. Rank 0 writes every rank's errors, byte counters and shares to
 OUT.json; pytest asserts on them.
 """
-import json
 import sys
 
 import numpy as np
@@ -19,6 +18,7 @@ from mpi4py import MPI
 from refimpl.data.synthetic import SyntheticDataset
 from refimpl.evaluate.features import extract_features
 from refimpl.parallel import MPIComm, SelfComm, abort_on_error
+from mpi_run import write_rank_results
 from test_features import SIZE, tiny_net  # the network the 1-process tests use
 
 
@@ -48,10 +48,7 @@ def main(path):
     comm = MPIComm(MPI.COMM_WORLD)
     with abort_on_error(comm):
         mine = {"rank": comm.rank, "n23": check(comm, 23, 4), "n3": check(comm, 3, 2)}
-    ranks = comm.comm.gather(mine, root=0)  # the report only, outside refimpl
-    if comm.rank == 0:
-        with open(path, "w") as f:
-            json.dump({"size": comm.size, "ranks": ranks}, f)
+    write_rank_results(comm, mine, path)
 
 
 if __name__ == "__main__":

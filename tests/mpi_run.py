@@ -2,12 +2,13 @@
 
     proc, seconds = run_ranks(P, script, *args)       # the CompletedProcess and its time
     data = rank_results(P, script, out_json, *args)   # what rank 0 wrote, checked
+    write_rank_results(comm, result, out_json)         # in the rank program: the writing
 
 P ranks share this 2-core machine, so every rank gets one refimpl thread
 (unless REFIMPL_NUM_THREADS says otherwise: tests/kernel_matrix.py runs the
 ranks at 1, 2 and 4) and one BLAS thread (ENV): P ranks with one BLAS thread
 per core each would oversubscribe it. A rank program writes every rank's results to one JSON
-file from rank 0: ``{"size": P, "ranks": [...]}``.
+file from rank 0: ``{"size": P, "ranks": [...]}`` (``write_rank_results``).
 """
 import json
 import os
@@ -37,3 +38,14 @@ def rank_results(P, script, out, *args, timeout=300):
     data = json.loads(Path(out).read_text())
     assert data["size"] == P and len(data["ranks"]) == P
     return data
+
+
+def write_rank_results(comm, result, out):
+    """Gather every rank's ``result`` (a dict of JSON-able values) to rank 0,
+    which writes ``{"size": P, "ranks": [result of rank 0, ...]}`` to ``out``:
+    what ``rank_results`` reads. A collective: every rank of ``comm`` (an
+    MPIComm) calls it. Test plumbing, so mpi4py's pickling gather."""
+    everyone = comm.comm.gather(result, root=0)
+    if comm.rank == 0:
+        with open(out, "w") as f:
+            json.dump({"size": comm.size, "ranks": everyone}, f, indent=1, default=str)

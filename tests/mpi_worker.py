@@ -24,7 +24,6 @@ OUT.json (pytest asserts on them, so a failure shows the numbers):
 ``fail``: rank 1 raises while the others wait in a collective; the job must
 end (abort_on_error), not hang. ``exit``: rank 1 calls sys.exit(0) instead.
 """
-import json
 import sys
 
 import numpy as np
@@ -41,6 +40,8 @@ from refimpl.parallel import (CosineClassifier, MPIComm, SelfComm, abort_on_erro
                               cosine_softmax_forward, select_gpu, set_batchnorm_mode,
                               shard_range)
 from refimpl.train.step import train_step
+
+from mpi_run import write_rank_results
 
 N, D, B, TAU = 37, 8, 12, 0.15  # 37 classes over 4 ranks: shards of 9 and 10 rows
 
@@ -267,10 +268,7 @@ def main():
                       "uneven": check_uneven(comm), "neighbours": check_neighbours(comm),
                       "replicas": check_replicas(comm),
                       "step": check_step(comm)}
-        everyone = comm.comm.gather(result, root=0)  # test plumbing only (pickles)
-        if comm.rank == 0:
-            with open(sys.argv[2], "w") as f:
-                json.dump({"size": comm.size, "ranks": everyone}, f, indent=1, default=str)
+        write_rank_results(comm, result, sys.argv[2])
 
 
 if __name__ == "__main__":

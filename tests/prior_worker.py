@@ -22,7 +22,6 @@ for P = 3, 4) and B = 12 (divisible by every P in 1..4):
   (the error is expected on every rank, so the job ends normally).
 Rank 0 writes every rank's results to OUT.json; pytest asserts on them.
 """
-import json
 import sys
 
 import numpy as np
@@ -32,6 +31,8 @@ from refimpl.data.augment import augment_batch, eval_transform
 from refimpl.data.synthetic import SyntheticDataset
 from refimpl.method.prior import contrastive_prior, prior_batches
 from refimpl.models import build_model
+
+from mpi_run import write_rank_results
 
 N, D, B, SIZE, SEED = 37, 8, 12, 8, 3  # 37 rows over 4 ranks: shards of 9, 9, 9, 10
 
@@ -140,10 +141,7 @@ def main():
         result = {"sync": check_prior(comm, "sync"), "local": check_prior(comm, "local")}
         for kind in ("doubled", "missing", "both"):
             result[kind] = check_error(comm, kind)
-        everyone = comm.comm.gather(result, root=0)  # test plumbing only (pickles)
-        if comm.rank == 0:
-            with open(sys.argv[1], "w") as f:
-                json.dump({"size": comm.size, "ranks": everyone}, f, indent=1, default=str)
+        write_rank_results(comm, result, sys.argv[1])
 
 
 if __name__ == "__main__":
