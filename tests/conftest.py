@@ -1,5 +1,5 @@
 """Shared pytest setup: markers skip cleanly when their dependency is absent;
-the ``threads`` fixture."""
+the ``threads`` and ``fail_test_split`` fixtures."""
 import importlib.util
 
 import pytest
@@ -34,3 +34,20 @@ def threads():
     from refimpl import threads as refimpl_threads
     yield refimpl_threads.set_num_threads
     refimpl_threads.set_num_threads(refimpl_threads._threads_from_env())
+
+
+@pytest.fixture
+def fail_test_split(monkeypatch):
+    """A call that makes every later write of a packed split named "test" fail at
+    its end, as a full disk would (undone after the test): the data tools must
+    then leave no lone train split."""
+    def fail():
+        from refimpl.data.packed import PackedWriter
+        real = PackedWriter._finish
+
+        def finish(self):
+            if self.out_dir.name == "test":
+                raise OSError(f"{self.out_dir}: No space left on device (simulated)")
+            return real(self)
+        monkeypatch.setattr(PackedWriter, "_finish", finish)
+    return fail

@@ -196,23 +196,11 @@ def test_truncated_archive_is_one_clear_error(tmp_path, capsys, compressed):
         assert not (tmp_path / "out").exists()
 
 
-def _fail_writing_the_test_split(monkeypatch):
-    """Make every write of a split named "test" fail at its end, as a full disk would."""
-    from refimpl.data.packed import PackedWriter
-    real = PackedWriter._finish
-
-    def finish(self):
-        if self.out_dir.name == "test":
-            raise OSError(f"{self.out_dir}: No space left on device (simulated)")
-        return real(self)
-    monkeypatch.setattr(PackedWriter, "_finish", finish)
-
-
-def test_a_failing_test_split_leaves_no_lone_train(tmp_path, capsys, monkeypatch):
+def test_a_failing_test_split_leaves_no_lone_train(tmp_path, capsys, fail_test_split):
     src, _ = _fake_cifar(tmp_path)
     old = convert_cifar(src, tmp_path / "old")
     sums = [PackedDataset(p).manifest["checksums"] for p in old]
-    _fail_writing_the_test_split(monkeypatch)
+    fail_test_split()
     assert main([str(src), str(tmp_path / "out")]) == 1
     assert "No space left on device (simulated)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-batches-py", "old"]

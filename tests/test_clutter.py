@@ -90,15 +90,8 @@ def test_raw_pixel_knn_collapses_on_clutter(digits):
     assert clutter > 0.15  # still above chance (0.1): the digits are there
 
 
-def test_a_failing_test_split_leaves_no_lone_train(tmp_path, capsys, monkeypatch):
-    from refimpl.data.packed import PackedWriter
-    real = PackedWriter._finish
-
-    def finish(self):  # the test split fails at its end, as on a full disk
-        if self.out_dir.name == "test":
-            raise OSError(f"{self.out_dir}: No space left on device (simulated)")
-        return real(self)
-    monkeypatch.setattr(PackedWriter, "_finish", finish)
+def test_a_failing_test_split_leaves_no_lone_train(tmp_path, capsys, fail_test_split):
+    fail_test_split()
     assert C.main([str(tmp_path / "c"), "--size", "8", "--copies", "1"]) == 1
     assert "No space left on device (simulated)" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

@@ -111,21 +111,27 @@ def test_conv_backward_matches_finite_differences(case):
     check_tensor("dw", dw, dw_num, FD64)
 
 
-@pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_conv_fast_matches_naive(case):
-    x, w, stride, pad = _random(case, seed=2)
+def _check_fast_against_naive(x, w, stride, pad, dout_seed):
+    """out, dx and dw of the fast path against the loop twin's; returns out."""
     out, cache = conv2d_forward(x, w, stride, pad)
     out_n, cache_n = conv2d_forward_naive(x, w, stride, pad)
-    H, W = x.shape[2:]
-    HH, WW = w.shape[2:]
-    assert out.shape == (x.shape[0], w.shape[0],
-                         (H + 2 * pad - HH) // stride + 1, (W + 2 * pad - WW) // stride + 1)
     check_tensor("out", out, out_n, LAYER64)
-    dout = np.random.default_rng(3).standard_normal(out.shape)
+    dout = np.random.default_rng(dout_seed).standard_normal(out.shape)
     dx, dw = conv2d_backward(dout, cache)
     dx_n, dw_n = conv2d_backward_naive(dout, cache_n)
     check_tensor("dx", dx, dx_n, LAYER64)
     check_tensor("dw", dw, dw_n, LAYER64)
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_conv_fast_matches_naive(case):
+    x, w, stride, pad = _random(case, seed=2)
+    out = _check_fast_against_naive(x, w, stride, pad, dout_seed=3)
+    H, W = x.shape[2:]
+    HH, WW = w.shape[2:]
+    assert out.shape == (x.shape[0], w.shape[0],
+                         (H + 2 * pad - HH) // stride + 1, (W + 2 * pad - WW) // stride + 1)
 
 
 def test_conv_naive_by_definition():
@@ -219,14 +225,7 @@ def test_conv_chunked_batch_matches_naive(monkeypatch):
         x, w, stride, pad = _random(case, seed=9)
         x = np.concatenate([x, x[::-1] * 0.5 + 1.0])  # N = 4, distinct images
         assert conv._images_per_chunk(x.shape[0], *w.shape[1:], 3, 3, 8) == 1
-        out, cache = conv2d_forward(x, w, stride, pad)
-        out_n, cache_n = conv2d_forward_naive(x, w, stride, pad)
-        check_tensor("out", out, out_n, LAYER64)
-        dout = np.random.default_rng(10).standard_normal(out.shape)
-        dx, dw = conv2d_backward(dout, cache)
-        dx_n, dw_n = conv2d_backward_naive(dout, cache_n)
-        check_tensor("dx", dx, dx_n, LAYER64)
-        check_tensor("dw", dw, dw_n, LAYER64)
+        _check_fast_against_naive(x, w, stride, pad, dout_seed=10)
 
 
 

@@ -99,15 +99,8 @@ def test_bad_split_fraction_size_and_seed_are_refused():
         split_indices(labels, 0.2, -1)
 
 
-def test_a_failing_test_split_leaves_no_lone_train(tmp_path, capsys, monkeypatch):
-    from refimpl.data.packed import PackedWriter
-    real = PackedWriter._finish
-
-    def finish(self):  # the test split fails at its end, as on a full disk
-        if self.out_dir.name == "test":
-            raise OSError(f"{self.out_dir}: No space left on device (simulated)")
-        return real(self)
-    monkeypatch.setattr(PackedWriter, "_finish", finish)
+def test_a_failing_test_split_leaves_no_lone_train(tmp_path, capsys, fail_test_split):
+    fail_test_split()
     assert main([str(tmp_path / "d"), "--size", "8"]) == 1
     assert "No space left on device (simulated)" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

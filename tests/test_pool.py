@@ -106,20 +106,27 @@ def test_global_avgpool_backward_matches_finite_differences():
     np.testing.assert_array_equal(dx, dx_view)
 
 
+def _torch_maxpool(x, dout, k, s, p):
+    """PyTorch's F.max_pool2d(x, k, s, p) and its dx for the upstream gradient dout (NumPy)."""
+    import torch
+    xt = torch.tensor(x, requires_grad=True)
+    out = torch.nn.functional.max_pool2d(xt, k, s, p)
+    out.backward(torch.tensor(dout))
+    return out.detach().numpy(), xt.grad.numpy()
+
+
 @pytest.mark.torch
 @pytest.mark.parametrize("case", POOL_CASES, ids=_ids)
 def test_maxpool_matches_pytorch(case):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     x_shape, k, s, p = case
     x = np.random.default_rng(9).standard_normal(x_shape)
     out, cache = maxpool2d_forward(x, k, s, p)
     dout = np.random.default_rng(10).standard_normal(out.shape)
     dx = maxpool2d_backward(dout, cache)
-    xt = torch.tensor(x, requires_grad=True)
-    outt = torch.nn.functional.max_pool2d(xt, k, s, p)
-    outt.backward(torch.tensor(dout))
-    check_tensor("out", out, outt.detach().numpy(), INDEPENDENT64, kind="rel")
-    check_tensor("dx", dx, xt.grad.numpy(), INDEPENDENT64, kind="rel")
+    out_t, dx_t = _torch_maxpool(x, dout, k, s, p)
+    check_tensor("out", out, out_t, INDEPENDENT64, kind="rel")
+    check_tensor("dx", dx, dx_t, INDEPENDENT64, kind="rel")
 
 
 @pytest.mark.torch
@@ -127,22 +134,20 @@ def test_maxpool_matches_pytorch(case):
 def test_maxpool_tie_rule_matches_pytorch(case):
     """Many ties (values from {0, 1, 2}, and all-equal planes): the first
     maximum in row-major window order gets the gradient, as in PyTorch."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     x_shape, k, s, p = case
     x = np.random.default_rng(11).integers(0, 3, x_shape).astype(np.float64)
     x[0, 0] = 1.0  # a plane where every window is one big tie
     out, cache = maxpool2d_forward(x, k, s, p)
     dout = np.random.default_rng(12).standard_normal(out.shape)
     dx = maxpool2d_backward(dout, cache)
-    xt = torch.tensor(x, requires_grad=True)
-    outt = torch.nn.functional.max_pool2d(xt, k, s, p)
-    outt.backward(torch.tensor(dout))
-    check_tensor("out", out, outt.detach().numpy(), 0.0)  # a max picks an input: exact
+    out_t, dx_t = _torch_maxpool(x, dout, k, s, p)
+    check_tensor("out", out, out_t, 0.0)  # a max picks an input: exact
     # overlapping windows: each dx a sum of <= 9 window gradients in another order
-    check_tensor("dx", dx, xt.grad.numpy(), SHORT64)
+    check_tensor("dx", dx, dx_t, SHORT64)
     # the twin follows the same rule
     check_tensor("dx naive", maxpool2d_backward_naive(dout, maxpool2d_forward_naive(x, k, s, p)[1]),
-                 xt.grad.numpy(), SHORT64)
+                 dx_t, SHORT64)
 
 
 @pytest.mark.torch
@@ -164,7 +169,7 @@ def test_global_avgpool_matches_pytorch():
 def test_maxpool_nan_propagates_like_pytorch(case):
     """A NaN anywhere in a window wins (PyTorch: val > max || isnan(val)), and
     the window's gradient goes to its last NaN; NaN must reach the loss."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     x_shape, k, s, p = case
     x = _distinct(x_shape, 13)
     x[0, 0, 1, 1] = np.nan
@@ -172,15 +177,13 @@ def test_maxpool_nan_propagates_like_pytorch(case):
     x[-1, -1, 2, 2] = np.nan  # two NaNs side by side: the later one takes the gradient
     out, cache = maxpool2d_forward(x, k, s, p)
     dout = np.random.default_rng(14).standard_normal(out.shape)
-    xt = torch.tensor(x, requires_grad=True)
-    outt = torch.nn.functional.max_pool2d(xt, k, s, p)
-    outt.backward(torch.tensor(dout))
+    out_t, dx_t = _torch_maxpool(x, dout, k, s, p)
     assert np.isnan(out).any()
-    np.testing.assert_array_equal(out, outt.detach().numpy())  # NaN where torch has NaN
+    np.testing.assert_array_equal(out, out_t)  # NaN where torch has NaN
     # overlapping windows sum in another order: equal up to rounding
-    check_tensor("dx", maxpool2d_backward(dout, cache), xt.grad.numpy(), SHORT64)  # <= 9 terms
+    check_tensor("dx", maxpool2d_backward(dout, cache), dx_t, SHORT64)  # <= 9 terms
     check_tensor("dx naive", maxpool2d_backward_naive(dout, maxpool2d_forward_naive(x, k, s, p)[1]),
-                 xt.grad.numpy(), SHORT64)
+                 dx_t, SHORT64)
 
 
 @pytest.mark.parametrize("kwargs, match", [

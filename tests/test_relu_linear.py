@@ -1,4 +1,5 @@
-"""ReLU and Linear: finite differences, ReLU's readable twin, PyTorch parity, dtype, non-contiguous inputs."""
+"""ReLU and its readable twin, Linear: finite differences, PyTorch parity, dtype,
+non-contiguous inputs."""
 import numpy as np
 import pytest
 
