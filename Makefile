@@ -47,7 +47,8 @@ test-kernels: $(STAMP)
 	$(PY) tests/kernel_matrix.py $(KERNELS_ARGS)
 
 # The main job on the embedded default data: scikit-learn's digits, packed at
-# 16 x 16, trained on 2 MPI ranks (refimpl/train/demo.toml); about 5 minutes.
+# 16 x 16, trained on 2 MPI ranks (refimpl/train/demo.toml); a couple of
+# minutes on a 2-core machine after the install.
 # Each `make demo` starts afresh: it replaces the previous demo's runs/demo.
 demo: $(STAMP)
 	test -f $(DEMO_DATA)/train/manifest.json || $(PY) -m data_tools.digits $(DEMO_DATA) --size 16
