@@ -57,8 +57,9 @@ demo: $(STAMP)
 		refimpl/train/demo.toml
 
 # Side-by-side speed against PyTorch on this machine: JSON lines on the
-# console and in $(BENCH_OUT), then the README's tables made from them
-# (benchmarks/tables.py). Run it with nothing else on the machine.
+# console and in $(BENCH_OUT), then the tables made from them rewritten into
+# docs/benchmarks.md between its marker lines (benchmarks/tables.py; the
+# text around them is kept). Run it with nothing else on the machine.
 BENCH_OUT := runs/bench/latest.jsonl
 BENCHMARKS := bench_conv bench_resnet_step bench_augment bench_comm_bytes bench_classifier
 bench: $(STAMP)
@@ -66,7 +67,7 @@ bench: $(STAMP)
 	rm -f $(BENCH_OUT)
 	set -o pipefail; for b in $(BENCHMARKS); do \
 		$(PY) benchmarks/$$b.py | tee -a $(BENCH_OUT) || exit 1; done
-	$(PY) benchmarks/tables.py $(BENCH_OUT)
+	$(PY) benchmarks/tables.py $(BENCH_OUT) --write docs/benchmarks.md
 
 # The oldest versions that setup.py declares, tested: a second venv,
 # $(VENV_MIN), made with the oldest Python that setup.py allows, gets refimpl
