@@ -47,7 +47,8 @@ test-kernels: $(STAMP)
 	$(PY) tests/kernel_matrix.py $(KERNELS_ARGS)
 
 # The main job on the embedded default data: scikit-learn's digits, packed at
-# 16 x 16, trained on 2 MPI ranks (refimpl/train/demo.toml); about 5 minutes.
+# 16 x 16, trained on 2 MPI ranks (refimpl/train/demo.toml); a couple of
+# minutes on a 2-core machine after the install.
 # Each `make demo` starts afresh: it replaces the previous demo's runs/demo.
 demo: $(STAMP)
 	test -f $(DEMO_DATA)/train/manifest.json || $(PY) -m data_tools.digits $(DEMO_DATA) --size 16
@@ -56,8 +57,9 @@ demo: $(STAMP)
 		refimpl/train/demo.toml
 
 # Side-by-side speed against PyTorch on this machine: JSON lines on the
-# console and in $(BENCH_OUT), then the README's tables made from them
-# (benchmarks/tables.py). Run it with nothing else on the machine.
+# console and in $(BENCH_OUT), then the tables made from them rewritten into
+# docs/benchmarks.md between its marker lines (benchmarks/tables.py; the
+# text around them is kept). Run it with nothing else on the machine.
 BENCH_OUT := runs/bench/latest.jsonl
 BENCHMARKS := bench_conv bench_resnet_step bench_augment bench_comm_bytes bench_classifier
 bench: $(STAMP)
@@ -65,7 +67,7 @@ bench: $(STAMP)
 	rm -f $(BENCH_OUT)
 	set -o pipefail; for b in $(BENCHMARKS); do \
 		$(PY) benchmarks/$$b.py | tee -a $(BENCH_OUT) || exit 1; done
-	$(PY) benchmarks/tables.py $(BENCH_OUT)
+	$(PY) benchmarks/tables.py $(BENCH_OUT) --write docs/benchmarks.md
 
 # The oldest versions that setup.py declares, tested: a second venv,
 # $(VENV_MIN), made with the oldest Python that setup.py allows, gets refimpl

@@ -26,7 +26,7 @@ the mean and standard deviation over seeds.
 
     python benchmarks/bench_ablation.py [--datasets digits shapes] [--seeds 0 1 2]
         [--variants full no-prior ...] [--epochs 20] [--out runs/ablation] [--threads 1]
-    python benchmarks/bench_ablation.py --table out.jsonl ...   (the README's table)
+    python benchmarks/bench_ablation.py --table out.jsonl ...   (docs/benchmarks.md's table)
 
 These are accuracies, not speeds: a loaded machine changes the time, not the
 numbers (every run is bitwise reproducible for a fixed thread count; NumPy's
@@ -127,7 +127,7 @@ def summarize(rows):
 
 
 def markdown(rows):
-    """The README's table from the run rows: mean +- std over seeds, in %."""
+    """docs/benchmarks.md's table from the run rows: mean +- std over seeds, in %."""
     def pm(v):
         return "" if v is None else f"{100 * v[0]:.1f} ± {100 * v[1]:.1f}"
     out = ["| dataset | variant | kNN@20 epoch 1 | epoch 5 | end | kNN@200 end | head kNN@20 end "

@@ -94,7 +94,7 @@ def main():
     ap.add_argument("--configs", type=config, nargs="+", default=CONFIGS, metavar="WxB",
                     help="width x batch of each configuration (default: 16x128 64x64)")
     ap.add_argument("--scaling", action="store_true",
-                    help="the README's scaling grid: batch 32-256 at width 16, width 8-64 "
+                    help="docs/benchmarks.md's scaling grid: batch 32-256 at width 16, width 8-64 "
                          "at batch 64")
     args = ap.parse_args()
     set_threads(args.threads)

@@ -236,8 +236,8 @@ def run_child(cmd, cwd=None, blas_threads=None):
     REFIMPL_NUM_THREADS=1 so that a worker sets its own thread count.
     blas_threads: OpenBLAS/OpenMP threads per process. Set it for P ranks on
     one machine (cores / P): otherwise every rank's BLAS starts one thread
-    per core and P ranks fight over the cores (at P = 2 on 2 cores the
-    1.28M-way classifier step took 5.4 s instead of about 3.3 s).
+    per core and P ranks fight over the cores (the classifier step slows
+    down by more than half: docs/benchmarks.md, Threads).
     """
     env = dict(os.environ, REFIMPL_NUM_THREADS="1")
     if blas_threads is not None:

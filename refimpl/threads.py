@@ -6,15 +6,14 @@ and ``parallel_map(fn, items)`` runs per-chunk work on a persistent pool of
 that many threads (serially when it is 1); ``parallel_sum(fn, items)`` adds
 the results in item order as they come. NumPy releases the GIL inside its
 copies and GEMMs, so Python threads do run in parallel here. Why refimpl
-splits the work itself instead of leaving it to a multi-threaded BLAS, as
-measured on a 2-core machine, float32 ResNet-18 convolutions: OpenBLAS with 2
-threads is often *slower* than with 1 (forward of N=64, C=64, 32x32, 3x3:
-105 ms vs 76 ms), because the per-chunk GEMMs are too small to scale and the
-spinning BLAS worker fights the main thread's im2col copies. One BLAS thread
-per worker, with each worker running im2col + GEMM on its own images, gives
-(forward, ms, 2 threads) N128/C16/32x32 12.2 -> 10.6, N128/C64/8x8 17.4 ->
-5.9, N64/C64/32x32 105 -> 38.7. So while n > 1, NumPy's BLAS is limited to
-one thread (threadpoolctl, NumPy's own BLAS library only: PyTorch's threads
+splits the work itself instead of leaving it to a multi-threaded BLAS: on
+the small GEMMs of a ResNet's convolutions a multi-threaded OpenBLAS is
+often *slower* than a single-threaded one, because each GEMM is too small
+to scale and the spinning BLAS worker fights the main thread's im2col
+copies; one BLAS thread per worker, each worker running im2col + GEMM on
+its own images, is faster at each layer shape benchmarked
+(docs/benchmarks.md). So while n > 1, NumPy's BLAS is limited to one
+thread (threadpoolctl, NumPy's own BLAS library only: PyTorch's threads
 are left alone), and ``set_num_threads(1)`` restores what it was. With the
 default of 1, importing refimpl changes no threading at all.
 """
@@ -28,10 +27,10 @@ import numpy as np
 from refimpl.backend import get_array_module
 from refimpl.checks import check_int
 # Below this many elements an elementwise pass (BatchNorm, ReLU, the residual
-# add) runs in the calling thread. Measured on 2 cores, float32: handing work
-# to the pool costs ~60 us, and an array of 2**19 elements (2 MiB) is still in
-# the cache, where one thread does a pass in ~75 us; at 2**20 one thread takes
-# 0.5 ms and two take 0.19 ms.
+# add) runs in the calling thread: handing work to the pool has a fixed cost,
+# about that of one thread's pass over an array that still fits in the cache
+# (2**19 float32 elements, 2 MiB); from 2**20 elements on the pass leaves the
+# cache and splitting it pays (docs/benchmarks.md).
 THREAD_MIN_ELEMENTS = 1 << 20
 
 _num_threads = 1        # refimpl's intra-op threads (set_num_threads)
@@ -130,7 +129,7 @@ def parallel_sum(fn, items):
     into the first result in the order of ``items``: the bits of the serial
     sum on any number of threads. Each result is added and dropped as soon as
     those before it are in, so only a few are held at once (``parallel_map``
-    would hold them all: 40 MB of (B, D) parts for a million-class shard).
+    would hold them all: some 300 (B, D) parts for a million-class shard).
     """
     results = _in_order(fn, items)
     total = next(results)

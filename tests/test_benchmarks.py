@@ -116,6 +116,43 @@ def test_tables_from_bench_output(tmp_path):
         tables.main([str(tmp_path / "missing.jsonl")])
 
 
+def test_tables_write_between_the_markers_of_the_docs_page(tmp_path):
+    """--write replaces only the generated block of docs/benchmarks.md; the
+    machine line comes from the first record that describes the machine."""
+    from benchmarks import tables
+    records = [
+        {"benchmark": "conv", "cpus": 2, "python": "3.11.9", "numpy": "2.3.0",
+         "blas": [{"internal_api": "openblas", "version": "0.3.31",
+                   "architecture": "Haswell"}], "torch": "2.13.0+cpu"},
+        {"benchmark": "comm_bytes", "P": 2, "match": True},
+    ]
+    jsonl = tmp_path / "bench.jsonl"
+    jsonl.write_text("\n".join(map(json.dumps, records)) + "\n")
+    page = tmp_path / "benchmarks.md"
+    page.write_text(f"# Benchmarks\n\nbefore\n\n{tables.BEGIN}\nold tables\n{tables.END}\n\n"
+                    "after\n")
+    tables.main([str(jsonl), "--write", str(page)])
+    text = page.read_text()
+    assert text.startswith("# Benchmarks\n\nbefore\n\n" + tables.BEGIN + "\n")
+    assert text.endswith(tables.END + "\n\nafter\n") and "old tables" not in text
+    assert ("Machine: 2 CPUs; Python 3.11.9, NumPy 2.3.0; openblas 0.3.31 (Haswell kernel); "
+            "PyTorch 2.13.0+cpu.") in text
+    assert "1 of 1 configurations (P = 2) send exactly" in text
+    tables.main([str(jsonl), "--write", str(page)])         # a second run changes nothing
+    assert page.read_text() == text
+    page.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no marker lines"):
+        tables.main([str(jsonl), "--write", str(page)])
+
+
+def test_the_docs_page_has_the_markers():
+    """make bench writes into docs/benchmarks.md: its marker lines must be there."""
+    from benchmarks import tables
+    text = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
+    assert text.count(tables.BEGIN) == 1 and text.count(tables.END) == 1
+    assert text.index(tables.BEGIN) < text.index(tables.END)
+
+
 def capsys_text(tables, path):
     """What tables.main prints for path."""
     import contextlib

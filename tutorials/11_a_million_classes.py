@@ -136,15 +136,15 @@ for op, c in comm.counters.items():
 # one block of 4096 classes per thread, the features, and NumPy itself.
 # The time is that of the three GEMMs and the $BN$ exponentials, plus the
 # page faults of the first write into the 1.3 GB exp buffer E (later steps
-# reuse it). The README's benchmark (`benchmarks/bench_classifier.py`, the
-# fastest of several steady-state steps, with an SGD update) measured 6.3 s
-# on the project's 2-core machine (2026-12-02; 3.0 s on an earlier, faster
-# host of the same class); a busy or slower machine takes longer. On P
-# ranks each rank does 1/P of the GEMMs and the exponentials.
+# reuse it). `benchmarks/bench_classifier.py` measures the steady-state
+# step (the fastest of several, with an SGD update) against PyTorch on the
+# same machine; docs/benchmarks.md has its figures. A busy or slower
+# machine takes longer. On P ranks each rank does 1/P of the GEMMs and the
+# exponentials.
 #
 # PyTorch's dense `F.cross_entropy(F.normalize(z) @ F.normalize(W).T / tau, y)`
 # holds the logits, their log-softmax and its gradient (each B x N) and a
-# normalized copy of W: about twice this peak (6.4 GB, README "Benchmarks").
+# normalized copy of W: about twice this peak (docs/benchmarks.md).
 
 # %%
 assert np.isfinite(float(loss)) and abs(float(loss) - np.log(N)) < 1.0   # random W: ~log N

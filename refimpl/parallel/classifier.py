@@ -15,7 +15,9 @@ hardest classes). Equal to
 ``F.cross_entropy(F.normalize(z) @ F.normalize(W).T / tau, y)`` on the
 gathered batch and the whole W, but no rank ever holds W, the B x N logits,
 or more than one B x N_r buffer. The rows a rank owns follow
-``sharding.shard_range``.
+``sharding.shard_range``. ``refimpl/oracle/dense.py`` is the readable
+reference of the same computation (the whole B x N logits in one process);
+the tests compare the two on P = 1 to 4 ranks.
 
 One forward + backward, per rank (b = B / P local rows, fp32 bytes):
 
@@ -41,32 +43,32 @@ row maxima m_k, the target logits and the top-k candidates are read from it,
 and exp(logit - m_k) is written into the block's columns of E and summed
 along its rows. E, not the logits, is kept because backward then needs one
 multiply per element instead of an exp: softmax = E exp(m_k - M) / S, with
-one exp per block and row. (np.exp of float32 takes about 4.5 ns per element
-on the 2-core machine of the README's benchmarks, a multiply about 0.4; with
-two exp passes over B x N_r the classifier spent a fifth of its step in
-them.) E is written once and read once, and is not modified by backward. The
+one exp per block and row. (An exp costs about ten multiplies, and a second
+exp pass over B x N_r is a large share of the step: docs/benchmarks.md.)
+E is written once and read once, and is not modified by backward. The
 normalized rows W_hat are recomputed block by block in backward instead of
 being kept (an N_r x D array saved). The row maxima and sums of exp are
 combined over blocks like an online softmax: s = sum_k s_k exp(m_k - m).
 Blocks run on ``threads.get_num_threads()`` threads; their partial results
 are combined in block order, so the bits do not depend on the thread count.
 (Reductions run along the contiguous axis: on a GPU a reduction over the
-strided axis of a (65536, 1024) block took 1.6 ms against 0.12 ms, measured
-on an H100.)
+strided axis of a large block is many times slower.)
 
 Reused block buffers (CPU). Written as above, every block allocates about ten
 temporaries (the block's logits, their exp, W_hat, its gradient and the
-normalization's products): some 40 MiB per block, 12 GB per step at
-N_r = 1.28M, which the allocator hands back to the kernel and faults in again
-(system time was a third of the step). On NumPy each thread therefore computes
-its blocks in buffers of its own, made once and reused every step
-(``_buffers``; 4 + 4 MiB per thread at B = 256, D = 128), with the same
-operations in the same order: ``_forward_block_into`` / ``_backward_block_into``
-give the same bits as the readable ``_forward_block`` / ``_backward_block``,
-which the GPU runs and the tests compare them with (``REUSE_BUFFERS = False``
-selects them on the CPU too). The blocks' (B, D) parts of dZ are added in
-block order as they come (``threads.parallel_sum``), not all held: at
-N_r = 1.28M those parts were 40 MB.
+normalization's products), each up to a few MiB, in each of some 300 blocks
+per step at N_r = 1.28M; the allocator hands them back to the kernel and
+faults them in again, and that system time is a large share of the step
+(docs/benchmarks.md). On NumPy each thread therefore computes its blocks in
+buffers of its own, made once and reused every step (``_buffers``: one
+(B, block) array for the logits and two (block, D) ones for W_hat and a
+temporary, per thread), with the same operations in the same order:
+``_forward_block_into`` / ``_backward_block_into`` give the same bits as the
+readable ``_forward_block`` / ``_backward_block``, which the GPU runs and the
+tests compare them with (``REUSE_BUFFERS = False`` selects them on the CPU
+too). The blocks' (B, D) parts of dZ are added in block order as they come
+(``threads.parallel_sum``), not all held: at N_r = 1.28M there are some 300
+of them.
 """
 import threading
 
@@ -251,8 +253,9 @@ def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, targets=No
       block        classes per block (None: BLOCK of z's device; any value gives
                    the same loss up to rounding)
       workspace    None, or a (B, N_r) array of z's dtype for the buffer E
-                   (reused across steps: a fresh 1.3 GB buffer per step costs
-                   its page faults every time)
+                   (reused across steps: a fresh buffer, 1.3 GB at B = 256
+                   and N_r = 1.28M in float32, costs its page faults every
+                   time)
     Outputs (identical on every rank):
       loss    0-d array, the mean over the global batch B
       acc     {} or {k: fraction} for topk (host floats)

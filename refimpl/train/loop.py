@@ -67,8 +67,8 @@ class TrainingInterrupted(RuntimeError):
 
 
 # SIGINT (Ctrl-C) and SIGTERM stop at the next step boundary; SIGUSR1 too: Open
-# MPI's mpirun kills the ranks about 0.25 s after it forwards SIGINT/SIGTERM,
-# too soon for a checkpoint, but it forwards SIGUSR1 and waits.
+# MPI's mpirun kills the ranks a fraction of a second after it forwards
+# SIGINT/SIGTERM, too soon for a checkpoint, but it forwards SIGUSR1 and waits.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
