@@ -48,7 +48,7 @@ from refimpl.optim.schedule import warmup_cosine
 from refimpl.optim.sgd import SGD
 from refimpl.params import is_bn_or_bias
 from refimpl.parallel.classifier import CosineClassifier
-from refimpl.parallel.comm import select_gpu
+from refimpl.parallel.launch import select_gpu
 from refimpl.parallel.data_parallel import set_batchnorm_mode
 from refimpl.train.config import ConfigError, config_hash, to_toml, validate
 from refimpl.train.step import forward_backward, update
