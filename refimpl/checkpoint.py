@@ -42,6 +42,7 @@ import numpy as np
 
 from refimpl.backend import asarray
 from refimpl.fileio import fsync_path, sha256_file, write_shard_rows
+from refimpl.models.state_dict import write_state_file
 from refimpl.params import StateDictError
 
 FORMAT_VERSION = 1
@@ -286,17 +287,10 @@ def export(path, out, classifier=False):
         arrays = {k: z[k] for k in z.files if not k.startswith("momentum/")}
     if classifier:
         arrays["classifier.weight"] = np.load(path / WEIGHT)
-    if out.suffix == ".pt":
-        try:
-            import torch
-        except ImportError:
-            raise CheckpointError("exporting to .pt needs PyTorch; write .npz instead") from None
-        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},
-                   out)
-    elif out.suffix == ".npz":
-        np.savez(out, **arrays)
-    else:
-        raise CheckpointError(f"{out}: export to a .pt or .npz file")
+    try:
+        write_state_file(out, arrays)
+    except ValueError as e:  # not .pt / .npz, or .pt without PyTorch
+        raise CheckpointError(str(e)) from None
     return out, meta
 
 

@@ -44,6 +44,7 @@ from refimpl.method.neighbours import hardest_neighbours
 from refimpl.method.prior import contrastive_prior, prior_summary
 from refimpl.method.targets import target_entries
 from refimpl.models.network import build_model
+from refimpl.models.state_dict import load_encoder_file
 from refimpl.optim.schedule import warmup_cosine
 from refimpl.optim.sgd import SGD
 from refimpl.params import is_bn_or_bias
@@ -459,10 +460,9 @@ class Trainer:
 def load_init_encoder(net, path):
     """Config.init_encoder: a torchvision-named .pt/.npz file starts the encoder.
 
-    (``oracle.replay.load_encoder_file``: fc.*, head.* and classifier.* keys are
-    ignored, every encoder key must fit.) A bad file is a ConfigError.
+    (``models.state_dict.load_encoder_file``: fc.*, head.* and classifier.* keys
+    are ignored, every encoder key must fit.) A bad file is a ConfigError.
     """
-    from refimpl.oracle.replay import load_encoder_file
     try:
         load_encoder_file(net, path)
     except (ValueError, OSError) as e:  # StateDictError is a ValueError
