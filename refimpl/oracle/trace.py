@@ -59,7 +59,6 @@ calls ``begin`` (before ``train.step.forward_backward``), ``record`` (between
 it and ``update``) and ``end`` (after ``update``); rank 0 writes the files.
 """
 import json
-import os
 import re
 from pathlib import Path
 
@@ -67,7 +66,7 @@ import numpy as np
 
 from refimpl import __version__
 from refimpl.backend import get_array_module, to_numpy
-from refimpl.fileio import write_shard_rows
+from refimpl.fileio import atomic_file, write_shard_rows
 from refimpl.layers.normalize import l2_normalize_forward
 from refimpl.params import is_bn_or_bias
 from refimpl.parallel.sharding import shard_range
@@ -279,20 +278,17 @@ def architecture_of(state):
 
 # ---------------------------------------------------------------- writing
 def save_npz(path, arrays):
-    """np.savez to path through a temporary name and a rename (never half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    """np.savez to path, whole or not at all (``fileio.atomic_file``)."""
+    with atomic_file(path) as f:
+        np.savez(f, **arrays)
 
 
 def write_meta(path, hparams, steps, classifier, producer):
     """Write meta.json (atomic). steps: [{"file", "step", "lr"}, ...]."""
     meta = {"format": FORMAT, "version": VERSION, "producer": producer,
             "hparams": hparams, "classifier": classifier, "steps": steps}
-    tmp = Path(path) / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, Path(path) / META)
+    with atomic_file(Path(path) / META) as f:
+        f.write((json.dumps(meta, indent=1) + "\n").encode())
     return meta
 
 
