@@ -7,8 +7,9 @@
     dense.py         the dense single-process cosine classifier (the
                      reference of the sharded one)
     trace.py         the trace format (a directory of .npz files, one per
-                     step, readable with NumPy alone) and TraceRecorder, which
-                     records a refimpl run (refimpl-train --trace)
+                     step, readable with NumPy alone) and its reader, Trace
+    recorder.py      TraceRecorder: a refimpl run's steps as a trace
+                     (refimpl-train --trace, replay)
     replay.py        run another implementation's trace in refimpl (float64,
                      any P) and compare
     __main__.py      refimpl-oracle replay | compare
@@ -26,7 +27,8 @@ from refimpl.oracle.dense import dense_cosine_softmax
 from refimpl.oracle.gradcheck import numerical_grad
 from refimpl.models.state_dict import load_encoder_file
 from refimpl.oracle.replay import replay, replay_and_compare
-from refimpl.oracle.trace import Trace, TraceError, TraceRecorder
+from refimpl.oracle.recorder import TraceRecorder
+from refimpl.oracle.trace import Trace, TraceError
 
 __all__ = ["Trace", "TraceError", "TraceRecorder", "check_tensor", "compare_tensors",
            "compare_traces", "dense_cosine_softmax", "format_report", "format_trace_report",

@@ -44,7 +44,8 @@ from refimpl.method.targets import entries_from_rows
 from refimpl.models.network import build_model
 from refimpl.optim.sgd import SGD
 from refimpl.oracle.compare import compare_traces
-from refimpl.oracle.trace import INIT, Trace, TraceError, TraceRecorder
+from refimpl.oracle.recorder import TraceRecorder
+from refimpl.oracle.trace import INIT, Trace, TraceError
 from refimpl.params import StateDictError, is_bn_or_bias
 from refimpl.parallel.classifier import CosineClassifier
 from refimpl.parallel.comm import SelfComm

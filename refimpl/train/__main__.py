@@ -74,7 +74,7 @@ def main(argv=None):
                                                TrainingInterrupted)):
             trainer = Trainer(cfg, comm, save_on_interrupt=args.save_on_interrupt)
             if args.trace:
-                from refimpl.oracle.trace import TraceRecorder
+                from refimpl.oracle.recorder import TraceRecorder
                 trainer.tracer = TraceRecorder.for_trainer(trainer, args.trace,
                                                            args.trace_steps)
             trainer.install_signal_handlers()

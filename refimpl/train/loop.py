@@ -130,7 +130,7 @@ class Trainer:
         self.state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "prior_done": False}
         self.neighbours = None   # (N, K) table of the current epoch
         self.results = {}        # the evaluation lines of the final summary
-        self.tracer = None       # refimpl-train --trace: an oracle.trace.TraceRecorder
+        self.tracer = None       # refimpl-train --trace: an oracle.recorder.TraceRecorder
 
     # ---------------------------------------------------------------- setup
     def _collective(self, fn):
