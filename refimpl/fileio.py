@@ -149,7 +149,8 @@ def remove_stale_temporaries(parent, name):
     Only those named with this host and the pid of a process that no longer
     exists are removed (the module docstring); returns their Paths.
     """
-    pattern = re.compile(re.escape(f".{name}.tmp-") + r"(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{8}")
+    pattern = re.compile(re.escape(f".{name}.tmp-")
+                         + r"(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{8}")
     try:
         entries = list(os.scandir(parent))
     except (FileNotFoundError, NotADirectoryError):

@@ -28,7 +28,8 @@ def test_alone_the_world_is_a_size_1_communicator(monkeypatch):
 def test_a_launcher_without_mpi4py_is_one_line_naming_the_program(program, argv, monkeypatch):
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py raises ImportError
-    module = {"refimpl-train": "refimpl.train.__main__", "refimpl-eval": "refimpl.evaluate.__main__",
+    module = {"refimpl-train": "refimpl.train.__main__",
+              "refimpl-eval": "refimpl.evaluate.__main__",
               "refimpl-oracle": "refimpl.oracle.__main__"}[program]
     main = __import__(module, fromlist=["main"]).main
     with pytest.raises(SystemExit) as info:
