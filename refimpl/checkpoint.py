@@ -15,13 +15,14 @@ Contract (docs/design.md, "Checkpoints"). A checkpoint is a directory
                             memory map; any rank reads any row range back)
     neighbours.npy          the (N, K) neighbour table in use, if any
 
-so a run saved on P ranks resumes on any P'. ``save`` writes into a
-temporary directory beside the final one, fsyncs every file and the
-directory, and renames it into place only when complete; then the ``latest``
-file (itself replaced by an atomic rename) names it and checkpoints beyond
-the last ``keep`` are deleted. A crash or ``kill -9`` at any moment leaves
-the previous checkpoint intact; ``clean_stale`` removes what a killed save
-left behind.
+so a run saved on P ranks resumes on any P'. ``save`` writes into the
+temporary directory ``.tmp-ckpt-<step>`` beside the final one (every rank
+writes its rows there: its name is known to all) and publishes it when
+complete (``fileio.publish``: every file and the directory fsynced, one
+rename); then the ``latest`` file (``fileio.atomic_file``) names it and
+checkpoints beyond the last ``keep`` are deleted. A crash or ``kill -9`` at
+any moment leaves the previous checkpoint intact; ``clean_stale`` removes
+what a killed save left behind.
 
 ``load`` checks that the checkpoint fits the run (N, D, arch, stem, width,
 dim, dtype: a mismatch names the field; never a silent re-initialization)
@@ -34,14 +35,15 @@ Every rank calls ``save`` and ``load`` (collective: barriers and one
 broadcast); rank 0 writes the small files.
 """
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from refimpl.backend import asarray
-from refimpl.fileio import fsync_path, sha256_file, write_shard_rows
+from refimpl.fileio import (atomic_file, publish, remove_stale_temporaries, sha256_file,
+                            write_shard_rows)
+from refimpl.models.state_dict import write_state_file
 from refimpl.params import StateDictError
 
 FORMAT_VERSION = 1
@@ -66,7 +68,8 @@ def checkpoint_name(step):
 
 
 def clean_stale(run_dir):
-    """Remove temporary directories that a killed save left in ``run_dir`` (rank 0)."""
+    """Remove what a killed save left in ``run_dir`` (rank 0): its temporary
+    checkpoint directories, and its ``latest`` file not yet renamed into place."""
     run_dir = Path(run_dir)
     removed = []
     if run_dir.is_dir():
@@ -74,6 +77,7 @@ def clean_stale(run_dir):
             if p.name.startswith(TMP_PREFIX + PREFIX) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
+    removed += [p.name for p in remove_stale_temporaries(run_dir, LATEST)]
     return removed
 
 
@@ -126,29 +130,21 @@ def save(run_dir, state, cfg_dict, net, clf, net_opt, clf_opt, comm, neighbours=
         if net_opt.momentum_buffer is not None:
             arrays.update(net.store.flat_dict(net_opt.momentum_buffer, "momentum/"))
         np.savez(tmp / REPLICATED, **arrays)
-        fsync_path(tmp / REPLICATED)
         files = [REPLICATED, WEIGHT] + ([MOMENTUM] if (tmp / MOMENTUM).exists() else [])
         if neighbours is not None:
             np.save(tmp / NEIGHBOURS, np.asarray(neighbours, dtype=np.int64), allow_pickle=False)
-            fsync_path(tmp / NEIGHBOURS)
             files.append(NEIGHBOURS)
         meta = {"format_version": FORMAT_VERSION, "state": state, "config": cfg_dict,
                 "num_classes": N, "dim": D, "dtype": dtype.name, "world_size": comm.size,
                 "sampler": {"epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"]},
                 "rng": "stateless: every draw is rng(seed, stream, keys) (refimpl.backend.rng)",
                 "files": {f: sha256_file(tmp / f) for f in files}}
-        with open(tmp / META, "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_path(tmp)
-        if final.exists():  # the same step saved twice (e.g. on interrupt): replace
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        pointer = run_dir / (LATEST + ".tmp")
-        pointer.write_text(name + "\n")
-        os.rename(pointer, run_dir / LATEST)
-        fsync_path(run_dir)
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        # fsync every file, then one rename (the same step saved twice, e.g. on
+        # interrupt: the earlier copy is moved aside, then deleted)
+        publish([(tmp, final)])
+        with atomic_file(run_dir / LATEST) as f:
+            f.write((name + "\n").encode())
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     comm.barrier()
@@ -286,17 +282,10 @@ def export(path, out, classifier=False):
         arrays = {k: z[k] for k in z.files if not k.startswith("momentum/")}
     if classifier:
         arrays["classifier.weight"] = np.load(path / WEIGHT)
-    if out.suffix == ".pt":
-        try:
-            import torch
-        except ImportError:
-            raise CheckpointError("exporting to .pt needs PyTorch; write .npz instead") from None
-        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},
-                   out)
-    elif out.suffix == ".npz":
-        np.savez(out, **arrays)
-    else:
-        raise CheckpointError(f"{out}: export to a .pt or .npz file")
+    try:
+        write_state_file(out, arrays)
+    except ValueError as e:  # not .pt / .npz, or .pt without PyTorch
+        raise CheckpointError(str(e)) from None
     return out, meta
 
 

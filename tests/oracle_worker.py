@@ -17,7 +17,7 @@ from refimpl.method.neighbours import hardest_neighbours
 from refimpl.method.targets import target_entries
 from refimpl.models import build_model
 from refimpl.optim.sgd import SGD
-from refimpl.oracle.trace import TraceRecorder
+from refimpl.oracle.recorder import TraceRecorder
 from refimpl.parallel import (CosineClassifier, MPIComm, abort_on_error, set_batchnorm_mode,
                               shard_range)
 from refimpl.train.step import forward_backward, update

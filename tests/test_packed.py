@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from refimpl.data.datasets import open_dataset
+from refimpl import fileio
 from refimpl.data import packed
 from refimpl.data.packed import (FORMAT_VERSION, PackedDataset, PackedFormatError, PackedSplits,
                                  PackedWriter, write_packed)
@@ -383,15 +384,15 @@ def test_a_killed_writers_temporary_folder_is_removed_by_the_next_run(tmp_path):
         child.wait()
         child.stdout.close()
     stale = [p.name for p in tmp_path.iterdir()]
-    assert stale == [f".ds.tmp-{packed._HOST}-{child.pid}-{stale[0][-8:]}"]
+    assert stale == [f".ds.tmp-{fileio.HOST}-{child.pid}-{stale[0][-8:]}"]
     # What must survive: a live process's folder, another host's (a shared
     # filesystem: that pid means nothing here), and a folder of another naming.
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        keep = [f".ds.tmp-{packed._HOST}-{sleeper.pid}-0123abcd",
-                f".ds.tmp-{packed._HOST}-{os.getpid()}-0123abcd",
+        keep = [f".ds.tmp-{fileio.HOST}-{sleeper.pid}-0123abcd",
+                f".ds.tmp-{fileio.HOST}-{os.getpid()}-0123abcd",
                 f".ds.tmp-some.other_host-{child.pid}-0123abcd",
-                ".ds.tmp-x8q2mz1a", f".other.tmp-{packed._HOST}-{child.pid}-0123abcd"]
+                ".ds.tmp-x8q2mz1a", f".other.tmp-{fileio.HOST}-{child.pid}-0123abcd"]
         for name in keep:
             (tmp_path / name).mkdir()
         images, labels = _data()
@@ -489,7 +490,7 @@ def test_a_failing_rename_is_undone(tmp_path, monkeypatch):
         if len(calls) == 5:  # 2 staged splits, 2 old ones moved aside, then the first new one in
             raise OSError("rename failed (simulated)")
         real(src, dst)
-    monkeypatch.setattr(packed.os, "rename", rename)
+    monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(OSError, match="simulated"):
         _write_splits(out, "new", overwrite=True)
     # every old split was moved aside before the first new one moved in ...

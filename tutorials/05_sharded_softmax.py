@@ -27,15 +27,13 @@
 # same number on every rank, so the shards' sums can simply be added.
 
 # %%
-import os
-
 import numpy as np
 
 from refimpl.layers.loss import softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from refimpl.layers.normalize import l2_normalize_forward
 from refimpl.oracle import dense_cosine_softmax, scaled_error
-from refimpl.parallel import (SelfComm, cosine_softmax_backward, cosine_softmax_forward,
-                              shard_range)
+from refimpl.parallel import (cosine_softmax_backward, cosine_softmax_forward, shard_range,
+                              world_comm)
 
 N, D, B, tau = 37, 8, 12, 0.15
 g = np.random.default_rng(0)
@@ -113,13 +111,7 @@ assert err_dz < 1e-14  # 37 terms of total <= 2 / (B tau) = 1.1 in 4 parts: 2 ga
 # the reference every rank checks its gradients against.
 
 # %%
-if "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:  # under mpirun
-    from mpi4py import MPI
-
-    from refimpl.parallel import MPIComm
-    comm = MPIComm(MPI.COMM_WORLD)
-else:
-    comm = SelfComm()
+comm = world_comm("05_sharded_softmax.py")   # MPIComm under mpirun, else SelfComm
 b = B // comm.size
 lo, hi = shard_range(N, comm.size, comm.rank)
 rows = slice(comm.rank * b, (comm.rank + 1) * b)

@@ -45,24 +45,16 @@
 # Nothing in this table grows with N: the classifier's rows never move.
 
 # %%
-import os
-
 import numpy as np
 
 from refimpl.backend import rng
 from refimpl.models import build_model
 from refimpl.optim.sgd import SGD
 from refimpl.parallel import (CosineClassifier, SelfComm, allreduce_gradients,
-                              set_batchnorm_mode, shard_range)
+                              set_batchnorm_mode, shard_range, world_comm)
 from refimpl.train.step import train_step, update
 
-if "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:  # under mpirun
-    from mpi4py import MPI
-
-    from refimpl.parallel import MPIComm
-    world = MPIComm(MPI.COMM_WORLD)
-else:
-    world = SelfComm()
+world = world_comm("06_one_hybrid_step.py")   # MPIComm under mpirun, else SelfComm
 P, r = world.size, world.rank
 RANKS = 3                                     # the step is the one 3 ranks take
 BN = "local"                                  # BatchNorm across ranks: "local" or "sync"

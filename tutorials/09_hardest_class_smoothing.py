@@ -32,23 +32,15 @@
 # where $p_j < \alpha/K$.
 
 # %%
-import os
-
 import numpy as np
 
 from refimpl.backend import rng
 from refimpl.layers.normalize import l2_normalize_forward
 from refimpl.method import dense_hardest_neighbours, hardest_neighbours, target_entries
 from refimpl.parallel import (CosineClassifier, SelfComm, cosine_softmax_backward,
-                              cosine_softmax_forward, shard_range, shard_softmax)
+                              cosine_softmax_forward, shard_range, shard_softmax, world_comm)
 
-if "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:  # under mpirun
-    from mpi4py import MPI
-
-    from refimpl.parallel import MPIComm
-    world = MPIComm(MPI.COMM_WORLD)
-else:
-    world = SelfComm()
+world = world_comm("09_hardest_class_smoothing.py")   # MPIComm under mpirun, else SelfComm
 
 
 def say(*args):

@@ -24,16 +24,14 @@ even then only if it is a packed dataset or empty: a user's image folder is
 never deleted by a mistyped argument).
 
 Temporary folders. A writer stages its data in ``.<name>.tmp-<host>-<pid>-<token>``
-next to the target ``<name>`` (host: this machine's name, letters, digits, "_"
-and "." only; pid: the writing process). Folders are made with ``os.mkdir``,
-so the published dataset has the permissions ``mkdir`` gives under the
-current umask (0755 under umask 022, 0700 under 077), never mkdtemp's 0700.
-When a writer starts it deletes the stale ``.<name>.tmp-*`` folders of the
-same target that a killed run left behind: only those named with this host
-and the pid of a process that no longer exists (``os.kill(pid, 0)`` fails
-with ProcessLookupError). A running writer's folder (its pid is alive), one
-from another host (a shared filesystem), and one in any other naming are
-never touched. (A recycled pid only makes a stale folder live a while longer.)
+next to the target ``<name>`` and publishes it with ``refimpl.fileio``
+(``staging_dir``, ``publish``; fileio's docstring gives the naming and
+permission rules): every file is fsynced before the rename. When a writer
+starts it deletes the stale ``.<name>.tmp-*`` folders of the same target that
+a killed run left behind: only those named with this host and the pid of a
+process that no longer exists (``fileio.remove_stale_temporaries``). A
+running writer's folder, one from another host (a shared filesystem), and
+one in any other naming are never touched.
 
 Replacing. With ``overwrite=True`` the old dataset is first renamed into
 ``.<name>.old-<host>-<pid>-<token>/``, then the new one is renamed into
@@ -73,23 +71,19 @@ Public API:
     PackedWriter(out_dir, num_images, height, width, manifest=None, overwrite=False)
     PackedSplits(out_dir, names, overwrite=False)
     PackedDataset(path)
-    remove_stale_temporaries(parent, name) -> [removed Paths]
     FORMAT_VERSION, PackedFormatError
 
 ``refimpl.data.datasets.open_dataset`` opens a folder path as a PackedDataset.
 """
 import json
-import os
 import re
-import secrets
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
 
 from refimpl.checks import check_int
-from refimpl.fileio import sha256_file
+from refimpl.fileio import publish, remove_stale_temporaries, sha256_file, staging_dir
 
 FORMAT_VERSION = 1
 IMAGES_FILE = "images.npy"
@@ -98,10 +92,6 @@ MANIFEST_FILE = "manifest.json"
 
 # Keys the writer computes itself; a caller may pass them only with the same value.
 _COMPUTED_KEYS = ("format_version", "image_size", "num_images", "checksums")
-
-# This machine's name as it appears in temporary folder names (no "-", so the
-# name parses unambiguously from the right).
-_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
 
 
 class PackedFormatError(ValueError):
@@ -208,93 +198,6 @@ def _check_target(path, overwrite):
 
 
 # --------------------------------------------------------------------------
-# temporary folders: made with the umask, named after their owner, published by rename
-
-
-def _make_dir(parent, name, kind):
-    """Create ``parent/.<name>.<kind>-<host>-<pid>-<token>`` and return its Path.
-
-    ``os.mkdir`` applies the umask (mode 0o777 & ~umask), like ``mkdir``;
-    ``tempfile.mkdtemp`` would always give 0700.
-    """
-    for _ in range(100):
-        path = Path(parent) / f".{name}.{kind}-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:  # 32 random bits collided: draw again
-            continue
-    raise FileExistsError(f"could not create a temporary folder for {name} in {parent}")
-
-
-def _process_gone(pid):
-    """True only if no process ``pid`` exists on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError, ValueError):  # another user's process; or not a pid
-        return False
-    return False
-
-
-def remove_stale_temporaries(parent, name):
-    """Delete ``parent/.<name>.tmp-<host>-<pid>-<token>`` folders left by killed writers.
-
-    Only folders named with this host and the pid of a process that no
-    longer exists are removed (see the module docstring); returns their Paths.
-    """
-    pattern = re.compile(re.escape(f".{name}.tmp-") + r"(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{8}")
-    try:
-        entries = list(os.scandir(parent))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    removed = []
-    for entry in entries:
-        m = pattern.fullmatch(entry.name)
-        if (m and m["host"] == _HOST and int(m["pid"]) != os.getpid()
-                and entry.is_dir(follow_symlinks=False) and _process_gone(int(m["pid"]))):
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(Path(entry.path))
-    return removed
-
-
-def _publish(pairs):
-    """Rename each complete new folder ``src`` onto ``dst``; every ``dst`` lies in one folder.
-
-    Order: every existing ``dst`` is moved aside into one ``.<names>.old-...``
-    folder first, then every ``src`` is renamed in, then the aside folder is
-    deleted. So at no moment is one ``dst`` new while another is old. If a
-    rename fails, the ones before it are undone and the error is raised.
-    """
-    parent = pairs[0][1].parent
-    old = [dst for _, dst in pairs if os.path.lexists(dst)]
-    aside = _make_dir(parent, "+".join(dst.name for _, dst in pairs), "old") if old else None
-    moved_aside, moved_in = [], []
-    try:
-        for dst in old:
-            os.rename(dst, aside / dst.name)
-            moved_aside.append(dst)
-        for src, dst in pairs:
-            os.rename(src, dst)
-            moved_in.append((src, dst))
-    except BaseException as e:
-        try:  # undo, newest first: the new folders back to staging, the old ones back in place
-            for src, dst in reversed(moved_in):
-                os.rename(dst, src)
-            for dst in reversed(moved_aside):
-                os.rename(aside / dst.name, dst)
-        except OSError as undo:
-            raise OSError(f"publishing {', '.join(str(d) for _, d in pairs)} failed ({e}) and "
-                          f"could not be undone ({undo}); the previous data is in {aside}") from e
-        if aside is not None:
-            aside.rmdir()
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------
 # writing
 
 
@@ -350,7 +253,7 @@ class PackedWriter:
                           f"need {_format_bytes(need)} on disk, but the filesystem holding {parent} "
                           f"has {_format_bytes(free)} free")
         # Same parent as out_dir, so the final rename is atomic (same filesystem).
-        self._tmp = _make_dir(parent, self.out_dir.name, "tmp")
+        self._tmp = staging_dir(parent, self.out_dir.name, "tmp")
         try:
             self.labels = np.full(self.num_images, -1, dtype=np.int64)  # (N,)
             self._written = np.zeros(self.num_images, dtype=bool)  # which rows write() filled
@@ -453,13 +356,10 @@ class PackedWriter:
             text = json.dumps(full, indent=1)
         except TypeError as e:
             raise ValueError(f"manifest is not JSON-serializable: {e}") from e
-        with open(self._tmp / MANIFEST_FILE, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        (self._tmp / MANIFEST_FILE).write_text(text)
 
         _check_target(self.out_dir, self.overwrite)  # someone may have created it while we worked
-        _publish([(self._tmp, self.out_dir)])
+        publish([(self._tmp, self.out_dir)])
         self._tmp = None
         self.path = self.out_dir
         return self.out_dir
@@ -533,9 +433,9 @@ class PackedSplits:
         group = "+".join(self.names)
         if self.out_dir.is_dir():
             remove_stale_temporaries(self.out_dir, group)
-            self._stage = _make_dir(self.out_dir, group, "tmp")
+            self._stage = staging_dir(self.out_dir, group, "tmp")
         else:  # staged as a whole new out_dir, published by one rename
-            self._stage = _make_dir(parent, self.out_dir.name, "tmp")
+            self._stage = staging_dir(parent, self.out_dir.name, "tmp")
         return self
 
     def _staged(self, name):
@@ -572,14 +472,14 @@ class PackedSplits:
         self._check_targets()  # someone may have created them while we worked
         if self._stage.parent == self.out_dir.parent:
             try:
-                os.rename(self._stage, self.out_dir)  # every split at once
+                publish([(self._stage, self.out_dir)], replace=False)  # every split at once
                 self._stage = None
                 return
             except OSError:
                 if not self.out_dir.is_dir():
                     raise
                 self._check_targets()  # out_dir appeared meanwhile: publish split by split
-        _publish([(self._stage / n, self.out_dir / n) for n in self.names])
+        publish([(self._stage / n, self.out_dir / n) for n in self.names])
 
 
 # --------------------------------------------------------------------------

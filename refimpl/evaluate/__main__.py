@@ -38,9 +38,8 @@ def main(argv=None):
     from refimpl.data.datasets import open_dataset
     from refimpl.evaluate.features import extract_features
     from refimpl.evaluate.knn import weighted_knn_accuracy
-    from refimpl.parallel.comm import abort_on_error
-    from refimpl.train.__main__ import make_comm
-    comm = make_comm()
+    from refimpl.parallel.launch import abort_on_error, world_comm
+    comm = world_comm("refimpl-eval")
     try:
         net, meta = load_network(args.checkpoint, args.device)
         cfg = meta["config"]

@@ -17,7 +17,8 @@ that role (torchvision builds them with ``bias=False``). This is PyTorch's
 Inputs may be non-contiguous; outputs are C-contiguous and keep x's dtype.
 
 How the fast path is laid out (the choices that decide its speed on a CPU;
-benchmarks/bench_conv.py measures them against PyTorch):
+benchmarks/bench_conv.py measures them against PyTorch, docs/benchmarks.md
+has the figures):
 
 * The batch is processed a few images at a time (``_images_per_chunk``): the
   column matrix of a 3x3 conv is 9x its input, and built for a whole batch it
@@ -25,22 +26,17 @@ benchmarks/bench_conv.py measures them against PyTorch):
   chunk's columns (about COLS_BYTES) are still in the cache when the GEMM
   reads them. Backward rebuilds them the same way, so the cache keeps only
   x and w (not 9x x).
-* A chunk is copied once into *channel-major* order (C, n, Hp, Wp), padded.
-  Every im2col slice is then a plain strided copy whose inner rows are image
-  rows, the column matrix is (C*HH*WW, n*H'*W'), and one GEMM
-  ``w (F, C*HH*WW) @ cols`` serves the chunk; its (F, n, H', W') result goes
-  into out[n0:n1] (N, F, H', W') by one block copy. Maps of at most 16x16
-  outputs use *pixel-major* order (C, Hp, Wp, n) instead, whose tap copies
-  move runs of W'*n floats rather than W' (``_pixel_major`` says why and
-  what it measured); the GEMM is the same, its columns ordered (i, j, n).
-* im2col is HH*WW shifted-slice copies (never fancy indexing), and col2im is
-  HH*WW shifted-slice additions (never ``np.add.at``).
-* 1x1 convolutions need no im2col: the column matrix is the (strided) input
-  itself in channel-major order.
-* Backward of a stride-1 convolution with F <= C computes dx as a forward
-  convolution of dout with the flipped, transposed kernel (an im2col copy
-  and a GEMM, faster than the GEMM-then-col2im route); the other cases use
-  col2im.
+* A chunk's column matrix (``im2col.py``: (C*HH*WW, n*H'*W'), channel-major
+  or, for maps of at most 16x16 outputs, pixel-major, as ``_pixel_major``
+  says why) feeds one GEMM ``w (F, C*HH*WW) @ cols``; its result goes into
+  out[n0:n1] (N, F, H', W') by one block copy. Small 3x3 maps of float32 on
+  the CPU use Winograd instead (``_winograd``, ``winograd.py``).
+* Backward, chunk by chunk (the ``_dx_*`` and ``_dw_*`` functions each say
+  when they are taken and why): a stride-1 convolution with F <= C computes
+  dx as a forward convolution of dout with the flipped, transposed kernel,
+  by Winograd on the maps ``_winograd`` takes, else by an im2col of dout
+  whose columns serve dw too; every other case computes dw from x's own
+  im2col and dx by col2im.
 * Threads (``threads.set_num_threads``): the batch is cut into one
   contiguous *shard* of images per thread, and each thread runs the chunk
   loop above on its own shard, with single-threaded BLAS (``backend``'s
@@ -59,23 +55,16 @@ import numpy as np
 
 from refimpl.backend import get_array_module
 from refimpl.threads import num_workers, parallel_map, parallel_sum
+from refimpl.layers.im2col import col2im, columns, from_columns, gemm_columns, unpadded
 from refimpl.layers.window import output_size
 from refimpl.layers.winograd import winograd_conv_into, winograd_weights
 
 # Column-matrix bytes per chunk of images: small enough to stay in the cache
-# between im2col and the GEMM with every thread holding its own chunk.
-# Alternating in one process (2 threads, ResNet-18 CIFAR step): 2 MiB beat
-# 4 MiB by 5% at width 16 / batch 128 and 4.5% at width 64 / batch 64.
+# between im2col and the GEMM with every thread holding its own chunk (the
+# chunk sizes compared: docs/benchmarks.md).
 COLS_BYTES = 2 << 20
 MIN_COLUMNS = 1024     # but at least this many output pixels (GEMM columns) per chunk
 
-
-# The two layouts of the GEMM's columns, as permutations of (N, C, H, W):
-# channel-major (C, N, H, W) and pixel-major (C, H, W, N). Both put the
-# channels first (the GEMM's K = C*HH*WW rows); they differ in what the
-# columns are ordered by, hence in how long the contiguous runs of an im2col
-# tap copy are: W' elements channel-major, W'*N pixel-major (stride 1).
-_PERM = {False: (1, 0, 2, 3), True: (1, 2, 3, 0)}
 PIXEL_MAJOR_MAX_PIXELS = 256  # maps of at most 16x16 outputs use pixel-major columns
 WINOGRAD_MAX_PIXELS = 64      # and 3x3 stride-1 pad-1 ones of 8x8 and less, Winograd (CPU)
 WINOGRAD_DTYPES = (np.float32,)  # float64 (the oracle's dtype) keeps the direct sums
@@ -89,12 +78,10 @@ def _pixel_major(Ho, Wo, HH, WW):
 
     Why: a channel-major tap copy moves runs of W' floats, which for the 8x8
     and 4x4 maps of ResNet's last stages is too short for a copy to run at
-    memory speed (2.7 ns per float at 4x4 against 0.5 at 32x32, 1 thread);
-    pixel-major runs are W' * N long. Measured per chunk of images (1
-    thread): im2col 1.6 -> 0.8 ms at 8x8 (C = 64) and 3.3 -> 1.5 ms at 4x4
-    (C = 128), 0.88 -> 0.65 ms at 16x16; no gain at 32x32, where the
-    transposing copies into and out of pixel-major order cost more. 1x1
-    kernels need no im2col and keep channel-major.
+    memory speed; pixel-major runs are W' * N long. It pays up to 16x16
+    maps; at 32x32 the transposing copies into and out of pixel-major order
+    cost more than they save (docs/benchmarks.md). 1x1 kernels need no
+    im2col and keep channel-major.
     """
     return HH * WW > 1 and Ho * Wo <= PIXEL_MAJOR_MAX_PIXELS
 
@@ -104,116 +91,21 @@ def _winograd(x, H, W, HH, WW, stride, ph, pw):
     F(2x2, 3x3) (``winograd.py``): 3x3, stride 1, pad 1, on the CPU, maps of
     at most WINOGRAD_MAX_PIXELS outputs.
 
-    Measured per chunk of images against im2col + GEMM (forward, float32, 1
-    thread): 1.6x faster at 8x8 (C = 64) and 4x4 (C = 128), 1.15-1.6x at
-    16x16 (C = 32-128), slower at 32x32, where the transforms' passes over
-    large maps cost more than the multiplications saved. In the whole
-    ResNet-18 CIFAR step (2 threads, alternating in one process) maps up to
-    8x8 gave 4.34 -> 3.99 s at width 64 / batch 64 and 0.888 -> 0.862 s at
-    width 16 / batch 128; adding the 16x16 maps gained nothing more (the
-    weight transform, the pixel-major copies and the memory traffic of 2
-    threads ate it). The GPU keeps im2col: there the multiplications are
-    cheap and the passes not. So does float64, the dtype refimpl is an
-    oracle in: Winograd's transforms add and subtract inputs before the
-    products, which moves the rounding of an ill-conditioned sum (a BatchNorm
-    bias gradient of the golden trace) by up to 2e-10 relative, and the
-    golden trace and the P-rank tests hold float64 to 1e-12.
+    Why: F(2x2, 3x3) makes 16 products where im2col + GEMM makes 36, which
+    wins on small maps; on large ones (32x32) the transforms' passes over the
+    maps cost more than the multiplications saved, and in a whole ResNet
+    step the 16x16 maps gained nothing more than the 8x8 and smaller ones
+    (the weight transform, the pixel-major copies and the memory traffic of
+    the threads eat it; figures: docs/benchmarks.md). The GPU keeps im2col:
+    there the multiplications are cheap and the passes not. So does float64,
+    the dtype refimpl is an oracle in: Winograd's transforms add and subtract
+    inputs before the products, which moves the rounding of an
+    ill-conditioned sum (a BatchNorm bias gradient of the golden trace) by up
+    to 2e-10 relative, and the golden trace and the P-rank tests hold
+    float64 to 1e-12.
     """
     return (HH == WW == 3 and stride == 1 and ph == pw == 1 and H * W <= WINOGRAD_MAX_PIXELS
             and get_array_module(x) is np and x.dtype in WINOGRAD_DTYPES)
-
-
-def _gemm_columns(a, pixel_major):
-    """(N, C, H, W) -> (C, N*H*W) in the layout's column order, one copy."""
-    xp = get_array_module(a)
-    return xp.ascontiguousarray(a.transpose(_PERM[pixel_major])).reshape(a.shape[1], -1)
-
-
-def _padded(x, ph, pw, pixel_major):
-    """(N, C, H, W) -> zero-padded (C, N, Hp, Wp) or, pixel-major, (C, Hp, Wp, N); one copy."""
-    xp = get_array_module(x)
-    N, C, H, W = x.shape
-    Hp, Wp = H + 2 * ph, W + 2 * pw
-    if pixel_major:
-        xpad = xp.zeros((C, Hp, Wp, N), dtype=x.dtype)
-        xpad[:, ph:ph + H, pw:pw + W, :] = x.transpose(1, 2, 3, 0)
-    else:
-        xpad = xp.zeros((C, N, Hp, Wp), dtype=x.dtype)
-        xpad[:, :, ph:ph + H, pw:pw + W] = x.transpose(1, 0, 2, 3)
-    return xpad
-
-
-def _unpadded(xpad, ph, pw, H, W, pixel_major):
-    """The inverse of ``_padded``: an (N, C, H, W) view of the interior."""
-    if pixel_major:
-        return xpad[:, ph:ph + H, pw:pw + W, :].transpose(3, 0, 1, 2)
-    return xpad[:, :, ph:ph + H, pw:pw + W].transpose(1, 0, 2, 3)
-
-
-def _tap(xpad, kh, kw, s, Ho, Wo, pixel_major):
-    """The input pixels kernel tap (kh, kw) meets, one per output pixel:
-    a view (C, N, H', W') or (C, H', W', N) of a padded input."""
-    rows, cols = slice(kh, kh + s * Ho, s), slice(kw, kw + s * Wo, s)
-    return xpad[:, rows, cols, :] if pixel_major else xpad[:, :, rows, cols]
-
-
-def _im2col(xpad, HH, WW, stride, Ho, Wo, pixel_major=False):
-    """Columns of a padded input (``_padded``).
-
-    xpad (C, N, Hp, Wp) -> cols (C*HH*WW, N*Ho*Wo) with
-    cols[(c, kh, kw), (n, i, j)] = xpad[c, n, i*stride + kh, j*stride + kw];
-    pixel-major, xpad (C, Hp, Wp, N) and the columns ordered (i, j, n).
-    """
-    xp = get_array_module(xpad)
-    C = xpad.shape[0]
-    N = xpad.shape[3] if pixel_major else xpad.shape[1]
-    taps = (Ho, Wo, N) if pixel_major else (N, Ho, Wo)
-    cols = xp.empty((C, HH, WW) + taps, dtype=xpad.dtype)
-    for kh in range(HH):
-        for kw in range(WW):
-            # one shifted (and, for stride > 1, subsampled) slice per kernel tap
-            cols[:, kh, kw] = _tap(xpad, kh, kw, stride, Ho, Wo, pixel_major)
-    return cols.reshape(C * HH * WW, N * Ho * Wo)
-
-
-def _col2im(dcols, xpad_shape, HH, WW, stride, Ho, Wo, pixel_major=False):
-    """Adjoint of ``_im2col``: sum each column entry back onto its input pixel.
-
-    dcols (C*HH*WW, N*Ho*Wo) -> dxpad of xpad_shape ((C, N, Hp, Wp), or
-    (C, Hp, Wp, N) pixel-major).
-    """
-    xp = get_array_module(dcols)
-    C = xpad_shape[0]
-    N = xpad_shape[3] if pixel_major else xpad_shape[1]
-    taps = (Ho, Wo, N) if pixel_major else (N, Ho, Wo)
-    dcols = dcols.reshape((C, HH, WW) + taps)
-    dxpad = xp.zeros(xpad_shape, dtype=dcols.dtype)
-    for kh in range(HH):
-        for kw in range(WW):
-            # overlapping windows share pixels: the taps are summed one at a time
-            _tap(dxpad, kh, kw, stride, Ho, Wo, pixel_major)[...] += dcols[:, kh, kw]
-    return dxpad
-
-
-def _columns(x, HH, WW, stride, ph, pw, pixel_major=False):
-    """im2col of an (N, C, H, W) input: (cols (C*HH*WW, N*H'*W'), H', W')."""
-    N, C, H, W = x.shape
-    Ho = (H + 2 * ph - HH) // stride + 1
-    Wo = (W + 2 * pw - WW) // stride + 1
-    if HH == 1 and WW == 1 and ph == 0 and pw == 0:
-        # 1x1: the columns are the input itself, subsampled
-        xs = x[:, :, ::stride, ::stride][:, :, :Ho, :Wo]  # (N, C, H', W')
-        return _gemm_columns(xs, pixel_major), Ho, Wo
-    xpad = _padded(x, ph, pw, pixel_major)
-    return _im2col(xpad, HH, WW, stride, Ho, Wo, pixel_major), Ho, Wo
-
-
-def _from_columns(out, N, Ho, Wo, pixel_major):
-    """A GEMM result (F, N*H'*W') in the layout's column order -> an (N, F, H', W') view."""
-    F = out.shape[0]
-    if pixel_major:
-        return out.reshape(F, Ho, Wo, N).transpose(3, 0, 1, 2)
-    return out.reshape(F, N, Ho, Wo).transpose(1, 0, 2, 3)
 
 
 def _conv_chunk(x, w, stride, ph, pw):
@@ -221,7 +113,7 @@ def _conv_chunk(x, w, stride, ph, pw):
     N, _, H, W = x.shape
     F, C, HH, WW = w.shape
     pm = _pixel_major((H + 2 * ph - HH) // stride + 1, (W + 2 * pw - WW) // stride + 1, HH, WW)
-    cols, Ho, Wo = _columns(x, HH, WW, stride, ph, pw, pm)  # (C*HH*WW, N*H'*W')
+    cols, Ho, Wo = columns(x, HH, WW, stride, ph, pw, pm)  # (C*HH*WW, N*H'*W')
     return _gemm_conv(w, cols, N, Ho, Wo, pm)
 
 
@@ -229,7 +121,7 @@ def _gemm_conv(w, cols, N, Ho, Wo, pixel_major):
     """The convolution's GEMM on ready columns: w (F, C, HH, WW) @ cols -> an
     (N, F, H', W') view."""
     F = w.shape[0]
-    return _from_columns(w.reshape(F, -1) @ cols, N, Ho, Wo, pixel_major)  # (F, N*H'*W')
+    return from_columns(w.reshape(F, -1) @ cols, N, Ho, Wo, pixel_major)  # (F, N*H'*W')
 
 
 def _images_per_chunk(N, C, HH, WW, Ho, Wo, itemsize):
@@ -297,6 +189,55 @@ def conv2d_forward(x, w, stride=1, pad=0):
     return out, (x, w, stride, pad)
 
 
+def _dx_dw_from_dout_columns(dx, x, dout, w_flip, pad, pixel_major):
+    """Stride 1, F <= C, no Winograd: dout's im2col serves dx's GEMM and dw (no im2col of x)."""
+    C, F, HH, WW = w_flip.shape
+    n, _, H, W = x.shape
+    # dx is the convolution of dout with w_flip on these columns:
+    # cols_d[(f, kh', kw'), (n, h, w)] = dout[n, f, h + kh' - (HH-1-pad), ...]
+    # and dw[f, c, kh, kw] = sum_{n,h,w} x[n, c, h, w] dout[n, f, h - kh + pad, ...],
+    # so dw[f, c, kh, kw] = (cols_d @ x^T)[(f, HH-1-kh, WW-1-kw), c], x in the
+    # columns' order: one copy of x instead of a second im2col (of x). The
+    # same products as dw's own im2col, summed over input instead of output
+    # pixels. Used with dx None too (cols_d without dx's GEMM, no larger than
+    # x's columns as F <= C), so that skipping dx changes no bit of dw.
+    cols_d, _, _ = columns(dout, HH, WW, 1, HH - 1 - pad, WW - 1 - pad,
+                           pixel_major)  # (F*HH*WW, n*H*W)
+    if dx is not None:
+        dx[...] = _gemm_conv(w_flip, cols_d, n, H, W, pixel_major)  # (n, C, H, W)
+    return cols_d @ gemm_columns(x, pixel_major).T  # (F*HH*WW, C): dw flipped, transposed
+
+
+def _dw_from_x_columns(x, dout_cm, HH, WW, stride, pad, pixel_major):
+    """Every other case: dw^T from x's own im2col, rebuilt in the forward's column layout."""
+    cols, _, _ = columns(x, HH, WW, stride, pad, pad, pixel_major)  # (C*HH*WW, n*H'*W')
+    # dw^T = cols @ dout^T: OpenBLAS runs this orientation faster than
+    # dout @ cols^T (the long n*H'*W' axis is the shared one)
+    return cols @ dout_cm.T  # (C*HH*WW, F)
+
+
+def _dx_by_winograd(dx, dout, U_flip):
+    """Stride 1, F <= C on a map ``_winograd`` takes: dx by Winograd, fewer products than im2col."""
+    winograd_conv_into(dx, dout, U_flip)  # (n, C, H, W)
+
+
+def _dx_by_flipped_conv(dx, dout, w_flip, pad):
+    """Stride 1, F <= C, DW_FROM_DX_COLUMNS off: dx as a convolution, F*HH*WW rows, not C*HH*WW."""
+    _, _, HH, WW = w_flip.shape
+    dx[...] = _conv_chunk(dout, w_flip, 1, HH - 1 - pad, WW - 1 - pad)  # (n, C, H, W)
+
+
+def _dx_by_col2im(dx, dout_cm, w_mat, HH, WW, stride, pad, Ho, Wo, pixel_major):
+    """Stride > 1 or F > C (the stem): dx is no cheaper convolution; w^T @ dout, then col2im."""
+    n, C, H, W = dx.shape
+    # dcols = w^T @ dout, then scatter the columns back onto the pixels (col2im)
+    dcols = w_mat.T @ dout_cm  # (C*HH*WW, n*H'*W'); w_mat = w as (F, C*HH*WW)
+    Hp, Wp = H + 2 * pad, W + 2 * pad
+    dxpad = col2im(dcols, (C, Hp, Wp, n) if pixel_major else (C, n, Hp, Wp), HH, WW, stride,
+                   Ho, Wo, pixel_major)
+    dx[...] = unpadded(dxpad, pad, pad, H, W, pixel_major)  # (n, C, H, W)
+
+
 def conv2d_backward(dout, cache, need_dx=True):
     """Gradients of ``conv2d_forward``.
 
@@ -320,6 +261,7 @@ def conv2d_backward(dout, cache, need_dx=True):
     # F*HH*WW rows where col2im would add C*HH*WW rows, so it pays when F <= C
     # (not for the 3-channel stem).
     dx_as_conv = stride == 1 and pad <= HH - 1 and pad <= WW - 1 and F <= C
+    w_flip = U_flip = None
     if dx_as_conv:
         w_flip = xp.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])  # (C, F, HH, WW)
         U_flip = (winograd_weights(w_flip) if _winograd(dout, H, W, HH, WW, 1, HH - 1 - pad,
@@ -331,55 +273,31 @@ def conv2d_backward(dout, cache, need_dx=True):
     nb = _images_per_chunk(shard_size, C, HH, WW, Ho, Wo, dout.dtype.itemsize)
 
     pm = _pixel_major(Ho, Wo, HH, WW)  # the forward's column layout
-    # When dx is that convolution by im2col, its columns serve dw too:
-    # cols_d[(f, kh', kw'), (n, h, w)] = dout[n, f, h + kh' - (HH-1-pad), ...]
-    # and dw[f, c, kh, kw] = sum_{n,h,w} x[n, c, h, w] dout[n, f, h - kh + pad, ...],
-    # so dw[f, c, kh, kw] = (cols_d @ x^T)[(f, HH-1-kh, WW-1-kw), c], x in the
-    # columns' order: one copy of x instead of a second im2col (of x). The
-    # same products as dw's own im2col, summed over input instead of output
-    # pixels. Used with need_dx=False too (cols_d without dx's GEMM, no larger
-    # than x's columns as F <= C), so that skipping dx changes no bit of dw.
-    # Measured alternating in one process, ResNet-18 CIFAR step, float32:
-    # width 16 / batch 128 0.865 -> 0.818 s (2 threads), 1.379 -> 1.309 s
-    # (1 thread); width 64 / batch 64 3.86 -> 3.75 s.
     shared = dx_as_conv and U_flip is None and DW_FROM_DX_COLUMNS
     pm_d = _pixel_major(H, W, HH, WW)  # the column layout of dx's convolution (H x W outputs)
 
     def backward_shard(shard):
         """Writes dx[n0:n1] of the shard's images, returns their part of dw^T
         (or, when ``shared``, of dw flipped: (F*HH*WW, C))."""
-        if shared:
-            dwf_t = xp.zeros((F * HH * WW, C), dtype=dout.dtype)
-            for n0 in range(shard[0], shard[1], nb):
-                n1 = min(n0 + nb, shard[1])
-                cols_d, _, _ = _columns(dout[n0:n1], HH, WW, 1, HH - 1 - pad, WW - 1 - pad,
-                                        pm_d)  # (F*HH*WW, nb*H*W)
-                if need_dx:  # dx's convolution on those columns
-                    dx[n0:n1] = _gemm_conv(w_flip, cols_d, n1 - n0, H, W, pm_d)  # (nb, C, H, W)
-                dwf_t += cols_d @ _gemm_columns(x[n0:n1], pm_d).T  # (F*HH*WW, C)
-            return dwf_t
-        dw_t = xp.zeros((C * HH * WW, F), dtype=dout.dtype)  # dw transposed, summed over chunks
+        part = xp.zeros((F * HH * WW, C) if shared else (C * HH * WW, F), dtype=dout.dtype)
         for n0 in range(shard[0], shard[1], nb):
             n1 = min(n0 + nb, shard[1])
-            cols, _, _ = _columns(x[n0:n1], HH, WW, stride, pad, pad, pm)  # (C*HH*WW, nb*H'*W'), recomputed
-            dout_cm = _gemm_columns(dout[n0:n1], pm)  # (F, nb*H'*W'), the same column order
-            # dw^T = cols @ dout^T: OpenBLAS runs this orientation faster than
-            # dout @ cols^T (the long nb*H'*W' axis is the shared one)
-            dw_t += cols @ dout_cm.T  # (C*HH*WW, F)
-            if not need_dx:
+            dx_chunk = dx[n0:n1] if need_dx else None  # (nb, C, H, W), written in place
+            if shared:
+                part += _dx_dw_from_dout_columns(dx_chunk, x[n0:n1], dout[n0:n1], w_flip, pad,
+                                                 pm_d)
                 continue
-            if dx_as_conv and U_flip is not None:
-                winograd_conv_into(dx[n0:n1], dout[n0:n1], U_flip)  # (nb, C, H, W)
+            dout_cm = gemm_columns(dout[n0:n1], pm)  # (F, nb*H'*W'), the columns' order
+            part += _dw_from_x_columns(x[n0:n1], dout_cm, HH, WW, stride, pad, pm)
+            if dx_chunk is None:
+                continue
+            if U_flip is not None:
+                _dx_by_winograd(dx_chunk, dout[n0:n1], U_flip)
             elif dx_as_conv:
-                dx[n0:n1] = _conv_chunk(dout[n0:n1], w_flip, 1, HH - 1 - pad, WW - 1 - pad)  # (nb, C, H, W)
+                _dx_by_flipped_conv(dx_chunk, dout[n0:n1], w_flip, pad)
             else:
-                # dcols = w^T @ dout, then scatter the columns back onto the pixels (col2im)
-                dcols = w_mat.T @ dout_cm  # (C*HH*WW, nb*H'*W')
-                Hp, Wp, n = H + 2 * pad, W + 2 * pad, n1 - n0
-                dxpad = _col2im(dcols, (C, Hp, Wp, n) if pm else (C, n, Hp, Wp), HH, WW, stride,
-                                Ho, Wo, pm)
-                dx[n0:n1] = _unpadded(dxpad, pad, pad, H, W, pm)  # (nb, C, H, W)
-        return dw_t
+                _dx_by_col2im(dx_chunk, dout_cm, w_mat, HH, WW, stride, pad, Ho, Wo, pm)
+        return part
 
     # one partial dw per shard, added in shard order (not in the order the
     # threads finish): the same bits on every run for a given thread count

@@ -7,10 +7,11 @@
     dense.py         the dense single-process cosine classifier (the
                      reference of the sharded one)
     trace.py         the trace format (a directory of .npz files, one per
-                     step, readable with NumPy alone) and TraceRecorder, which
-                     records a refimpl run (refimpl-train --trace)
+                     step, readable with NumPy alone) and its reader, Trace
+    recorder.py      TraceRecorder: a refimpl run's steps as a trace
+                     (refimpl-train --trace, replay)
     replay.py        run another implementation's trace in refimpl (float64,
-                     any P) and compare; start refimpl from torchvision weights
+                     any P) and compare
     __main__.py      refimpl-oracle replay | compare
     torch_writer.py  TraceWriter: hooks that write a PyTorch model + SGD step as
                      a trace (imports torch: import it yourself, never here)
@@ -24,8 +25,10 @@ from refimpl.oracle.compare import (check_tensor, compare_tensors, compare_trace
                                     scaled_error, tensor_diff)
 from refimpl.oracle.dense import dense_cosine_softmax
 from refimpl.oracle.gradcheck import numerical_grad
-from refimpl.oracle.replay import load_encoder_file, replay, replay_and_compare
-from refimpl.oracle.trace import Trace, TraceError, TraceRecorder
+from refimpl.models.state_dict import load_encoder_file
+from refimpl.oracle.replay import replay, replay_and_compare
+from refimpl.oracle.recorder import TraceRecorder
+from refimpl.oracle.trace import Trace, TraceError
 
 __all__ = ["Trace", "TraceError", "TraceRecorder", "check_tensor", "compare_tensors",
            "compare_traces", "dense_cosine_softmax", "format_report", "format_trace_report",

@@ -18,7 +18,6 @@ the reference's). Exit status: 0 all tensors agree, 1 a mismatch, 2 an
 unreadable or inconsistent trace.
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -60,11 +59,6 @@ def build_parser():
     return p
 
 
-def under_mpirun():
-    return any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK",
-                                         "SLURM_STEP_NUM_TASKS"))
-
-
 def report(result, args):
     from refimpl.oracle.compare import format_trace_report
     print(format_trace_report(result, mismatches_only=args.mismatches_only), flush=True)
@@ -73,16 +67,14 @@ def report(result, args):
 
 def replay_command(args):
     from refimpl.oracle.replay import compare_replay, replay, replay_and_compare
+    from refimpl.parallel.launch import abort_on_error, launched_by_mpi, world_comm
     if args.ranks is not None and args.ranks < 1:
         raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
     if args.no_compare and args.out is None:
         raise ValueError("--no-compare needs --out DIR (where refimpl's trace goes)")
-    if under_mpirun():
-        from mpi4py import MPI
-
-        from refimpl.parallel.comm import MPIComm, abort_on_error
+    if launched_by_mpi():
         from refimpl.oracle.trace import TraceError
-        comm = MPIComm(MPI.COMM_WORLD)
+        comm = world_comm("refimpl-oracle")
         if args.ranks not in (None, comm.size):
             raise ValueError(f"--ranks {args.ranks} under mpirun with {comm.size} ranks")
         import shutil

@@ -30,12 +30,7 @@ the trace's dtype (``compare.default_tolerances``).
 World size. A trace's tensors are of the global batch, so any P' replays it:
 with "sync" BatchNorm any P' that divides B; with "local" BatchNorm P' = P
 (each rank its own statistics, rank 0's broadcast) or P' = 1
-(``net.bn.groups = P``: the same statistics in one process).
-
-``read_state_file`` / ``load_encoder_file`` start refimpl from another
-implementation's weights outside a trace: a torchvision-named ``.pt`` or
-``.npz`` as the initial encoder (``Config.init_encoder``).
-"""
+(``net.bn.groups = P``: the same statistics in one process)."""
 import os
 import subprocess
 import tempfile
@@ -47,10 +42,10 @@ from refimpl import __version__
 from refimpl.method.neighbours import hardest_neighbours
 from refimpl.method.targets import entries_from_rows
 from refimpl.models.network import build_model
-from refimpl.models.state_dict import import_torchvision
 from refimpl.optim.sgd import SGD
 from refimpl.oracle.compare import compare_traces
-from refimpl.oracle.trace import INIT, Trace, TraceError, TraceRecorder
+from refimpl.oracle.recorder import TraceRecorder
+from refimpl.oracle.trace import INIT, Trace, TraceError
 from refimpl.params import StateDictError, is_bn_or_bias
 from refimpl.parallel.classifier import CosineClassifier
 from refimpl.parallel.comm import SelfComm
@@ -294,47 +289,3 @@ def compare_replay(trace_dir, out, work, rtol=None, atol=None, steps=None, free_
         floor = float32_noise(trace_dir, out, work, steps, free_run)
     return compare_traces(out, trace_dir, rtol, atol, labels=("refimpl", "yours"),
                           steps=steps, noise=floor)
-
-
-def read_state_file(path):
-    """{name: np.ndarray} from a state-dict file: .npz (NumPy) or .pt (torch.save).
-
-    A .pt may hold the dict itself or {"state_dict": dict}; DDP's "module."
-    prefix is removed. Raises ValueError with the path for anything else.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            state = {k: z[k] for k in z.files}
-    elif path.suffix == ".pt":
-        try:
-            import torch
-        except ImportError:
-            raise ValueError(f"{path}: reading a .pt file needs PyTorch; save the state "
-                             f"dict as .npz instead") from None
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}: expected a state dict (name -> tensor), got "
-                             f"{type(obj).__name__}")
-        state = {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
-    else:
-        raise ValueError(f"{path}: a state dict must be a .pt or .npz file")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def load_encoder_file(net, path):
-    """Load a torchvision-named encoder from .pt/.npz into ``net``'s encoder.
-
-    Keys ``fc.*`` (torchvision's classifier), ``head.*`` and
-    ``classifier.*`` (a refimpl export) are ignored; every encoder key must
-    be there with its shape (``params.StateDictError`` names what is not).
-    """
-    state = {k: v for k, v in read_state_file(path).items()
-             if not k.startswith(("head.", "classifier."))}
-    return import_torchvision(net, state, strict=True, drop_fc=True)

@@ -4,8 +4,10 @@ In the order a training step uses them (docs/design.md's step table):
 
     comm.py           SelfComm / MPIComm: all_gather next to its adjoint
                       reduce_scatter, all_reduce, bcast; byte counters; GPU
-                      staging; abort_on_error
-    launch.py         find_mpirun / mpirun_command: starting P ranks
+                      staging
+    launch.py         the job: mpirun_command (starting P ranks),
+                      launched_by_mpi / world_comm (its communicator),
+                      select_gpu, abort_on_error
     sharding.py       which rank owns which rows of W (shard_range,
                       shard_owner), and the world-size-invariant initial rows
     classifier.py     the N-way cosine classifier, rows sharded over ranks:
@@ -20,15 +22,15 @@ The step that puts them together is ``refimpl.train.step``.
 from refimpl.parallel.classifier import (CosineClassifier, check_targets,
                                          cosine_softmax_backward, cosine_softmax_forward,
                                          shard_softmax)
-from refimpl.parallel.comm import (MPIComm, SelfComm, abort_on_error, detect_cuda_aware_mpi,
-                                   select_gpu)
+from refimpl.parallel.comm import MPIComm, SelfComm, detect_cuda_aware_mpi
 from refimpl.parallel.data_parallel import (BN_MODES, allreduce_gradients, broadcast_buffers,
                                             check_replicated, set_batchnorm_mode)
-from refimpl.parallel.launch import find_mpirun, mpirun_command
+from refimpl.parallel.launch import (abort_on_error, find_mpirun, launched_by_mpi,
+                                     mpirun_command, select_gpu, world_comm)
 from refimpl.parallel.sharding import init_shard, shard_owner, shard_range
 
 __all__ = ["BN_MODES", "CosineClassifier", "MPIComm", "SelfComm", "abort_on_error",
            "allreduce_gradients", "broadcast_buffers", "check_replicated", "check_targets",
            "cosine_softmax_backward", "cosine_softmax_forward", "detect_cuda_aware_mpi",
-           "find_mpirun", "init_shard", "mpirun_command", "select_gpu", "set_batchnorm_mode",
-           "shard_owner", "shard_range", "shard_softmax"]
+           "find_mpirun", "init_shard", "launched_by_mpi", "mpirun_command", "select_gpu",
+           "set_batchnorm_mode", "shard_owner", "shard_range", "shard_softmax", "world_comm"]

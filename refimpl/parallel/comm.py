@@ -1,10 +1,9 @@
 """Communicators: the only place where bytes move between ranks.
 
 Contract. Every parallel function in refimpl takes a communicator as an
-argument; nothing inside the package reads ``MPI.COMM_WORLD``. The program
-that starts the job makes one:
+argument; nothing inside the package reads ``MPI.COMM_WORLD`` but
+``launch.world_comm``, with which the program that starts the job makes one:
 
-    from mpi4py import MPI
     comm = MPIComm(MPI.COMM_WORLD)     # under mpirun / srun
     comm = SelfComm()                  # one process, no MPI installed at all
 
@@ -42,19 +41,11 @@ through host copies. ``cuda_aware`` is detected (``REFIMPL_CUDA_AWARE_MPI=0|1``
 overrides, then Open MPI's ``MPIX_Query_cuda_support``; unknown means no) and
 can be forced with the constructor argument. Before any device buffer goes to
 MPI the current CUDA stream is synchronized: MPI reads memory, it does not
-wait for kernels. ``select_gpu(comm)`` gives each rank the GPU of its
-node-local rank.
-
-Failure. ``with abort_on_error(comm):`` around a rank's work turns an
-exception on one rank into the end of the whole job: the rank prints its
-traceback (prefixed by its rank) and calls ``MPI_Abort``, so the other ranks,
-which may be waiting in a collective, do not hang.
+wait for kernels. (Which GPU a rank uses, and ending the job when one rank
+fails, are the launched job's concerns: ``launch.py``.)
 """
-import contextlib
 import ctypes
 import os
-import sys
-import traceback
 
 import numpy as np
 
@@ -410,47 +401,3 @@ def detect_cuda_aware_mpi():
     except (AttributeError, OSError):  # no RTLD_NOLOAD (not Linux/macOS)
         pass
     return False
-
-
-def select_gpu(comm):
-    """Make GPU ``comm.local_rank % (GPUs on this node)`` the current device.
-
-    Returns the device index. One rank per GPU is the usual layout; more
-    ranks than GPUs share them round-robin.
-    """
-    from refimpl.backend import use_gpu
-    return use_gpu(comm.local_rank)
-
-
-@contextlib.contextmanager
-def abort_on_error(comm, stream=None, passthrough=()):
-    """Run a rank's work so that an exception on any rank ends the whole job.
-
-    On an exception the rank prints ``refimpl: rank r/P failed:`` and the
-    traceback to stderr, flushes, and calls ``comm.abort(1)``: MPI then
-    kills every rank and ``mpirun`` exits non-zero, instead of the other
-    ranks waiting forever in their next collective. With ``SelfComm`` the
-    exception simply propagates.
-
-    A rank that leaves early by ``sys.exit()`` (any code, 0 included) ends
-    the job the same way: the other ranks may be waiting for it in a
-    collective. passthrough: exception types that every rank raises together
-    (an error found by a collective check, the same on every rank); they
-    propagate without an abort, so every rank can exit with its own status.
-    """
-    try:
-        yield
-    except BaseException as e:
-        if isinstance(e, passthrough):
-            raise
-        stream = sys.stderr if stream is None else stream
-        if isinstance(e, SystemExit):
-            stream.write(f"refimpl: rank {comm.rank}/{comm.size} left early (sys.exit("
-                         f"{e.code!r})) while the other ranks may wait for it; ending the "
-                         f"job\n")
-        else:
-            stream.write(f"refimpl: rank {comm.rank}/{comm.size} failed:\n"
-                         + "".join(traceback.format_exception(type(e), e, e.__traceback__)))
-        stream.flush()
-        comm.abort(1)
-        raise

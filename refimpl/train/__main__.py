@@ -17,29 +17,11 @@ neighbour table; bytes communicated per step by docs/design.md's formula; and
 whether it fits the memory this machine has free.
 """
 import argparse
-import os
 import sys
 
 from refimpl.train.config import ConfigError, load_config, validate
 
 EXIT_CONFIG, EXIT_STOPPED = 2, 3
-
-
-def make_comm():
-    """MPIComm(COMM_WORLD) under mpirun/srun (or when mpi4py is importable and the
-    world has more than one rank), else SelfComm."""
-    from refimpl.parallel.comm import SelfComm
-    launched = any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK",
-                                             "SLURM_STEP_NUM_TASKS", "MPI_LOCALNRANKS"))
-    if not launched:
-        return SelfComm()
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        sys.exit("refimpl-train: started by an MPI launcher but mpi4py is not installed: "
-                 "pip install 'refimpl[mpi]'")
-    from refimpl.parallel.comm import MPIComm
-    return MPIComm(MPI.COMM_WORLD)
 
 
 def build_parser():
@@ -76,8 +58,8 @@ def main(argv=None):
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:  # only overrides, no file
         config, overrides = None, [config] + overrides
-    comm = make_comm()
-    from refimpl.parallel.comm import abort_on_error
+    from refimpl.parallel.launch import abort_on_error, world_comm
+    comm = world_comm("refimpl-train")
     from refimpl.checkpoint import CheckpointError
     from refimpl.train.loop import TrainingInterrupted, TrainingStopped
     try:
@@ -92,7 +74,7 @@ def main(argv=None):
                                                TrainingInterrupted)):
             trainer = Trainer(cfg, comm, save_on_interrupt=args.save_on_interrupt)
             if args.trace:
-                from refimpl.oracle.trace import TraceRecorder
+                from refimpl.oracle.recorder import TraceRecorder
                 trainer.tracer = TraceRecorder.for_trainer(trainer, args.trace,
                                                            args.trace_steps)
             trainer.install_signal_handlers()

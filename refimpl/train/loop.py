@@ -44,11 +44,12 @@ from refimpl.method.neighbours import hardest_neighbours
 from refimpl.method.prior import contrastive_prior, prior_summary
 from refimpl.method.targets import target_entries
 from refimpl.models.network import build_model
+from refimpl.models.state_dict import load_encoder_file
 from refimpl.optim.schedule import warmup_cosine
 from refimpl.optim.sgd import SGD
 from refimpl.params import is_bn_or_bias
 from refimpl.parallel.classifier import CosineClassifier
-from refimpl.parallel.comm import select_gpu
+from refimpl.parallel.launch import select_gpu
 from refimpl.parallel.data_parallel import set_batchnorm_mode
 from refimpl.train.config import ConfigError, config_hash, to_toml, validate
 from refimpl.train.step import forward_backward, update
@@ -129,7 +130,7 @@ class Trainer:
         self.state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "prior_done": False}
         self.neighbours = None   # (N, K) table of the current epoch
         self.results = {}        # the evaluation lines of the final summary
-        self.tracer = None       # refimpl-train --trace: an oracle.trace.TraceRecorder
+        self.tracer = None       # refimpl-train --trace: an oracle.recorder.TraceRecorder
 
     # ---------------------------------------------------------------- setup
     def _collective(self, fn):
@@ -459,10 +460,9 @@ class Trainer:
 def load_init_encoder(net, path):
     """Config.init_encoder: a torchvision-named .pt/.npz file starts the encoder.
 
-    (``oracle.replay.load_encoder_file``: fc.*, head.* and classifier.* keys are
-    ignored, every encoder key must fit.) A bad file is a ConfigError.
+    (``models.state_dict.load_encoder_file``: fc.*, head.* and classifier.* keys
+    are ignored, every encoder key must fit.) A bad file is a ConfigError.
     """
-    from refimpl.oracle.replay import load_encoder_file
     try:
         load_encoder_file(net, path)
     except (ValueError, OSError) as e:  # StateDictError is a ValueError

@@ -33,7 +33,7 @@ from refimpl.method.neighbours import hardest_neighbours  # noqa: E402
 from refimpl.method.targets import target_entries  # noqa: E402
 from refimpl.models import build_model  # noqa: E402
 from refimpl.optim.sgd import SGD  # noqa: E402
-from refimpl.oracle.trace import TraceRecorder  # noqa: E402
+from refimpl.oracle.recorder import TraceRecorder  # noqa: E402
 from refimpl.params import is_bn_or_bias  # noqa: E402
 from refimpl.parallel import CosineClassifier, SelfComm  # noqa: E402
 from refimpl.train.step import forward_backward, update  # noqa: E402
