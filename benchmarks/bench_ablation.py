@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from benchmarks.common import emit, machine_info  # noqa: E402
+from benchmarks.datasets import prepare  # noqa: E402
 
 VARIANTS = {
     "full": {},
@@ -57,21 +58,6 @@ COMMON = {"arch": "resnet18", "stem": "cifar", "width": 16, "dim": 128, "batch_s
           "lr": 0.3, "warmup_epochs": 1.0, "tau": 0.15, "smooth_from_epoch": 1,
           "augment": {"crop_scale": [0.2, 1.0]}, "knn_k": [20, 200], "eval_every": 1,
           "save_every": 0, "log_every": 1000, "dtype": "float32", "keep": 1}
-
-
-def prepare(name, data_dir):
-    """(train spec, test spec) of a dataset; packs the digits on first use."""
-    if name == "digits":
-        path = Path(data_dir) / "digits16"
-        if not (path / "train" / "manifest.json").is_file():
-            from data_tools.digits import make_digits
-            make_digits(path, size=16)
-        return str(path / "train"), str(path / "test")
-    if name in ("shapes", "shapes32"):
-        size = 16 if name == "shapes" else 32
-        return (f"synthetic:n=2000,size={size},classes=8,seed=0",
-                f"synthetic:n=500,size={size},classes=8,seed=1")
-    raise SystemExit(f"unknown dataset {name!r}")
 
 
 def run_one(dataset, train, test, variant, seed, epochs, out, threads=0):
