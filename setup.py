@@ -6,7 +6,7 @@ setup(
     description="From-scratch NumPy/CuPy + mpi4py reference implementation of "
                 "large-scale parametric instance classification",
     packages=find_packages(include=["refimpl", "refimpl.*", "data_tools", "data_tools.*"]),
-    package_data={"refimpl.train": ["*.toml"]},
+    package_data={"refimpl.train": ["*.toml"], "refimpl.finetune": ["*.toml"]},
     # Every minimum below is a version the whole suite passed with: `make
     # test-min` installs each one pinned exactly (tests/min_versions.txt) on
     # Python 3.9 and runs the suite (torch excepted, see "torch").
@@ -46,5 +46,6 @@ setup(
         "refimpl-eval = refimpl.evaluate.__main__:main",
         "refimpl-export = refimpl.checkpoint:main",
         "refimpl-oracle = refimpl.oracle.__main__:main",
+        "refimpl-finetune = refimpl.finetune.__main__:main",
     ]},
 )

@@ -16,10 +16,11 @@ checks every import, function-level ones too):
     checkpoint  world-size-independent checkpoints (refimpl-export)
     evaluate/   kNN, linear probe, label agreement (refimpl-eval)
     train/      one hybrid step, the config, the training loop (refimpl-train)
+    finetune/   phase 2: encoder + FC on labels, semi-supervised, transfer (refimpl-finetune)
     oracle/     compare, gradcheck, traces, replay (refimpl-oracle)
 
 The programs, each package's ``__main__.py`` (refimpl-train, refimpl-eval,
-refimpl-oracle), stand above every package: they may import any of them
+refimpl-finetune, refimpl-oracle), stand above every package: they may import any of them
 (refimpl-train --trace records with ``oracle.recorder``), never another
 program. Nothing here imports data_tools/, tests/ or benchmarks/.
 

@@ -20,7 +20,7 @@ PACKAGE = ROOT / "refimpl"
 # Lowest first; the modules of the first layer are the package's top-level helpers.
 LAYERS = [("checks", "backend", "threads", "fileio", "sysinfo", "params"), ("data",), ("layers",),
           ("models",), ("parallel",), ("method",), ("optim",), ("checkpoint",), ("evaluate",),
-          ("train",), ("oracle",)]
+          ("train",), ("finetune",), ("oracle",)]
 PROGRAMS = len(LAYERS)  # the layer of the __main__ modules
 # What refimpl may never import: the three trees, and the modules of tests/ and
 # benchmarks/, which their scripts import by bare name (``from tolerances import ...``).
