@@ -2,7 +2,7 @@
 
     train, test = prepare("shapes32", data_dir)   # dataset specs for Config.train / test
 
-Used by bench_ablation.py (the method's variants) and the transfer benchmark
+Used by bench_ablation.py (the method's variants) and bench_transfer.py
 (pretraining, then fine-tuning), so that "shapes32" means the same images in
 every table:
 
@@ -13,12 +13,16 @@ every table:
               train / 500 test, drawn with different data seeds), where raw
               pixels fail
     shapes32  the same at 32 x 32
+    shapes32b 8 other classes of the same generator at 32 x 32 (offset 8: no
+              class's (shape, texture) pair is one of shapes32's), 2,000 train /
+              500 test: the transfer target of shapes32
 
-Data seeds 0 (train) and 1 (test); demos and tests use other seeds.
+Data seeds 0 (train) and 1 (test), 2 and 3 for shapes32b; demos and tests
+use other seeds.
 """
 from pathlib import Path
 
-DATASETS = ("digits", "shapes", "shapes32")
+DATASETS = ("digits", "shapes", "shapes32", "shapes32b")
 
 
 def prepare(name, data_dir):
@@ -33,4 +37,7 @@ def prepare(name, data_dir):
         size = 16 if name == "shapes" else 32
         return (f"synthetic:n=2000,size={size},classes=8,seed=0",
                 f"synthetic:n=500,size={size},classes=8,seed=1")
+    if name == "shapes32b":
+        return ("synthetic:n=2000,size=32,classes=8,seed=2,offset=8",
+                "synthetic:n=500,size=32,classes=8,seed=3,offset=8")
     raise SystemExit(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")

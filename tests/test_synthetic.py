@@ -52,9 +52,10 @@ def test_classes_cover_distinct_shape_texture_pairs():
 
 
 def test_spec_parsing_and_errors():
-    assert parse_spec("synthetic:n=5") == {"n": 5, "size": 32, "classes": 10, "seed": 0}
+    assert parse_spec("synthetic:n=5") == {"n": 5, "size": 32, "classes": 10, "seed": 0,
+                                            "offset": 0}
     assert parse_spec("synthetic: n=5 , size=16,seed=3") == {"n": 5, "size": 16, "classes": 10,
-                                                              "seed": 3}
+                                                              "seed": 3, "offset": 0}
     bad = {"synthetic:n=5,colour=3": "unknown key",
            "synthetic:size=32": "required",
            "synthetic:n=five": "integer",
@@ -66,6 +67,8 @@ def test_spec_parsing_and_errors():
             open_synthetic(spec)
     with pytest.raises(ValueError, match="num_classes must be <= 32"):
         open_synthetic("synthetic:n=5,classes=33")
+    with pytest.raises(ValueError, match="offset \\+ num_classes must be <= 32, got 30 \\+ 8"):
+        open_synthetic("synthetic:n=5,classes=8,offset=30")
     with pytest.raises(ValueError, match="num_images must be a positive integer, got 0"):
         open_synthetic("synthetic:n=0")
     with pytest.raises(ValueError, match="size must be an integer >= 8, got 4"):
@@ -143,3 +146,17 @@ def test_chunks_shrink_to_the_available_memory(tmp_path, monkeypatch):
                                          r"2\.29e-05 GiB of memory, more than the 2\.29e-05 GiB"):
         write_synthetic(tmp_path / "b", 10, size=16)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_offset_draws_disjoint_classes_with_the_same_nuisances():
+    """classes=8,offset=8: labels 0..7 drawn as classes 8..15, whose (shape, texture)
+    pairs are none of classes 0..7's; the labels and the nuisances (the hash) are the
+    ones of offset 0, so only the class's look changes."""
+    a = open_synthetic("synthetic:n=64,size=16,classes=8,seed=3")
+    b = open_synthetic("synthetic:n=64,size=16,classes=8,seed=3,offset=8")
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert not set(a.class_names) & set(b.class_names) and len(set(b.class_names)) == 8
+    assert b.spec.endswith(",offset=8") and a.spec.endswith("seed=3")
+    same = a.labels == 0  # class 0 is a solid disk, class 8 a striped disk
+    assert not np.array_equal(a.read(np.flatnonzero(same)), b.read(np.flatnonzero(same)))
+    np.testing.assert_array_equal(b.read(np.arange(5)), S.render(3, np.arange(5), 16, 8, 8))

@@ -9,7 +9,10 @@ Classes are (shape, texture) pairs: 8 shapes (disk, square, diamond, triangle,
 ring, frame, plus, cross) x 4 textures on the shape (solid, stripes, checker,
 dots) = at most 32 classes. Class ``c`` is shape ``c % 8`` with texture
 ``(c + c // 8) % 4``, so the first 8 classes already differ in shape and
-texture, and the 32 pairs are all distinct.
+texture, and the 32 pairs are all distinct. ``offset`` shifts the classes:
+label c is drawn as class ``c + offset``, so ``classes=8,offset=8`` is 8
+classes whose (shape, texture) pairs are disjoint from ``classes=8``'s (a
+transfer target that shares no class with its source).
 
 Nuisances (drawn per image, none of them tells the class): position (the shape
 stays inside the canvas), size (radius 0.22-0.38 of the side), rotation
@@ -25,7 +28,7 @@ hash (SplitMix64) of ``(seed, index, slot)``, vectorized in NumPy, so the
 labels of all 1,281,167 instances take milliseconds and a batch is generated
 with array operations only (no Python loop over images).
 
-    open_synthetic("synthetic:n=1281167,size=32,classes=10,seed=0")
+    open_synthetic("synthetic:n=1281167,size=32,classes=10,seed=0")   # offset=0 by default
 
 This module is the reader (training and ``refimpl.data.datasets.open_dataset``
 use it directly, no files); ``python -m data_tools.synthetic`` packs a finite
@@ -40,7 +43,7 @@ SHAPES = ("disk", "square", "diamond", "triangle", "ring", "frame", "plus", "cro
 TEXTURES = ("solid", "stripes", "checker", "dots")
 MAX_CLASSES = len(SHAPES) * len(TEXTURES)
 SPEC_PREFIX = "synthetic:"
-SPEC_KEYS = {"n": None, "size": 32, "classes": 10, "seed": 0}  # None: required
+SPEC_KEYS = {"n": None, "size": 32, "classes": 10, "seed": 0, "offset": 0}  # None: required
 
 # Hash slots: which per-image number is which.
 _S_LABEL, _S_CX, _S_CY, _S_RADIUS, _S_ROT, _S_POLARITY = range(6)
@@ -143,11 +146,12 @@ def _texture(texture, u, v, phase, r_px):
     raise ValueError(f"unknown texture {texture!r}")
 
 
-def render(seed, indices, size, num_classes):
+def render(seed, indices, size, num_classes, offset=0):
     """Images uint8 (n, size, size, 3) of the given instance indices.
 
-    Every image depends only on (seed, index, size, num_classes): all numbers
-    come from the hash, and the pixel maths is elementwise per image.
+    Every image depends only on (seed, index, size, num_classes, offset): all
+    numbers come from the hash, and the pixel maths is elementwise per image.
+    Label c is drawn as class c + offset.
     """
     indices = np.asarray(indices, dtype=np.int64)
     n = indices.shape[0]
@@ -155,7 +159,7 @@ def render(seed, indices, size, num_classes):
     f32 = np.float32
     label = np.minimum((_uniform(keys, _S_LABEL)[:, 0] * num_classes).astype(np.int64),
                        num_classes - 1)
-    shape_id, texture_id = class_shape_texture(label)
+    shape_id, texture_id = class_shape_texture(label + offset)
 
     # geometry (n,) -> broadcast (n, 1, 1)
     r_px = (size * (0.22 + 0.16 * _uniform(keys, _S_RADIUS)[:, 0])).astype(f32)
@@ -216,19 +220,24 @@ class SyntheticDataset:
     """A generated dataset with the reader interface of ``PackedDataset``.
 
     num_images: N >= 1; size: side in pixels (>= MIN_SIZE = 8); num_classes:
-    1..32; seed >= 0.
+    1..32; seed >= 0; offset >= 0: label c is drawn as class c + offset
+    (offset + num_classes <= 32).
     Attributes: labels int64 (N,), class_names, image_size (size, size),
     manifest (dict), len(); read(indices) -> uint8 (n, size, size, 3).
     """
 
-    def __init__(self, num_images, size=32, num_classes=10, seed=0):
+    def __init__(self, num_images, size=32, num_classes=10, seed=0, offset=0):
         self.num_images = check_int("num_images", num_images)
         self.size = check_int("size", size, minimum=MIN_SIZE)
         self.num_classes = check_int("num_classes", num_classes)
         self.seed = check_int("seed", seed, minimum=0)
+        self.offset = check_int("offset", offset, minimum=0)
         if self.num_classes > MAX_CLASSES:
             raise ValueError(f"num_classes must be <= {MAX_CLASSES} "
                              f"({len(SHAPES)} shapes x {len(TEXTURES)} textures), got {num_classes}")
+        if self.offset + self.num_classes > MAX_CLASSES:
+            raise ValueError(f"offset + num_classes must be <= {MAX_CLASSES}, got "
+                             f"{self.offset} + {self.num_classes}")
         self._labels = None
 
     @property
@@ -243,7 +252,7 @@ class SyntheticDataset:
     def class_names(self):
         names = []
         for c in range(self.num_classes):
-            s, t = class_shape_texture(c)
+            s, t = class_shape_texture(c + self.offset)
             names.append(f"{SHAPES[s]}-{TEXTURES[t]}")
         return names
 
@@ -254,7 +263,8 @@ class SyntheticDataset:
     @property
     def spec(self):
         return (f"{SPEC_PREFIX}n={self.num_images},size={self.size},"
-                f"classes={self.num_classes},seed={self.seed}")
+                f"classes={self.num_classes},seed={self.seed}"
+                + (f",offset={self.offset}" if self.offset else ""))
 
     @property
     def manifest(self):
@@ -277,11 +287,11 @@ class SyntheticDataset:
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_images):
             raise IndexError(f"indices must lie in [0, {self.num_images}), got "
                              f"[{idx.min()}, {idx.max()}]")
-        return render(self.seed, idx, self.size, self.num_classes)
+        return render(self.seed, idx, self.size, self.num_classes, self.offset)
 
 
 def parse_spec(spec):
-    """'synthetic:n=...,size=...,classes=...,seed=...' -> dict of ints (n required)."""
+    """'synthetic:n=...,size=...,classes=...,seed=...,offset=...' -> dict of ints (n required)."""
     if not isinstance(spec, str) or not spec.startswith(SPEC_PREFIX):
         raise ValueError(f"a synthetic spec starts with {SPEC_PREFIX!r}, got {spec!r}")
     body = spec[len(SPEC_PREFIX):].strip()
@@ -308,4 +318,5 @@ def parse_spec(spec):
 def open_synthetic(spec):
     """A SyntheticDataset from a 'synthetic:n=N,size=S,classes=K,seed=X' spec."""
     p = parse_spec(spec)
-    return SyntheticDataset(p["n"], size=p["size"], num_classes=p["classes"], seed=p["seed"])
+    return SyntheticDataset(p["n"], size=p["size"], num_classes=p["classes"], seed=p["seed"],
+                            offset=p["offset"])
