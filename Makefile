@@ -21,7 +21,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check --quiet
 MPIRUN := $(VENV)/bin/mpirun --oversubscribe $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
 DEMO_DATA := data/digits16
 
-.PHONY: install test test-fast test-kernels demo bench clean
+.PHONY: install test test-fast test-kernels demo finetune-demo bench clean
 
 install: $(STAMP)
 
@@ -55,6 +55,14 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(MPIRUN) -np 2 $(VENV)/bin/refimpl-train \
 		refimpl/train/demo.toml
+
+# Phase 2 on the demo's encoder (after `make demo`): fine-tuned on 1% of the
+# digits' labels on 2 MPI ranks (refimpl/finetune/demo.toml); starts afresh.
+finetune-demo: $(STAMP)
+	@test -f runs/demo/latest || { echo "make finetune-demo: no runs/demo: run make demo first"; exit 2; }
+	rm -rf runs/demo-finetune
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(MPIRUN) -np 2 $(VENV)/bin/refimpl-finetune \
+		refimpl/finetune/demo.toml
 
 # Side-by-side speed against PyTorch on this machine: JSON lines on the
 # console and in $(BENCH_OUT), then the tables made from them rewritten into

@@ -259,6 +259,10 @@ def load_network(path, device=None):
     from refimpl.models.network import build_model
     path = resolve(path)
     meta = verify(path)
+    if "kind" in meta:  # refimpl.finetune's checkpoints: encoder + fc, no head
+        raise CheckpointError(f"{path}: a {meta['kind']} checkpoint (encoder + fc, no head): "
+                              f"its test accuracy is in the run's metrics.jsonl, and "
+                              f"refimpl-export writes its weights")
     c = meta["config"]
     net = build_model(c["arch"], c["stem"], c["width"], c["head_hidden"] or None, c["dim"],
                       c["dtype"], device or c["device"], c["seed"])

@@ -107,6 +107,9 @@ def test_frozen_encoder_keeps_the_pretrained_encoder_and_exports(pretrained, tmp
     with np.load(out) as z:
         keys = list(z.files)
     assert keys[0] == "conv1.weight" and keys[-2:] == ["fc.weight", "fc.bias"]
+    proc = subprocess.run([sys.executable, "-m", "refimpl.evaluate", str(run)],
+                          capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert proc.returncode != 0 and "a finetune checkpoint (encoder + fc, no head)" in proc.stderr
 
 
 @pytest.mark.mpi
