@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.cli import run
+from data_tools.cli import add_version, run
 from refimpl.data.packed import PackedSplits
 
 LAYOUTS = {
@@ -329,6 +329,7 @@ def build_parser():
     p.add_argument("--dataset", choices=("auto", "cifar10", "cifar100"), default="auto",
                    help="which CIFAR (default: detected from the files)")
     p.add_argument("--overwrite", action="store_true", help="replace existing OUT/train, OUT/test")
+    add_version(p)
     return p
 
 

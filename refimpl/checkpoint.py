@@ -3,6 +3,7 @@
 Contract (docs/design.md, "Checkpoints"). A checkpoint is a directory
 
     meta.json               format version, config, epoch, step, N, D, dtype, arch,
+                            the version line of the code that wrote it (made_with),
                             world size at save time, sampler position, RNG rule,
                             one sha256 per file (written last: its presence
                             means the rest is complete)
@@ -41,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from refimpl.backend import asarray
+from refimpl.deps import add_version_argument, require, version_line
 from refimpl.fileio import (atomic_file, publish, remove_stale_temporaries, sha256_file,
                             write_shard_rows)
 from refimpl.models.state_dict import write_state_file
@@ -138,6 +140,7 @@ def save(run_dir, state, cfg_dict, net, clf, net_opt, clf_opt, comm, neighbours=
                 "num_classes": N, "dim": D, "dtype": dtype.name, "world_size": comm.size,
                 "sampler": {"epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"]},
                 "rng": "stateless: every draw is rng(seed, stream, keys) (refimpl.backend.rng)",
+                "made_with": version_line(),
                 "files": {f: sha256_file(tmp / f) for f in files}}
         (tmp / META).write_text(json.dumps(meta, indent=1))
         # fsync every file, then one rename (the same step saved twice, e.g. on
@@ -303,7 +306,10 @@ def main(argv=None):
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest)")
     p.add_argument("out", help="output file, .pt (PyTorch) or .npz (NumPy)")
     p.add_argument("--classifier", action="store_true", help="also the N x D classifier weight")
+    add_version_argument(p)
     args = p.parse_args(argv)
+    if args.out.endswith(".pt"):
+        require("refimpl-export", ["torch"], "writing .pt; .npz needs only NumPy")
     try:
         out, meta = export(args.checkpoint, args.out, args.classifier)
     except (CheckpointError, OSError) as e:

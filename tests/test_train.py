@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from refimpl.parallel.launch import mpirun_command
+from refimpl.parallel.launch import mpirun_command, run_mpirun
 
 from mpi_run import ENV, ROOT
 from tolerances import TRAIN64
@@ -28,8 +28,7 @@ def train(*args, ranks=None, timeout=300, mpi_args=()):
     argv = ["-m", "refimpl.train", *map(str, args)]
     cmd = [sys.executable, *argv] if ranks is None else mpirun_command(ranks, *argv,
                                                                        mpi_args=mpi_args)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV,
-                          cwd=ROOT)
+    return run_mpirun(cmd, timeout=timeout, env=ENV, cwd=ROOT)
 
 
 def final_checkpoint(run):
@@ -182,7 +181,7 @@ def test_ranks_with_different_configs_refuse_to_start(tmp_path):
     stops before training, with one message."""
     base = [sys.executable, "-m", "refimpl.train", *TINY, f"out={tmp_path / 'run'}"]
     cmd = mpirun_command(1, *base, "alpha=0.1", ":", "-np", 1, *base, "alpha=0.2", python=False)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)
+    proc = run_mpirun(cmd, timeout=120, env=ENV, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.count("ranks [1] run another configuration than rank 0") == 1
     assert not (tmp_path / "run").exists()

@@ -14,6 +14,8 @@ Exit status 0, or 1 with one line on a bad checkpoint or dataset.
 import argparse
 import sys
 
+from refimpl.deps import add_version_argument, require
+
 
 def build_parser():
     p = argparse.ArgumentParser(
@@ -29,11 +31,14 @@ def build_parser():
     p.add_argument("--linear-probe", action="store_true", help="also a linear probe")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", choices=("cpu", "gpu"), default=None)
+    add_version_argument(p, mpi=True)
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.linear_probe:
+        require("refimpl-eval", ["sklearn"], "the linear probe, --linear-probe")
     from refimpl.checkpoint import CheckpointError, load_network
     from refimpl.data.datasets import open_dataset
     from refimpl.evaluate.features import extract_features

@@ -25,12 +25,12 @@ from refimpl.parallel.classifier import (CosineClassifier, check_targets,
 from refimpl.parallel.comm import MPIComm, SelfComm, detect_cuda_aware_mpi
 from refimpl.parallel.data_parallel import (BN_MODES, allreduce_gradients, broadcast_buffers,
                                             check_replicated, set_batchnorm_mode)
-from refimpl.parallel.launch import (abort_on_error, find_mpirun, launched_by_mpi,
+from refimpl.parallel.launch import (abort_on_error, find_mpirun, launched_by_mpi, run_mpirun,
                                      mpirun_command, select_gpu, world_comm)
 from refimpl.parallel.sharding import init_shard, shard_owner, shard_range
 
 __all__ = ["BN_MODES", "CosineClassifier", "MPIComm", "SelfComm", "abort_on_error",
            "allreduce_gradients", "broadcast_buffers", "check_replicated", "check_targets",
            "cosine_softmax_backward", "cosine_softmax_forward", "detect_cuda_aware_mpi",
-           "find_mpirun", "init_shard", "launched_by_mpi", "mpirun_command", "select_gpu",
+           "find_mpirun", "init_shard", "launched_by_mpi", "mpirun_command", "run_mpirun", "select_gpu",
            "set_batchnorm_mode", "shard_owner", "shard_range", "shard_softmax", "world_comm"]

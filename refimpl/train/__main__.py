@@ -17,11 +17,24 @@ neighbour table; bytes communicated per step by docs/design.md's formula; and
 whether it fits the memory this machine has free.
 """
 import argparse
+import os
 import sys
 
-from refimpl.train.config import ConfigError, load_config, validate
+from refimpl.deps import add_version_argument, require
 
 EXIT_CONFIG, EXIT_STOPPED = 2, 3
+PROG = "refimpl-train"
+# What the program cannot do without, checked before any work (refimpl.deps):
+# the plot and the progress bar of every run; TOML before Python 3.11.
+NEEDS = ["tqdm", "matplotlib"]
+NEEDS_TOML = ["tomli"] if sys.version_info < (3, 11) else []
+
+
+def announcing():
+    """Whether this process should print a start-up error: rank 0 under a launcher, or alone."""
+    rank = next((os.environ[v] for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK",
+                                         "SLURM_PROCID") if v in os.environ), "0")
+    return rank == "0"
 
 
 def build_parser():
@@ -30,7 +43,8 @@ def build_parser():
         description="Train a ResNet as an N-way instance classifier (one class per image) "
                     "with the contrastive prior and hardest-class label smoothing; "
                     "alone or under mpirun -n P.")
-    p.add_argument("config", nargs="?", help="TOML config file (refimpl/train/demo.toml)")
+    p.add_argument("config", nargs="?", help="TOML config file, or the name of one that ships "
+                                              "with refimpl (demo: refimpl/train/demo.toml)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. epochs=5 alpha=0 out=runs/x")
     p.add_argument("--resume", metavar="DIR|auto",
@@ -47,7 +61,24 @@ def build_parser():
                         "(docs/oracle.md; refimpl-oracle compares and replays it)")
     p.add_argument("--trace-steps", type=int, default=1, metavar="N",
                    help="how many steps --trace records (default 1)")
+    add_version_argument(p, mpi=True)
     return p
+
+
+def require_packages(args, cfg=None):
+    """Exit 2 with one line if a package this run needs is missing (before any work)."""
+    quiet = open(os.devnull, "w") if not announcing() else None
+    try:
+        if cfg is None:
+            require(PROG, NEEDS_TOML if args.config else [], "reading TOML before Python 3.11",
+                    stream=quiet)
+        elif not args.dry_run:
+            require(PROG, NEEDS, "the plot and the progress bar of every run", stream=quiet)
+            if cfg.linear_probe:
+                require(PROG, ["sklearn"], "the linear probe, linear_probe = true", stream=quiet)
+    finally:
+        if quiet is not None:
+            quiet.close()
 
 
 def main(argv=None):
@@ -58,6 +89,8 @@ def main(argv=None):
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:  # only overrides, no file
         config, overrides = None, [config] + overrides
+    require_packages(args)
+    from refimpl.train.config import ConfigError, load_config, validate
     from refimpl.parallel.launch import abort_on_error, world_comm
     comm = world_comm("refimpl-train")
     from refimpl.checkpoint import CheckpointError
@@ -65,6 +98,7 @@ def main(argv=None):
     try:
         cfg = load_config(config, overrides)
         validate(cfg, None, comm.size)
+        require_packages(args, cfg)
         if args.dry_run:
             from refimpl.train.dry_run import dry_run
             with abort_on_error(comm):

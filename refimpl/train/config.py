@@ -70,7 +70,8 @@ class Config:
     weight_decay: float = 5e-4
     nesterov: bool = False
     decay_bn_and_bias: bool = False  # weight decay on BN and bias parameters too
-    warmup_epochs: float = 1.0    # linear warm-up length, in epochs
+    warmup_epochs: float = None   # linear warm-up length, in epochs (default: 1, or epochs / 2
+                                  # for a 1-epoch run, where 1 would leave no cosine decay)
     warmup_start_factor: float = 0.1  # lr at step 0 = factor * lr (0 would waste step 0)
     final_lr: float = 0.0         # lr at the end of the cosine decay
     # ---- run
@@ -88,6 +89,12 @@ class Config:
     linear_probe: bool = False    # a linear probe at the end (scikit-learn)
     save_every: int = 1           # checkpoint every this many epochs (0: only the last)
     keep: int = 2                 # complete checkpoints kept
+
+    def __post_init__(self):
+        # the default warm-up fits a short run: min(1, epochs / 2) epochs
+        if self.warmup_epochs is None:
+            epochs = self.epochs if isinstance(self.epochs, (int, float)) else 2
+            self.warmup_epochs = min(1.0, epochs / 2)
 
     def augment_config(self):
         """The AugmentConfig of the training transform."""
@@ -160,16 +167,38 @@ def config_from_dict(values, source="config"):
     return Config(**kwargs)
 
 
+def packaged_configs():
+    """{name: path} of the configs that ship inside the package (``refimpl-train demo``)."""
+    return {p.stem: p for p in sorted(Path(__file__).resolve().parent.glob("*.toml"))}
+
+
+def find_config(path):
+    """The config file ``path`` names: a file, or the name of a packaged config
+    (``demo`` or ``demo.toml``, when no such file is here), as a Path."""
+    path = Path(path)
+    if not path.exists() and len(path.parts) == 1:
+        packaged = packaged_configs().get(path.name[:-5] if path.suffix == ".toml" else path.name)
+        if packaged is not None:
+            return packaged
+    return path
+
+
 def load_config(path=None, overrides=()):
-    """Config from a TOML file (or none: the defaults) and ``key=value`` overrides."""
+    """Config from a TOML file (or none: the defaults) and ``key=value`` overrides.
+
+    path: a TOML file, or the name of a packaged config (``packaged_configs``)."""
     values = {}
     if path is not None:
-        path = Path(path)
+        path = find_config(path)
         try:
             with open(path, "rb") as f:
                 values = tomllib.load(f)
         except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
+            names = ", ".join(packaged_configs())
+            raise ConfigError(f"{path}: no such config file (packaged configs, by name: "
+                              f"{names})") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a folder, not a config file") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
     for text in overrides:
@@ -213,7 +242,9 @@ def validate(cfg, num_instances=None, world_size=1):
     if cfg.nesterov and cfg.momentum <= 0:
         p.append("nesterov needs momentum > 0")
     if not 0 <= cfg.warmup_epochs < cfg.epochs:
-        p.append(f"warmup_epochs must lie in [0, epochs = {cfg.epochs}), got {cfg.warmup_epochs}")
+        p.append(f"warmup_epochs must lie in [0, epochs = {cfg.epochs}), got {cfg.warmup_epochs} "
+                 f"(set warmup_epochs={min(1.0, cfg.epochs / 2):g}, or leave it out: the "
+                 f"default is min(1, epochs / 2))")
     if not 0 <= cfg.warmup_start_factor <= 1:
         p.append(f"warmup_start_factor must lie in [0, 1], got {cfg.warmup_start_factor}")
     if not cfg.knn_k or not all(isinstance(k, int) and k >= 1 for k in cfg.knn_k):

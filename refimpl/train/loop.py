@@ -51,6 +51,7 @@ from refimpl.params import is_bn_or_bias
 from refimpl.parallel.classifier import CosineClassifier
 from refimpl.parallel.launch import select_gpu
 from refimpl.parallel.data_parallel import set_batchnorm_mode
+from refimpl.deps import version_line
 from refimpl.train.config import ConfigError, config_hash, to_toml, validate
 from refimpl.train.step import forward_backward, update
 
@@ -390,7 +391,8 @@ class Trainer:
         elif self.rank0 and (self.out / "metrics.jsonl").exists():
             (self.out / "metrics.jsonl").unlink()  # a fresh run's metrics start empty
         if self.rank0:
-            (self.out / "config.toml").write_text(to_toml(self.cfg))
+            (self.out / "config.toml").write_text(f"# made with {version_line()}\n"
+                                                  + to_toml(self.cfg))
 
     def run(self, resume=None):
         """The whole run (module docstring); returns the final results dict."""
