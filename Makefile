@@ -57,7 +57,8 @@ demo: $(STAMP)
 		refimpl/train/demo.toml
 
 # Phase 2 on the demo's encoder (after `make demo`): fine-tuned on 1% of the
-# digits' labels on 2 MPI ranks (refimpl/finetune/demo.toml); starts afresh.
+# labels of the data the demo pretrained on, on 2 MPI ranks
+# (refimpl/finetune/demo.toml); about a minute. Each run starts afresh.
 finetune-demo: $(STAMP)
 	@test -f runs/demo/latest || { echo "make finetune-demo: no runs/demo: run make demo first"; exit 2; }
 	rm -rf runs/demo-finetune

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from refimpl import checkpoint
-from refimpl.parallel.launch import mpirun_command
+from refimpl.parallel.launch import mpirun_command, run_mpirun
 from test_resume import launch, wait_for_step
 from test_train import ENV, ROOT, TINY, train
 from tolerances import STEPS64
@@ -29,9 +29,10 @@ FT = [*DATA, "labels=0.5", "batch_size=8", "epochs=2", "warmup_epochs=0.5", "dty
 def finetune(*args, ranks=None, timeout=300):
     """refimpl-finetune (python -m refimpl.finetune) alone or under mpirun -np ranks."""
     argv = ["-m", "refimpl.finetune", *map(str, args)]
-    cmd = [sys.executable, *argv] if ranks is None else mpirun_command(ranks, *argv)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV,
-                          cwd=ROOT)
+    if ranks is not None:
+        return run_mpirun(mpirun_command(ranks, *argv), timeout=timeout, env=ENV, cwd=ROOT)
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,19 @@ def test_finetune_a_train_run(pretrained, tmp_path):
     assert meta["kind"] == "finetune" and meta["num_classes"] == 4 and meta["state"]["step"] == 6
     assert arrays["fc.weight"].shape == (4, 16) and "momentum/conv1.weight" in arrays
     assert not any(k.startswith(("head.", "classifier")) for k in arrays)
+
+
+def test_unset_train_and_test_are_the_pretraining_runs(pretrained, tmp_path):
+    run = tmp_path / "ft"
+    proc = finetune(*FT[len(DATA):], "epochs=1", f"init={pretrained}", f"out={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "C = 4 classes; 24 of 48 training images labeled" in proc.stdout
+    config = (run / "config.toml").read_text()
+    for spec in DATA:  # the same data as test_train's TINY: written out in full
+        key, value = spec.split("=", 1)
+        assert f'{key} = "{value}"' in config, (spec, config)
+    bad = finetune("init=scratch", "labels=0.5", f"out={tmp_path / 'none'}")
+    assert bad.returncode == 2 and "train: no training set given" in bad.stderr
 
 
 def test_frozen_encoder_keeps_the_pretrained_encoder_and_exports(pretrained, tmp_path):

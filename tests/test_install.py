@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["refimpl-train", "refimpl-eval", "refimpl-export", "refimpl-oracle"]
+SCRIPTS = ["refimpl-train", "refimpl-eval", "refimpl-export", "refimpl-oracle", "refimpl-finetune"]
 TOOLS = ["cifar", "clutter", "digits", "pack_folder", "preview", "synthetic"]
 TINY = ["train=synthetic:n=64,size=16,classes=4,seed=3", "test=", "epochs=2", "batch_size=16",
         "width=4", "head_hidden=16", "dim=16", "k=2", "eval_every=0", "threads=1",
@@ -70,7 +70,7 @@ def test_the_wheel_carries_the_packaged_configs_and_the_licence(venv):
     import zipfile
     _, _, wheel, _, _ = venv
     names = zipfile.ZipFile(wheel).namelist()
-    assert "refimpl/train/demo.toml" in names
+    assert "refimpl/train/demo.toml" in names and "refimpl/finetune/demo.toml" in names
     assert any(n.endswith("licenses/LICENSE") or n.endswith("LICENSE") for n in names), names
 
 
@@ -93,6 +93,10 @@ def test_missing_extras_stop_at_once_with_one_line(venv):
     train = sh([str(bin_ / "refimpl-train"), "demo", *TINY, "out=run-core"], work, env)
     one_line_error(train, "refimpl-train", "tqdm", "matplotlib", "pip install 'refimpl[train]'")
     assert not (work / "run-core").exists()                  # nothing written, no work lost
+    tune = sh([str(bin_ / "refimpl-finetune"), "demo", "init=scratch", "out=tune-core"], work,
+              env)
+    one_line_error(tune, "refimpl-finetune", "tqdm", "matplotlib", "pip install 'refimpl[train]'")
+    assert not (work / "tune-core").exists()
     digits = sh([str(bin_ / "python"), "-m", "data_tools.digits", "out"], work, env)
     one_line_error(digits, "data_tools.digits", "scikit-learn", "pip install 'refimpl[data]'")
     assert not (work / "out").exists()

@@ -4,8 +4,8 @@ import sys
 import pytest
 
 from refimpl.parallel import SelfComm
-from refimpl.parallel.launch import (LAUNCHER_FAILURES, LAUNCHER_VARIABLES, launched_by_mpi,
-                                     run_mpirun, world_comm)
+from refimpl.parallel.launch import (LAUNCHER_FAILURES, LAUNCHER_VARIABLES, announcing,
+                                     launched_by_mpi, run_mpirun, world_comm)
 
 
 def test_every_launchers_variable_is_recognised():
@@ -13,6 +13,12 @@ def test_every_launchers_variable_is_recognised():
     assert not launched_by_mpi({"SLURM_JOB_ID": "7"})  # inside an sbatch script, not a step
     for name in LAUNCHER_VARIABLES:
         assert launched_by_mpi({name: "2"}), name
+
+
+def test_only_rank_0_or_a_process_alone_announces_start_up_errors():
+    assert announcing({})
+    for name in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        assert announcing({name: "0"}) and not announcing({name: "1"}), name
 
 
 def test_alone_the_world_is_a_size_1_communicator(monkeypatch):
@@ -25,13 +31,15 @@ def test_alone_the_world_is_a_size_1_communicator(monkeypatch):
 
 @pytest.mark.parametrize("program, argv", [("refimpl-train", ["epochs=1"]),
                                            ("refimpl-eval", ["runs/none"]),
-                                           ("refimpl-oracle", ["replay", "no-trace"])])
+                                           ("refimpl-oracle", ["replay", "no-trace"]),
+                                           ("refimpl-finetune", ["init=scratch"])])
 def test_a_launcher_without_mpi4py_is_one_line_naming_the_program(program, argv, monkeypatch):
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py raises ImportError
     module = {"refimpl-train": "refimpl.train.__main__",
               "refimpl-eval": "refimpl.evaluate.__main__",
-              "refimpl-oracle": "refimpl.oracle.__main__"}[program]
+              "refimpl-oracle": "refimpl.oracle.__main__",
+              "refimpl-finetune": "refimpl.finetune.__main__"}[program]
     main = __import__(module, fromlist=["main"]).main
     with pytest.raises(SystemExit) as info:
         main(argv)

@@ -12,13 +12,19 @@ problem and exit status 2. A non-finite loss ends it with status 3, a
 signal with 128 + the signal's number.
 """
 import argparse
+import os
 import sys
 
-from refimpl import __version__
+from refimpl.deps import add_version_argument, require
+from refimpl.parallel.launch import announcing
 from refimpl.train.config import ConfigError
 
 EXIT_CONFIG, EXIT_STOPPED = 2, 3
 PROG = "refimpl-finetune"
+# What the program cannot do without, checked before any work (refimpl.deps):
+# the plot and the progress bar of every run; TOML before Python 3.11.
+NEEDS = ["tqdm", "matplotlib"]
+NEEDS_TOML = ["tomli"] if sys.version_info < (3, 11) else []
 
 
 def build_parser():
@@ -27,7 +33,8 @@ def build_parser():
         description="Fine-tune a pretrained encoder (a refimpl-train run, a .pt/.npz "
                     "encoder, or 'scratch') with pool + FC on C labeled classes, with all "
                     "or a fraction of the labels; alone or under mpirun -n P.")
-    p.add_argument("config", nargs="?", help="TOML config file (refimpl/finetune/demo.toml)")
+    p.add_argument("config", nargs="?", help="TOML config file, or the name of one that ships "
+                                              "with refimpl (demo: refimpl/finetune/demo.toml)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. labels=0.01 init=runs/demo out=runs/ft")
     p.add_argument("--resume", metavar="DIR|auto",
@@ -35,8 +42,20 @@ def build_parser():
                         "latest in the run directory (a fresh start if there is none)")
     p.add_argument("--save-on-interrupt", action="store_true",
                    help="on SIGINT / SIGTERM / SIGUSR1, write a checkpoint before stopping")
-    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    add_version_argument(p, mpi=True)
     return p
+
+
+def require_packages(args):
+    """Exit 2 with one line if a package this run needs is missing (before any work)."""
+    quiet = open(os.devnull, "w") if not announcing() else None
+    try:
+        require(PROG, NEEDS_TOML if args.config else [], "reading TOML before Python 3.11",
+                stream=quiet)
+        require(PROG, NEEDS, "the plot and the progress bar of every run", stream=quiet)
+    finally:
+        if quiet is not None:
+            quiet.close()
 
 
 def main(argv=None):
@@ -44,6 +63,7 @@ def main(argv=None):
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:  # only overrides, no file
         config, overrides = None, [config] + overrides
+    require_packages(args)
     from refimpl.parallel.launch import abort_on_error, world_comm
     comm = world_comm(PROG)
     from refimpl.checkpoint import CheckpointError

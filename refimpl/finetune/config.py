@@ -16,7 +16,9 @@ reported at once, one line each. Three checks, each on every rank:
 
 ``resolve_architecture(cfg)`` fills arch, stem and width from the ``init``
 checkpoint when they are left unset ("", "", 0), else with resnet18, cifar,
-64, and refuses a checkpoint of another architecture than the one asked for.
+64, and refuses a checkpoint of another architecture than the one asked for;
+``resolve_data(cfg)`` fills an unset ``train`` (and then ``test``, unless
+given) with the datasets the ``init`` checkpoint was pretrained on.
 
 ``refimpl/finetune/demo.toml`` is a complete example.
 """
@@ -32,7 +34,7 @@ from refimpl.data.augment import AugmentConfig
 from refimpl.finetune.init import ARCH_FIELDS, SCRATCH, check_architecture, init_kind
 from refimpl.models.resnet import ARCHS, STEMS
 from refimpl.parallel.data_parallel import BN_MODES
-from refimpl.train.config import ConfigError, parse_override
+from refimpl.train.config import ConfigError, find_config, packaged_configs, parse_override
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,6 +42,7 @@ else:  # pragma: no cover - Python < 3.11
     import tomli as tomllib
 
 DEFAULT_ARCH = {"arch": "resnet18", "stem": "cifar", "width": 64}
+PACKAGED = Path(__file__).resolve().parent  # the configs found by name: refimpl-finetune demo
 
 
 @dataclasses.dataclass
@@ -47,7 +50,9 @@ class FineTuneConfig:
     """Every setting of a fine-tuning run (TOML keys = field names)."""
     # ---- data
     train: str = ""               # labeled training set: packed folder or "synthetic:..."
-    test: str = ""                # labeled test split: top-1 / top-5 every eval ("" = none)
+                                  # ("" with init a refimpl-train run: the run's own)
+    test: str = ""                # labeled test split: top-1 / top-5 every eval ("" = none,
+                                  # or the run's own when train is taken from it)
     image_size: int = 0           # side S of the network's input (0 = the dataset's)
     augment: dict = dataclasses.field(default_factory=dict)  # AugmentConfig fields
     labels: float = 1.0           # fraction of the training labels used, in (0, 1]
@@ -140,15 +145,21 @@ def config_from_dict(values, source="config"):
 
 
 def load_config(path=None, overrides=()):
-    """FineTuneConfig from a TOML file (or none: the defaults) and ``key=value`` overrides."""
+    """FineTuneConfig from a TOML file (or none: the defaults) and ``key=value`` overrides.
+
+    path: a TOML file, or the name of a config in refimpl/finetune (``demo``)."""
     values = {}
     if path is not None:
-        path = Path(path)
+        path = find_config(path, PACKAGED)
         try:
             with open(path, "rb") as f:
                 values = tomllib.load(f)
         except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
+            names = ", ".join(packaged_configs(PACKAGED))
+            raise ConfigError(f"{path}: no such config file (packaged configs, by name: "
+                              f"{names})") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a folder, not a config file") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
     for text in overrides:
@@ -172,9 +183,10 @@ def validate(cfg, world_size=1):
     if cfg.stem and cfg.stem not in STEMS:
         p.append(f"stem must be one of {list(STEMS)} (or unset: the checkpoint's), "
                  f"got {cfg.stem!r}")
-    if not cfg.train:
+    if not cfg.train and (not cfg.init or init_kind(cfg.init) != "checkpoint"):
         p.append("train: no training set given (a labeled packed dataset folder or "
-                 "'synthetic:n=...,size=...')")
+                 "'synthetic:n=...,size=...'; unset, with init a refimpl-train run, it is "
+                 "the run's own training set)")
     if not cfg.init:
         p.append("init: where the encoder starts is not given: a refimpl-train run "
                  "directory, one of its ckpt-* directories, a .pt/.npz encoder, or "
@@ -211,6 +223,17 @@ def validate(cfg, world_size=1):
                  f"needs the same local batch (choose B as a multiple of P)")
     if p:
         raise ConfigError("the configuration cannot run:\n  " + "\n  ".join(p))
+
+
+def resolve_data(cfg):
+    """``cfg`` with train (and test) set: unset train with a refimpl-train checkpoint as
+    init means the datasets it was pretrained on (its train and, unless test is
+    given, its test split); reads the checkpoint's meta."""
+    if cfg.train or init_kind(cfg.init) != "checkpoint":
+        return cfg
+    from refimpl.finetune.init import checkpoint_data
+    data = checkpoint_data(cfg.init)
+    return dataclasses.replace(cfg, train=data["train"], test=cfg.test or data["test"])
 
 
 def resolve_architecture(cfg):

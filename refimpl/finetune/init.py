@@ -12,8 +12,9 @@ Contract. ``FineTuneConfig.init`` is one of
                               a refimpl export's head.* and classifier.* are
                               ignored)
 
-``checkpoint_architecture(init)`` reads a checkpoint's arch, stem and width
-(the fine-tune config may leave them to it); ``load_init(net, init)`` fills
+``checkpoint_architecture(init)`` reads a checkpoint's arch, stem and width,
+``checkpoint_data(init)`` the train and test specs it was pretrained on (the
+fine-tune config may leave them to it); ``load_init(net, init)`` fills
 ``net``'s encoder and nothing else: the MLP head, the instance classifier
 and every momentum of phase 1 are dropped, the FC keeps its fresh values.
 The BatchNorm running statistics come with the encoder (the frozen
@@ -59,6 +60,12 @@ def checkpoint_architecture(init):
     """{"arch", "stem", "width"} of the checkpoint ``init`` names (verified)."""
     _, meta = _checkpoint(init)
     return {k: meta["config"][k] for k in ARCH_FIELDS}
+
+
+def checkpoint_data(init):
+    """{"train", "test"}: the dataset specs the checkpoint ``init`` was pretrained on."""
+    _, meta = _checkpoint(init)
+    return {k: meta["config"].get(k, "") for k in ("train", "test")}
 
 
 def check_architecture(init, cfg):

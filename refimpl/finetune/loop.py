@@ -1,8 +1,9 @@
 """The fine-tuning program: phase 2 end to end, on P ranks.
 
 Contract. ``FineTuner(cfg, comm)`` builds everything on every rank from a
-``FineTuneConfig``: it checks the config, opens the labeled datasets and
-checks their labels, takes the architecture from the ``init`` checkpoint,
+``FineTuneConfig``: it checks the config, takes the architecture (and, when
+``train`` is unset, the datasets) from the ``init`` checkpoint, opens the
+labeled datasets and checks their labels,
 builds ``FineTuneNet`` (encoder + FC over the C classes), loads the
 pretrained encoder (``finetune.init``), picks the labeled subset
 (``finetune.labels``) and makes two SGD optimizers (encoder, FC) over the
@@ -40,7 +41,7 @@ from refimpl.data.augment import augment_batch, eval_transform
 from refimpl.data.datasets import open_dataset
 from refimpl.data.sampler import local_slice
 from refimpl.finetune import checkpoint as ft_checkpoint
-from refimpl.finetune.config import (num_classes, resolve_architecture, validate,
+from refimpl.finetune.config import (num_classes, resolve_architecture, resolve_data, validate,
                                      validate_labels)
 from refimpl.finetune.init import load_init
 from refimpl.finetune.labels import label_subset, read_subset, subset_record, write_subset
@@ -127,8 +128,8 @@ class FineTuner:
         else:
             n = cfg.threads or max(1, (os.cpu_count() or 1) // comm.local_size)
             threads.set_num_threads(n, single_blas=comm.local_size > 1)
+        self.cfg = cfg = collective(comm, lambda: resolve_architecture(resolve_data(cfg)))
         self.train_set, self.test_set = collective(comm, lambda: self._open_datasets(cfg))
-        self.cfg = cfg = collective(comm, lambda: resolve_architecture(cfg))
         self.N, self.C = len(self.train_set), num_classes(self.train_set.labels)
         self.S = cfg.image_size or min(self.train_set.image_size)
         self.aug = cfg.augment_config()

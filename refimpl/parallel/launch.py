@@ -9,6 +9,9 @@ Contract.
                          environment), else the first on PATH, else None
     launched_by_mpi()    whether an MPI launcher started this process (one of
                          LAUNCHER_VARIABLES is set)
+    announcing()         whether this process says start-up errors: rank 0 by
+                         the launcher's environment, or a process started alone
+                         (before MPI starts: a missing package is said once)
     world_comm(prog)     MPIComm(COMM_WORLD) when launched by MPI, else SelfComm
     select_gpu(comm)     each rank takes the GPU of its node-local rank
     abort_on_error(comm) an exception on one rank ends the whole job
@@ -96,6 +99,14 @@ def launched_by_mpi(environ=None):
     """
     environ = os.environ if environ is None else environ
     return any(v in environ for v in LAUNCHER_VARIABLES)
+
+
+def announcing(environ=None):
+    """Whether this process should print a start-up error: rank 0 under a launcher, or alone."""
+    environ = os.environ if environ is None else environ
+    rank = next((environ[v] for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK",
+                                      "SLURM_PROCID") if v in environ), "0")
+    return rank == "0"
 
 
 def world_comm(prog):

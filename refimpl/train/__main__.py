@@ -21,6 +21,7 @@ import os
 import sys
 
 from refimpl.deps import add_version_argument, require
+from refimpl.parallel.launch import announcing
 
 EXIT_CONFIG, EXIT_STOPPED = 2, 3
 PROG = "refimpl-train"
@@ -28,13 +29,6 @@ PROG = "refimpl-train"
 # the plot and the progress bar of every run; TOML before Python 3.11.
 NEEDS = ["tqdm", "matplotlib"]
 NEEDS_TOML = ["tomli"] if sys.version_info < (3, 11) else []
-
-
-def announcing():
-    """Whether this process should print a start-up error: rank 0 under a launcher, or alone."""
-    rank = next((os.environ[v] for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK",
-                                         "SLURM_PROCID") if v in os.environ), "0")
-    return rank == "0"
 
 
 def build_parser():

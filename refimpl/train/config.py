@@ -167,17 +167,23 @@ def config_from_dict(values, source="config"):
     return Config(**kwargs)
 
 
-def packaged_configs():
-    """{name: path} of the configs that ship inside the package (``refimpl-train demo``)."""
-    return {p.stem: p for p in sorted(Path(__file__).resolve().parent.glob("*.toml"))}
+def packaged_configs(folder=None):
+    """{name: path} of the configs that ship inside the package (``refimpl-train demo``).
+
+    folder: the package folder that holds them (default refimpl/train's;
+    refimpl-finetune passes refimpl/finetune)."""
+    folder = Path(__file__).resolve().parent if folder is None else Path(folder)
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))}
 
 
-def find_config(path):
+def find_config(path, folder=None):
     """The config file ``path`` names: a file, or the name of a packaged config
-    (``demo`` or ``demo.toml``, when no such file is here), as a Path."""
+    (``demo`` or ``demo.toml``, when no such file is here) in ``folder``
+    (``packaged_configs``), as a Path."""
     path = Path(path)
     if not path.exists() and len(path.parts) == 1:
-        packaged = packaged_configs().get(path.name[:-5] if path.suffix == ".toml" else path.name)
+        packaged = packaged_configs(folder).get(path.name[:-5] if path.suffix == ".toml"
+                                                else path.name)
         if packaged is not None:
             return packaged
     return path
