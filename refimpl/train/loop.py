@@ -48,10 +48,11 @@ from refimpl.models.state_dict import load_encoder_file
 from refimpl.optim.schedule import warmup_cosine
 from refimpl.optim.sgd import SGD
 from refimpl.params import is_bn_or_bias
+from refimpl.parallel.agreement import DisagreementError, check_same_config, check_same_dataset
 from refimpl.parallel.classifier import CosineClassifier
 from refimpl.parallel.launch import select_gpu
 from refimpl.parallel.data_parallel import set_batchnorm_mode
-from refimpl.train.config import ConfigError, config_hash, to_toml, validate
+from refimpl.train.config import ConfigError, to_toml, validate
 from refimpl.train.step import forward_backward, update
 
 
@@ -107,6 +108,7 @@ class Trainer:
             n = cfg.threads or max(1, (os.cpu_count() or 1) // comm.local_size)
             threads.set_num_threads(n, single_blas=comm.local_size > 1)
         self.train_set, self.test_set = self._collective(self._open_datasets)
+        self._check_same_datasets()
         self.N = len(self.train_set)
         validate(cfg, self.N, comm.size)
         self.S = image_side(cfg, self.train_set)
@@ -168,14 +170,20 @@ class Trainer:
         return ds
 
     def _check_same_config(self):
-        """Every rank must run the same config: compare hashes (one all_gather)."""
-        digest = np.frombuffer(bytes.fromhex(config_hash(self.cfg))[:8], dtype=np.int64)
-        table = to_numpy(self.comm.all_gather(digest.copy()))
-        bad = np.nonzero(table != table[0])[0]
-        if bad.size:
-            raise ConfigError(f"ranks {bad.tolist()} run another configuration than rank 0 "
-                              f"(config hashes differ): start every rank with the same config "
-                              f"and overrides")
+        """Every rank must run the same config (``agreement.check_same_config``)."""
+        try:
+            check_same_config(self.comm, self.cfg.to_dict())
+        except DisagreementError as e:
+            raise ConfigError(str(e)) from None
+
+    def _check_same_datasets(self):
+        """Every rank must read the same datasets: N and the manifest's sha256."""
+        try:
+            check_same_dataset(self.comm, f"train {self.cfg.train!r}", self.train_set)
+            if self.test_set is not None:
+                check_same_dataset(self.comm, f"test {self.cfg.test!r}", self.test_set)
+        except DisagreementError as e:
+            raise ConfigError(str(e)) from None
 
     def log(self, text):
         if self.rank0:
