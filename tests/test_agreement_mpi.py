@@ -56,3 +56,43 @@ def test_agreeing_ranks_are_checked_once_per_shape(ranks):
         assert rank["checks_of_agreeing_calls"] == 2
         assert rank["agreeing_sum"] == [2.0] * 5
     assert [r["agreeing_classifier_rows"] for r in ranks] == [[0, 18], [18, 37]]
+
+
+def _node_copies(tmp_path, name, sizes):
+    """One working folder per rank, each holding its own packed dataset at data/<name>
+    (what two nodes with different copies under one path see)."""
+    from refimpl.data.packed import write_packed
+    from refimpl.data.synthetic import open_synthetic
+    folders = []
+    for rank, n in enumerate(sizes):
+        folder = tmp_path / f"node{rank}"
+        ds = open_synthetic(f"synthetic:n={n},size=8,classes=4,seed=0")
+        write_packed(folder / "data" / name, ds.read(list(range(n))), ds.labels)
+        folders.append(folder)
+    return folders
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_trainer_refuses_datasets_that_differ_between_ranks(tmp_path, split):
+    """The same config on both ranks, but the dataset under its path differs (64 and 62
+    instances): refused before the first step, naming both; formerly two steps ran,
+    then "labels must lie in [0, 62)" (train) or MPI_ERR_TRUNCATE (test)."""
+    import subprocess
+    import sys
+    from mpi_run import ENV
+    from refimpl.parallel.launch import mpirun_command
+    from test_train import TINY
+    sizes = {"train": (64, 62), "test": (24, 22)}[split]
+    nodes = _node_copies(tmp_path, split, sizes)
+    other = "test" if split == "train" else "train"
+    args = [a for a in TINY if not a.startswith(("train=", "test="))]
+    base = [sys.executable, "-m", "refimpl.train", *args, f"{split}=data/{split}",
+            f"{other}=synthetic:n=48,size=8,classes=4,seed=0", f"out={tmp_path / 'run'}"]
+    cmd = mpirun_command(1, *base, ":", "-np", 1, "--wdir", nodes[1], *base, python=False,
+                         mpi_args=("--wdir", nodes[0]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count(f"refimpl-train: error: {split} 'data/{split}' differs between "
+                             f"ranks: the ranks disagree (rank 0: {sizes[0]} instances") == 1
+    assert f"rank 1: {sizes[1]} instances" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
