@@ -30,6 +30,147 @@ CFG = {"arch": "resnet18", "stem": "cifar", "width": 1, "head_hidden": 8, "dim":
        "dtype": "float64", "momentum": 0.9, "batch_size": 8}
 
 
+@pytest.fixture
+def parts():
+    """(net, clf, net_opt, clf_opt, comm) of a tiny run: N = 20, D = 8, float64."""
+    comm = SelfComm()
+    net = build_model("resnet18", "cifar", 1, 8, 8, "float64", "cpu", 0)
+    clf = CosineClassifier(20, 8, comm, dtype="float64")
+    return (net, clf, SGD(net.store.data, net.store.grad, 0.1, 0.9),
+            SGD(clf.weight.ravel(), clf.grad.ravel(), 0.1, 0.9), comm)
+
+
+def save(run, step, parts, neighbours=None, keep=5, log=None):
+    state = {"epoch": step // 4, "step_in_epoch": step % 4, "step": step}
+    return checkpoint.save(run, state, CFG, *parts, neighbours, keep, log=log)
+
+
+def edit_meta(ckpt, change):
+    meta = json.loads((ckpt / "meta.json").read_text())
+    change(meta)
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+def test_meta_json_must_list_every_file(tmp_path, parts):
+    """"files": {} made the checksum check pass for a weight file with a flipped bit."""
+    ckpt = save(tmp_path, 4, parts, neighbours=np.zeros((20, 3), dtype=np.int64))
+    checkpoint.verify(ckpt)
+    weight = ckpt / "classifier.weight.npy"
+    data = bytearray(weight.read_bytes())
+    data[-1] ^= 1
+    weight.write_bytes(bytes(data))
+    edit_meta(ckpt, lambda m: m.update(files={}))
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.verify(ckpt)
+    assert str(e.value) == (f"{ckpt / 'meta.json'}: does not list replicated.npz, "
+                            f"classifier.weight.npy, classifier.momentum.npy, neighbours.npy "
+                            f"(its files: none), so they cannot be verified")
+    edit_meta(ckpt, lambda m: m.update(files={"replicated.npz": "0" * 64}))
+    with pytest.raises(CheckpointError, match="does not list classifier.weight.npy, "
+                                              "classifier.momentum.npy, neighbours.npy"):
+        checkpoint.verify(ckpt)
+    edit_meta(ckpt, lambda m: m.pop("files"))
+    with pytest.raises(CheckpointError, match=r"meta.json: files missing or malformed \(not a "
+                                              r"meta.json this refimpl wrote"):
+        checkpoint.verify(ckpt)
+    with pytest.raises(CheckpointError, match="files missing or malformed"):
+        checkpoint.load(ckpt, CFG, *parts)
+
+
+def test_latest_that_names_no_checkpoint(tmp_path, parts):
+    older, newer = save(tmp_path, 4, parts), save(tmp_path, 8, parts)
+    assert checkpoint.resume_point(tmp_path) == newer
+    (tmp_path / "latest").write_bytes(b"\xff\xfeckpt\n")
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.resume_point(tmp_path)
+    assert str(e.value) == (f"{tmp_path / 'latest'}: cannot be read as a checkpoint's name "
+                            f"(UnicodeDecodeError): resume from a checkpoint by name "
+                            f"(--resume {tmp_path}/ckpt-<step>)")
+    assert checkpoint.latest_checkpoint(tmp_path) == newer  # lenient, for messages
+    (tmp_path / "latest").write_text("../elsewhere\n")
+    with pytest.raises(CheckpointError, match=r"latest: names '../elsewhere', not a checkpoint"):
+        checkpoint.resume_point(tmp_path)
+    with pytest.raises(CheckpointError, match="latest: names"):  # refimpl-eval and -export too
+        checkpoint.resolve(tmp_path)
+    assert older.exists() and newer.exists()
+
+
+def test_resume_never_passes_over_a_checkpoint_that_does_not_verify(tmp_path, parts):
+    """Only the latest meta.json gone: formerly resumed from the one before and later
+    saved over the newer folder; every meta.json gone: formerly a fresh start."""
+    older, newer = save(tmp_path, 4, parts), save(tmp_path, 8, parts)
+    (newer / "meta.json").unlink()
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.resume_point(tmp_path)
+    assert str(e.value) == (
+        f"{newer}: not a complete checkpoint (no meta.json; an interrupted save leaves only a "
+        f".tmp-* directory); --resume will not pass over it: move ckpt-000000008 out of "
+        f"{tmp_path} (--resume auto then continues from ckpt-000000004), or resume from "
+        f"{older} into another run directory (--resume {older} out=NEW)")
+    (older / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="move ckpt-000000008 out of .*, or give another "
+                                              "out="):
+        checkpoint.resume_point(tmp_path)
+    (tmp_path / "latest").unlink()  # no pointer: the newest folder, which does not verify
+    with pytest.raises(CheckpointError, match="ckpt-000000008: not a complete checkpoint"):
+        checkpoint.resume_point(tmp_path)
+    assert checkpoint.resume_point(tmp_path / "empty") is None
+    with pytest.raises(CheckpointError, match="could save over it: move ckpt-000000008 out"):
+        checkpoint.check_overwritable(tmp_path, 4)  # a run resumed from step 4 would reach it
+    checkpoint.check_overwritable(tmp_path, 8)      # one from step 8 would not
+
+
+def test_a_save_never_writes_over_or_removes_what_does_not_verify(tmp_path, parts):
+    """A checkpoint folder replaced by a file, or one without meta.json, at the step being
+    saved: refused, kept, and no .tmp-ckpt left; keep never removes one that does not
+    verify (a log line says why it stays)."""
+    save(tmp_path, 4, parts)
+    blocker = tmp_path / "ckpt-000000008"
+    blocker.write_text("not a folder")
+    with pytest.raises(CheckpointError) as e:
+        save(tmp_path, 8, parts)
+    assert str(e.value) == (f"{blocker}: not a checkpoint (a file, not a folder); not saving "
+                            f"over it: move ckpt-000000008 out of {tmp_path}")
+    assert blocker.read_text() == "not a folder" and not list(tmp_path.glob(".tmp-*"))
+    with pytest.raises(CheckpointError, match=r"not a checkpoint \(a file, not a folder\)"):
+        (tmp_path / "latest").write_text("ckpt-000000008\n")
+        checkpoint.resume_point(tmp_path)
+    blocker.unlink()
+    (tmp_path / "latest").write_text("ckpt-000000004\n")
+    half = save(tmp_path, 8, parts)
+    (half / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="no meta.json.*; not saving over it"):
+        save(tmp_path, 8, parts)
+    assert sorted(p.name for p in half.iterdir()) == [  # kept as it was
+        "classifier.momentum.npy", "classifier.weight.npy", "replicated.npz"]
+    # keep = 1: the oldest complete one does not verify (a flipped bit): it stays
+    bad = save(tmp_path, 12, parts)
+    weight = bad / "classifier.weight.npy"
+    weight.write_bytes(weight.read_bytes()[:-1] + b"\x00")
+    said = []
+    save(tmp_path, 16, parts, keep=1, log=said.append)
+    names = sorted(p.name for p in checkpoint.checkpoint_entries(tmp_path))
+    assert names == ["ckpt-000000008", "ckpt-000000012", "ckpt-000000016"]  # 4 removed
+    assert said == [f"kept ckpt-000000012 beyond keep = 1: it does not verify ({weight}: "
+                    f"checksum mismatch: the file is truncated, corrupt or not this "
+                    f"checkpoint's)"]
+
+
+def test_a_save_checks_the_disks_room_first(tmp_path, parts, monkeypatch):
+    first = save(tmp_path, 4, parts)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 5000, 5000))
+    with pytest.raises(OSError) as e:
+        save(tmp_path, 8, parts)
+    assert e.value.errno == errno.ENOSPC
+    assert str(e.value).startswith(f"[Errno 28] {tmp_path / 'ckpt-000000008'}: the checkpoint's "
+                                   f"files need 0.00")
+    assert str(e.value).endswith(f"GiB on disk, but the filesystem holding {tmp_path} has "
+                                 f"4.66e-06 GiB free")
+    assert [p.name for p in tmp_path.iterdir() if p.name != "latest"] == [first.name]
+    assert checkpoint.resume_point(tmp_path) == first
+
+
 def test_memory_mapped_rows_are_allocated_before_they_are_written(tmp_path, monkeypatch):
     """posix_fallocate failing (a full disk) is an OSError naming the file, and the file
     is removed: the rows are never written into a sparse file, where a full disk is a

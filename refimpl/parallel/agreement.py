@@ -10,6 +10,14 @@ MPI_ERR_TRUNCATE:
     check_same_dataset(comm, what, dataset)         N and the sha256 of its manifest
     check_same_config(comm, config_dict)            the config, by hash; the differing
                                                     keys named when it differs
+    raise_together(comm, error, peer)               an error on some ranks, raised on all
+
+``raise_together`` is how work that may fail on one rank only (opening a
+dataset missing on one node, rank 0 writing a file on a full disk) ends
+every rank together instead of leaving the others waiting in their next
+collective: the lowest failing rank raises its own error, marked
+``error.local = True`` (it says it), the others ``peer(rank)``, marked
+``quiet`` (rank 0 does not repeat it).
 
 A dataset's identity is its size N and the sha256 of its manifest's
 canonical JSON (``data.datasets.dataset_identity``): a packed dataset's
@@ -41,9 +49,10 @@ def digest64(text):
 
 
 def gather_values(comm, values):
-    """(P, k) int64 table: row q holds rank q's ``values`` (k integers), on every rank."""
+    """(P, k) int64 table: row q holds rank q's ``values`` (k integers), on every rank.
+    (One process: its own row, no collective.)"""
     row = np.asarray(values, dtype=np.int64).reshape(1, -1)
-    return to_numpy(comm.all_gather(row))
+    return row if comm.size == 1 else to_numpy(comm.all_gather(row))
 
 
 def _differing(table):
@@ -126,3 +135,22 @@ def check_same_config(comm, config):
     raise DisagreementError(f"ranks {bad} run another configuration than rank 0 "
                             f"({differs}{more}): start every rank with the same config "
                             f"and overrides")
+
+
+def raise_together(comm, error, peer):
+    """Collective: if any rank brings an ``error`` (an exception; None: none), every rank raises.
+
+    The lowest failing rank raises its own error, with ``local = True``; the
+    others raise ``peer(that rank)``, with ``quiet = True``. One Allgather of
+    one int64 per rank; returns None when no rank failed.
+    """
+    failed = gather_values(comm, [error is not None])[:, 0]
+    if not failed.any():
+        return
+    first = int(np.argmax(failed))
+    if comm.rank == first:
+        error.local = True
+        raise error
+    other = peer(first)
+    other.quiet = True
+    raise other
