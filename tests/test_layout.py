@@ -18,7 +18,8 @@ import refimpl
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "refimpl"
 # Lowest first; the modules of the first layer are the package's top-level helpers.
-LAYERS = [("checks", "backend", "threads", "fileio", "sysinfo", "params"), ("data",), ("layers",),
+LAYERS = [("checks", "backend", "threads", "fileio", "rundir", "sysinfo", "params"), ("data",),
+          ("layers",),
           ("models",), ("parallel",), ("method",), ("optim",), ("checkpoint",), ("evaluate",),
           ("train",), ("oracle",)]
 PROGRAMS = len(LAYERS)  # the layer of the __main__ modules
