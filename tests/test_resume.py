@@ -205,3 +205,27 @@ def test_signals_stop_every_rank_with_one_message(tmp_path, ranks, signum, save)
         ckpt = checkpoint.latest_checkpoint(run)
         meta = checkpoint.verify(ckpt)
         assert meta["state"]["step"] >= 3 and f"checkpoint {ckpt}" in err
+
+
+def test_eval_arguments_out_of_range_are_one_line(tmp_path):
+    """refimpl-eval: the message was right but inside two tracebacks; --temperature 0 was
+    silently replaced by 0.07."""
+    run = tmp_path / "run"
+    assert train(*EXACT, f"out={run}", "epochs=1").returncode == 0
+
+    def evaluate(*args):
+        return subprocess.run([sys.executable, "-m", "refimpl.evaluate", str(run), *args],
+                              capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    for args, message in ((["--knn-k", "0"], "--knn-k must be >= 1, got [0]"),
+                          (["--temperature", "-1"], "--temperature must be > 0 and finite, got "
+                                                    "-1.0"),
+                          (["--temperature", "0"], "--temperature must be > 0 and finite, got "
+                                                   "0.0"),
+                          (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+                          (["--knn-k", "1000"], "--knn-k 1000 is more than the bank's 48 images "
+                                                "(the train split)")):
+        proc = evaluate(*args)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr == f"refimpl-eval: error: {message}\n"
+    proc = evaluate("--knn-k", "5", "--temperature", "0.5")
+    assert proc.returncode == 0 and "kNN encoder (pooled)  @5 " in proc.stdout, proc.stderr
