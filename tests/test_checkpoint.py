@@ -209,3 +209,37 @@ def test_a_full_tmpfs_is_an_error_not_sigbus(tmp_path):
         assert not os.path.exists(mnt / "w.npy")
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def train_on_a_small_disk(limit, args, ranks=None):
+    """refimpl-train whose files cannot grow beyond ``limit`` bytes (tests/fsize_limited.py)."""
+    from refimpl.parallel.launch import mpirun_command
+    argv = [str(ROOT / "tests" / "fsize_limited.py"), str(limit), *map(str, args)]
+    cmd = [sys.executable, *argv] if ranks is None else mpirun_command(ranks, *argv)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+
+
+@pytest.mark.parametrize("limit,ranks,message", [
+    # curves.png (about 60 KB) is the first file to outgrow 3 KB, at the end of epoch 1
+    (3000, None, "cannot write into the run directory: [Errno 27] {run}/curves.png: File too "
+                 "large; there is no checkpoint yet"),
+    # curves.png fits, the checkpoint's replicated.npz (about 150 KB) does not
+    (100_000, None, "cannot save the checkpoint of step 6: [Errno 27] writing "
+                    "{run}/ckpt-000000006: File too large; there is no checkpoint yet"),
+    pytest.param(100_000, 2, "cannot save the checkpoint of step 6: [Errno 27] writing "
+                             "{run}/ckpt-000000006: File too large; there is no checkpoint yet",
+                 marks=pytest.mark.mpi),
+], ids=["log", "checkpoint", "checkpoint-2-ranks"])
+def test_a_full_disk_stops_the_run_with_one_line(tmp_path, limit, ranks, message):
+    """A write that fails for lack of room (EFBIG here, ENOSPC on a full disk) stops every
+    rank with one line and exit 3, no traceback, no hang, no half-written checkpoint;
+    formerly 3-6 tracebacks and exit 1."""
+    from test_train import TINY
+    run = tmp_path / "run"
+    proc = train_on_a_small_disk(limit, [*TINY, f"out={run}", "epochs=3"], ranks)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("refimpl-train:")]
+    assert lines == [f"refimpl-train: stopped: {message.format(run=run)}"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not list(run.glob(".tmp-*")) and not list(run.glob("ckpt-*"))
+    assert not (run / "lock").exists()

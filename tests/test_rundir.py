@@ -94,3 +94,51 @@ def test_without_flock_the_file_is_the_lock(tmp_path, monkeypatch):
     (tmp_path / "lock").write_text(f"elsewhere {dead}\n")
     with pytest.raises(RunDirError, match=f"host elsewhere, pid {dead};"):
         RunLock(tmp_path).acquire()
+
+
+def test_two_runs_into_one_directory(tmp_path):
+    """The second is refused naming the first (exit 2, nothing of it written); the first
+    goes on, and its lock is gone when it ends, also by a signal; after kill -9 the next
+    run takes the stale lock over."""
+    run = tmp_path / "run"
+    args = [*TINY, f"out={run}", "epochs=200", "eval_every=0", "save_every=0"]
+    first = launch(args, None)
+    wait_for_step(run, 2, first)
+    second = train(*TINY, f"out={run}", "--resume", "auto")
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert second.stderr.count(f"refimpl-train: error: {run} is in use by another run (host "
+                               f"{rundir.HOST}, pid {first.pid}; lock file {run / 'lock'})") == 1
+    third = train(*TINY, f"out={run}")
+    assert third.returncode == 2 and "is in use by another run" in third.stderr
+    steps = (run / "metrics.jsonl").read_text().count('"kind": "step"')
+    time.sleep(1.0)
+    assert first.poll() is None and (run / "metrics.jsonl").read_text().count(
+        '"kind": "step"') > steps  # the first run trains on, alone
+    first.send_signal(signal.SIGINT)
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 130 and not (run / "lock").exists(), err[-2000:]
+    (run / "metrics.jsonl").unlink()  # to see the next run's own steps
+    crashed = launch([*args, "--resume", "auto"], None)
+    wait_for_step(run, 2, crashed)
+    crashed.kill()
+    crashed.wait()
+    assert (run / "lock").exists()
+    proc = train(*TINY, f"out={run}", "epochs=1", "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"took over {run / 'lock'}: its run (host {rundir.HOST}, pid {crashed.pid}) ended " \
+           f"without releasing it" in proc.stdout
+
+
+def test_out_that_cannot_be_a_run_directory_is_one_line(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, message in (("", 'out: no run directory given (out="" would write into the '
+                              'current folder)'),
+                         (afile, f"out: {afile} is a file, not a folder"),
+                         (afile / "sub", f"out: {afile / 'sub'} lies under {afile}, which is a "
+                                         f"file")):
+        proc = train(*TINY, f"out={out}")
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.startswith(f"refimpl-train: error: {message}")
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert afile.read_text() == "x"

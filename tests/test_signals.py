@@ -95,3 +95,76 @@ def test_a_second_signal_ends_the_process_at_once():
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=10)
     assert proc.returncode == -signal.SIGINT and time.monotonic() - start < 5  # shell: 130
+
+
+def test_ctrl_c_during_the_prior_stops_within_seconds(tmp_path):
+    run = tmp_path / "run"
+    proc = launch([*BIG_PRIOR, f"out={run}"], None)
+    for line in proc.stdout:  # the prior starts after the random-init kNN line
+        if line.startswith("kNN random init"):
+            break
+    time.sleep(0.3)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert time.monotonic() - start < 10 and "contrastive prior:" not in out  # it did not finish
+    assert err.splitlines()[-1] == ("refimpl-train: interrupted: SIGINT during the contrastive "
+                                    "prior")
+    assert "Traceback" not in err and not (run / "lock").exists()
+
+
+def test_a_signal_after_the_last_step_never_exits_0(tmp_path):
+    """SIGTERM once the last epoch's line is out: during the plot, the checkpoint or the
+    linear probe that follow, the run stops with 143, not 0."""
+    run = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith("test=")] + [
+        "test=synthetic:n=3000,size=8,classes=4,seed=1", "linear_probe=true", f"out={run}"]
+    proc = launch(args, None)
+    for line in proc.stdout:
+        if line.startswith("epoch 2/2: loss"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-3000:]
+    assert "summary" not in out and "linear probe (frozen" not in out
+    last = err.splitlines()[-1]
+    assert last.startswith("refimpl-train: interrupted: SIGTERM during "), err[-3000:]
+    assert "Traceback" not in err
+
+
+def _rank_pids(proc):
+    """{rank: pid} of the refimpl-train processes mpirun started (from /proc)."""
+    ranks = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(x.split(b"=", 1) for x in f.read().split(b"\0") if b"=" in x)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if b"refimpl.train" in cmdline and os.getsid(int(pid)) == os.getsid(proc.pid) \
+                and b"OMPI_COMM_WORLD_RANK" in env:
+            ranks[int(env[b"OMPI_COMM_WORLD_RANK"])] = int(pid)
+    return ranks
+
+
+@pytest.mark.mpi
+def test_a_signal_to_one_rank_during_the_prior_ends_the_job(tmp_path):
+    """Rank 1 alone gets SIGTERM while rank 0 may wait for it in a collective: the job
+    ends within seconds with 143 (MPI_Abort(128 + 15)), no hang."""
+    run = tmp_path / "run"
+    proc = launch([*BIG_PRIOR, f"out={run}"], 2)
+    for line in proc.stdout:
+        if line.startswith("kNN random init"):
+            break
+    time.sleep(0.3)
+    pids = _rank_pids(proc)
+    assert sorted(pids) == [0, 1], pids
+    start = time.monotonic()
+    os.kill(pids[1], signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-3000:]
+    assert time.monotonic() - start < 20 and "contrastive prior:" not in out
+    assert "Traceback" not in err
