@@ -142,3 +142,20 @@ def test_out_that_cannot_be_a_run_directory_is_one_line(tmp_path):
         assert proc.stderr.startswith(f"refimpl-train: error: {message}")
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert afile.read_text() == "x"
+
+
+def test_out_on_a_read_only_filesystem_is_one_line(tmp_path):
+    """A real read-only tmpfs (needs root to mount; skipped elsewhere): formerly the
+    traceback of rank 0's mkdir, printed twice."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        proc = train(*TINY, f"out={ro / 'run'}")
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr == (f"refimpl-train: error: out: cannot write into {ro} (a read-only "
+                               f"filesystem): give another out=\n")
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
