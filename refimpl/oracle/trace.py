@@ -170,7 +170,8 @@ def order_key(name, params, buffers):
         return (7, clf_update.index(name))
     raise TraceError(f"unknown tensor name {name!r}: not one of the trace format's names "
                      f"(inputs {INPUTS}, forward {FORWARD}, grad/<param>, <param>, "
-                     f"momentum/<param>, BN buffers, {CLF}...; docs/oracle.md)")
+                     f"momentum/<param>, BN buffers, {CLF}...; docs/oracle.md)"
+                     + _prefix_note([name]))
 
 
 def canonical_order(names, params, buffers):
@@ -240,6 +241,15 @@ def check_hparams(hp, where="meta.json"):
     return hp
 
 
+def _prefix_note(names):
+    """What to say when names carry DDP's ``module.`` prefix ('' otherwise)."""
+    if not any(n.split("/")[-1].startswith("module.") for n in names):
+        return ""
+    return ("; its names start with 'module.', DistributedDataParallel's prefix: write the "
+            "state of the module DDP wraps (model.module.state_dict(); refimpl's TraceWriters "
+            "unwrap DDP themselves). init_encoder accepts the prefix; a trace does not")
+
+
 def architecture_of(state):
     """{arch, stem, width, head_hidden, dim} read from a state dict's names and shapes.
 
@@ -253,7 +263,8 @@ def architecture_of(state):
         if key not in state:
             raise TraceError(f"init.npz: no {key!r}: the state must be a torchvision-named "
                              f"ResNet encoder plus the head head.0 (Linear), head.1 "
-                             f"(BatchNorm1d), head.3 (Linear)")
+                             f"(BatchNorm1d), head.3 (Linear) (docs/oracle.md, The architecture)"
+                             + _prefix_note(state))
     def shape(name):
         v = state[name]
         return tuple(v) if isinstance(v, tuple) else tuple(v.shape)
