@@ -42,6 +42,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -219,7 +220,7 @@ def record_on_ranks(root, variants, world=2, timeout=300):
     from any script or notebook, where multiprocessing's spawn would re-run
     the caller's module) on a FileStore in root; a failing rank stops the
     others and raises RuntimeError with its output. timeout: seconds for
-    the whole recording and for any one collective. Returns root.
+    the whole recording and for any one collective. Returns root as a Path.
     """
     root = os.path.abspath(root)
     os.makedirs(root, exist_ok=True)
@@ -250,7 +251,7 @@ def record_on_ranks(root, variants, world=2, timeout=300):
         r = bad[0][0]
         raise RuntimeError(f"record_on_ranks: rank {r} of {world} exited with "
                            f"{procs[r].returncode}:\n{outputs[r][-4000:]}")
-    return root
+    return Path(root)
 
 
 if __name__ == "__main__":
