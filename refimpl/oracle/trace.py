@@ -30,12 +30,14 @@ docs/oracle.md is the user's page.
     forward    z, z_hat                                 (B, D)
                row_max, logsumexp                       (B,)    max_j l_bj, log sum_j exp l_bj
                loss                                     ()
-               <BN buffers> after the forward           (C,), counters () int64
+               <BN buffers> at the step's end           (C,), counters () int64
+                 (the forward's update; local BN: rank 0's)
     backward   grad/classifier.weight                   (N, D)  "full"
                or classifier.rows (R,) int64, grad/classifier.weight@rows (R, D),
                   checksum/grad/classifier.weight (S, 2)        "rows"
                dz                                       (B, D)
-               grad/<param>, the last layer first (the order backward makes them)
+               grad/<param>, the last layer first (the order backward makes them),
+                 summed over ranks, before weight decay
     update     momentum/<param>, <param> (updated), parameter by parameter
                momentum/classifier.weight, classifier.weight     (N, D) "full"
                or ...@rows (R, D) and checksum/... (S, 2)               "rows"
