@@ -43,14 +43,20 @@ def partial_fc_range(N, P, r):
     return lo, lo + base + (r < extra)
 
 
+RULES = (("refimpl's", shard_range), ("Partial FC's", partial_fc_range))
+
+
+def _rules(names):
+    return f"{' and '.join(names)} split{'s' if len(names) > 1 else ''}"
+
+
 def splits(N, P):
-    """{(lo, hi): 'rank r's shard (rule names)'} of the usual ways to split N rows over P."""
+    """{(lo, hi): 'rank r's shard under ...'} of the usual ways to split N rows over P."""
     out = {}
-    for rule, f in (("refimpl's split", shard_range), ("Partial FC's split", partial_fc_range)):
+    for rule, f in RULES:
         for r in range(P):
-            lo, hi = f(N, P, r)
-            out.setdefault((lo, hi), []).append((r, rule))
-    return {k: f"rank {v[0][0]}'s shard under " + " and ".join(rule for _, rule in v)
+            out.setdefault(f(N, P, r), []).append((r, rule))
+    return {k: f"rank {v[0][0]}'s shard under {_rules([rule for _, rule in v])}"
             for k, v in out.items()}
 
 
@@ -245,17 +251,15 @@ def _targets_hint(name, ev):
     candidates = []
     if ev.P > 1:
         rules = {}
-        for rule in ("refimpl's split", "Partial FC's split"):
-            f = shard_range if rule == "refimpl's split" else partial_fc_range
+        for rule, f in RULES:
             rules.setdefault(tuple(f(ev.N, ev.P, r) for r in range(ev.P)), []).append(rule)
         for ranges, names in rules.items():
             candidates.append((ranges, "smoothing normalized per rank: each rank spreads alpha "
-                                       "over the K_r neighbours its own classes hold (alpha / "
-                                       "K_r, the classes split as "
-                                       f"{' and '.join(names)} split them), not alpha / K "
-                                       "over all K: a row's targets then do not sum to 1; "
-                                       "count the neighbours over all shards (docs/oracle.md, "
-                                       "Targets)"))
+                                       "over the K_r neighbours among its own classes (alpha / "
+                                       f"K_r, the classes as {_rules(names)} give them), not "
+                                       "alpha / K over all K: a row's targets then do not sum "
+                                       "to 1; count the neighbours over all shards "
+                                       "(docs/oracle.md, Targets)"))
     candidates += [("uniform", "uniform label smoothing: alpha spread over all N classes "
                                "(F.cross_entropy(label_smoothing=alpha)) instead of alpha / K "
                                "on the K hardest classes NK(i) (docs/oracle.md, Targets)"),
