@@ -251,7 +251,8 @@ def ratio_hint(name, ref, other, world_size, batch_size, labels=("ref", "other")
     if big.sum() < 4 or abs(c - 1) <= 10 * spread:
         return None
     return (f"{name}: {theirs} is a constant {c:.6g} x {ours}: a scale convention differs "
-            f"(loss scale, learning rate, temperature tau, or a mean or variance over another count)")
+            f"(loss scale, learning rate, temperature tau, or a mean or variance over another "
+            f"count)")
 
 
 # What to look at when the first divergence is in a given tensor or section.
