@@ -31,6 +31,7 @@ mode (``replay.bn_mode_hint``), which needs refimpl's step, not only traces.
 import numpy as np
 
 from refimpl.layers.normalize import l2_normalize_backward, l2_normalize_forward
+from refimpl.oracle.trace import is_buffer
 from refimpl.parallel.sharding import shard_range
 
 MAX_LOGITS = 1 << 24  # B * N up to which the logits are rebuilt from ref's z_hat and W
@@ -65,9 +66,10 @@ class Evidence:
 
     ref, other: the step's {name: array}; R, O: the Trace objects; i: the
     step's index; rtol, atol: the comparison's tolerance; spread: how
-    constant a ratio must be (1e-6 in float64, 1e-4 with float32). The state before
-    step i is the other trace's (a replay starts each step from it; two
-    traces that agreed so far have the same), else the reference's.
+    constant a ratio must be (1e-6 in float64, 1e-4 with float32). The
+    state before step i is the other trace's (a replay starts each step
+    from it; two traces that agreed so far have the same), else the
+    reference's.
     """
 
     def __init__(self, R, O, i, ref, other, rtol, atol, spread=1e-6):
@@ -144,11 +146,15 @@ def _row_max(ev):
     equal = np.abs(o - r) <= tol
     if np.all(o <= r + tol) and equal.any() and not equal.all():
         subset = _which_classes(ev, lambda L: L.max(axis=1), o, tol)
-        return (f"a per-rank softmax max: yours <= refimpl's in every row and equal in "
-                f"{int(equal.sum())} of {len(r)} rows (those whose largest logit lies in the "
-                f"subset), the signature of a max over a subset of the classes{subset}: the "
-                f"row max taken over each rank's classes without the all_reduce MAX over the "
-                f"classifier shards (docs/design.md, One training step, row 4)")
+        what = (f"{'a per-rank softmax max' if ev.P > 1 else 'a partial softmax max'}: yours "
+                f"<= refimpl's in every row and equal in {int(equal.sum())} of {len(r)} rows "
+                f"(those whose largest logit lies in the subset), the signature of a max over "
+                f"a subset of the classes{subset}")
+        if ev.P == 1:
+            return what + ": some classes are left out of the row max"
+        return (what + ": the row max taken over each rank's classes without the all_reduce "
+                       "MAX over the classifier shards (docs/design.md, One training step, "
+                       "row 4)")
     return None
 
 
@@ -174,11 +180,15 @@ def _logsumexp(ev):
         subset = _which_classes(ev, lambda L: np.log(np.exp(L - L.max(axis=1, keepdims=True))
                                                      .sum(axis=1)) + L.max(axis=1), o, tol,
                                 full=False)
-        return (f"a per-rank softmax sum: your log-sum-exp is below refimpl's in every row, by "
-                f"a different amount in each ({deficit.min():.3g} to {deficit.max():.3g}), the "
-                f"signature of a sum over a subset of the classes{subset}: the sum of "
-                f"exp(l - max) taken over each rank's classes without the all_reduce SUM over "
-                f"the classifier shards (docs/design.md, One training step, row 5)")
+        what = (f"{'a per-rank softmax sum' if ev.P > 1 else 'a partial softmax sum'}: your "
+                f"log-sum-exp is below refimpl's in every row, by a different amount in each "
+                f"({deficit.min():.3g} to {deficit.max():.3g}), the signature of a sum over a "
+                f"subset of the classes{subset}")
+        if ev.P == 1:
+            return what + ": some classes are left out of the softmax's sum"
+        return (what + ": the sum of exp(l - max) taken over each rank's classes without the "
+                       "all_reduce SUM over the classifier shards (docs/design.md, One "
+                       "training step, row 5)")
     return None
 
 
@@ -282,7 +292,7 @@ def _decay(name, ev):
     """(sign, param, coefficient) if other - ref = sign x coefficient x p_before, the
     coefficient that weight decay has in ``name`` (wd in the momentum, -lr wd or
     Nesterov's -lr (1 + mu) wd in the parameter); None otherwise."""
-    if name.startswith(("grad/", "checksum/")) or "@rows" in name:
+    if name.startswith(("grad/", "checksum/")) or "@rows" in name or is_buffer(name):
         return None
     hp = ev.R.hparams
     wd, mu, lr = hp["weight_decay"], hp["momentum"], float(ev.ref["lr"])
