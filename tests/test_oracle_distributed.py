@@ -40,7 +40,8 @@ def traces(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     two = {"lrs": [0.1, 0.05]}
     variants = [("clean_local", "local", None, two), ("clean_sync", "sync", None, two),
-                ("clean_float32", "local", None, {"dtype": "float32"})]
+                ("clean_float32", "local", None, {"dtype": "float32"}),
+                ("clean_rows", "sync", None, {**two, "classifier_mode": "rows"})]
     # bn_swapped: the trace declares sync, the conversion to SyncBatchNorm is forgotten
     variants += [(bug, "sync" if bug == "bn_swapped" else "local", bug) for bug in BUGS]
     return record_on_ranks(root, variants, world=2, timeout=240)
@@ -61,6 +62,19 @@ def test_a_2_process_run_replays_clean(traces, name, bn):
     # teacher-forced replay of an independent implementation (measured 4e-13)
     assert worst_row(rows, result["rtol"], result["atol"])["rel"] < INDEPENDENT64
     assert not result["not_compared"]                      # every tensor was recorded
+
+
+def test_a_2_process_run_with_the_classifier_as_rows_replays_clean(traces):
+    """The classifier as the batch's touched rows plus per-shard checksums (the form of a
+    large N): every rank contributes the rows it holds and its checksums."""
+    t = Trace(traces / "clean_rows")
+    st = t.step(1)
+    assert t.meta["classifier"] == "rows" and "classifier.weight" not in st
+    assert st["checksum/classifier.weight"].shape == (2, 2)
+    np.testing.assert_array_equal(st["classifier.rows"], np.unique(
+        np.concatenate([st["ids"][:, None], st["neighbours"]], axis=1)))
+    result = replay_and_compare(traces / "clean_rows")
+    assert result["ok"], format_trace_report(result, True)
 
 
 def test_a_2_process_float32_run_replays_clean(traces):

@@ -111,17 +111,20 @@ class AllReduceSum(torch.autograd.Function):
 
 def distributed_training_steps(out, writer_class, bn="local", bug=None, lrs=(0.1,),
                                dtype=torch.float64, num_classes=16, dim=16, batch_size=8, k=3,
-                               tau=0.15, alpha=0.2, width=2, seed=0, group=None):
+                               tau=0.15, alpha=0.2, width=2, seed=0, group=None,
+                               classifier_mode="auto"):
     """One step per learning rate in ``lrs`` on this rank, traced into ``out``.
 
     Inputs: out (the trace folder, the same on every rank), writer_class
     (``DistributedTraceWriter`` or one like it, called as writer_class(out,
-    model, opt, W_r, (lo, hi), hparams, gradients="averaged", group=group)),
+    model, opt, W_r, (lo, hi), hparams, gradients="averaged", group=group,
+    classifier_mode=...)),
     bn ("local" or "sync": the mode the trace declares), bug (None or one of
     ``BUGS``), the run's sizes (N, D, B, K), tau, alpha, the ResNet-18's
     width (CIFAR stem, 8 x 8 images, head_hidden 8), seed (the same on every
     rank: the global batch, W and the initial network), group (None: the
-    default process group). Returns out.
+    default process group), classifier_mode (the writer's: "auto", "full"
+    or "rows"). Returns out.
     """
     if bug is not None and bug not in BUGS:
         raise ValueError(f"bug must be None or one of {sorted(BUGS)}, got {bug!r}")
@@ -145,7 +148,7 @@ def distributed_training_steps(out, writer_class, bn="local", bug=None, lrs=(0.1
     writer = writer_class(out, model, opt, W, (lo, hi),
                           {"tau": tau, "alpha": alpha, "K": K, "bn": bn,
                            "neighbours": "initial_weight", "seed": seed},
-                          gradients="averaged", group=group)
+                          gradients="averaged", group=group, classifier_mode=classifier_mode)
     table = hardest_neighbours(W_full, K)                              # (N, K), once
     tau_used = tau * 1.01 if bug == "tau_x1.01" else tau
     for lr in lrs:
