@@ -56,11 +56,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from refimpl.oracle import Trace, format_trace_report, replay_and_compare
 from refimpl.oracle.compare import worst_row
 from refimpl.oracle.torch_distributed_steps import BUGS, record_on_ranks
 
+torch.set_num_threads(1)               # the 2 ranks are processes of their own
 work = Path(tempfile.mkdtemp(prefix="tutorial14-"))
 variants = [("clean", "local", None, {"lrs": [0.1, 0.05]}),
             ("clean_sync", "sync", None, {"lrs": [0.1, 0.05]})]
