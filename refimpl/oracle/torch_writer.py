@@ -355,12 +355,12 @@ class TraceWriter:
     def _classifier_part(self, rows):
         """This process's classifier rows after the step: (lo, {name: its rows or, with
         ``rows`` (the touched ids), those of them it holds and its checksums})."""
+        if not self._owned():
+            return None
         arrays = {"grad/" + CLF: self.grads[CLF], CLF: _np(self.W)}
         m = self._momentum(self.W)
         if m is not None:
             arrays["momentum/" + CLF] = m
-        if not self._owned():
-            return None
         if rows is None:
             return self.lo, arrays
         mine = rows[(rows >= self.lo) & (rows < self.hi)]
@@ -411,6 +411,10 @@ class TraceWriter:
                 raise TraceError(f"TraceWriter: log({k}=...) has {[s[0] for s in shapes]} "
                                  f"rows on the ranks: each must hold its own rows or the "
                                  f"global batch's B = {B}")
+        hp.setdefault("batch_size", B)
+        if nbs[0] is not None:
+            hp.setdefault("K", int(nbs[0].shape[1]))
+        check_hparams(dict(hp), "TraceWriter hparams")
         if self.mode == "full":
             return None
         targets = [ids[:, None]] + ([np.concatenate(nbs)] if nbs[0] is not None else [])
@@ -423,10 +427,9 @@ class TraceWriter:
         t = {"lr": np.array(self.lr, dtype=np.float64),
              "input": np.concatenate([p["input"] for p in locals_]),
              "ids": np.concatenate([p["ids"] for p in locals_])}
-        B = hp.setdefault("batch_size", t["ids"].shape[0])
+        B = hp["batch_size"]
         if locals_[0]["neighbours"] is not None:
             t["neighbours"] = np.concatenate([p["neighbours"] for p in locals_])
-            hp.setdefault("K", int(t["neighbours"].shape[1]))
         t["z"] = np.concatenate([p["z"] for p in locals_])
         t.update(self._logged(locals_, B))
         state = {n: _np(v) for n, v in self.model.state_dict().items()}
