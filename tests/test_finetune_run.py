@@ -98,6 +98,20 @@ def test_unset_train_and_test_are_the_pretraining_runs(pretrained, tmp_path):
     assert bad.returncode == 2 and "train: no training set given" in bad.stderr
 
 
+def test_a_run_directory_in_use_is_refused_and_released_at_the_end(pretrained, tmp_path):
+    from refimpl.rundir import RunLock
+    run = tmp_path / "ft"
+    run.mkdir()
+    with RunLock(run):  # another run holds it
+        proc = finetune(*FT, f"init={pretrained}", f"out={run}")
+    assert proc.returncode == 2 and f"{run} is in use by another run" in proc.stderr, proc.stderr
+    assert proc.stderr.count("refimpl-finetune: error:") == 1 and "Traceback" not in proc.stderr
+    proc = finetune(*FT, f"init={pretrained}", f"out={run}", "epochs=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (run / "lock").exists()  # released when the run ended
+    assert (run / "config.toml").read_text().startswith("# made with refimpl ")
+
+
 def test_frozen_encoder_keeps_the_pretrained_encoder_and_exports(pretrained, tmp_path):
     """freeze_encoder: the encoder (BatchNorm statistics included) is the pretraining
     checkpoint's, bit for bit, after training; only fc.* moved. refimpl-export writes

@@ -127,7 +127,18 @@ def test_dry_run_prints_memory_and_bytes(tmp_path):
     # float32: the gather sends b D 4 + 8 b = 8 * 8 * 4 + 64 bytes
     line = next(x for x in out.splitlines() if "all_gather z_hat" in x)
     assert "sent          320" in line and "received          320" in line
+    assert "checkpoint on disk: 0.2 MiB each, keep = 2" in out
     assert "fits" in out
+
+
+def test_dry_run_with_a_dataset_it_cannot_open_is_one_line(tmp_path):
+    """--dry-run opened the dataset outside the config checks: a traceback."""
+    (tmp_path / "empty").mkdir()
+    proc = train(*TINY, "--dry-run", f"train={tmp_path / 'empty'}", "width=3")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"refimpl-train: error: train: cannot open "
+                                  f"'{tmp_path / 'empty'}': ")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
 @pytest.mark.mpi

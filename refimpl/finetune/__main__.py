@@ -59,28 +59,47 @@ def require_packages(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    # first of all: from here on a stop signal ends the program with 128 + signal
+    # and one line, whatever it is doing (refimpl.parallel.signals)
+    from refimpl.parallel.signals import Interrupted, StopSignals
+    signals = StopSignals(PROG).install()
+    try:
+        return _main(argv, signals)
+    except Interrupted as e:
+        if signals.comm is None or signals.comm.rank == 0:
+            print(f"{PROG}: interrupted: {e}", file=sys.stderr, flush=True)
+        return 128 + e.signum
+
+
+def _main(argv, signals):
+    args = build_parser().parse_intermixed_args(argv)  # key=value before or after the options
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:  # only overrides, no file
         config, overrides = None, [config] + overrides
     require_packages(args)
     from refimpl.parallel.launch import abort_on_error, world_comm
     comm = world_comm(PROG)
+    signals.comm = comm
     from refimpl.checkpoint import CheckpointError
     from refimpl.finetune.config import load_config, validate
-    from refimpl.train.loop import PeerFailed, TrainingInterrupted, TrainingStopped
+    from refimpl.parallel.signals import Interrupted
+    from refimpl.train.loop import PeerFailed, TrainingStopped
     try:
-        cfg = load_config(config, overrides)
-        validate(cfg, comm.size)
+        with signals.phase("reading the config"):
+            cfg = load_config(config, overrides)
+            validate(cfg, comm.size)
         from refimpl.finetune.loop import FineTuner
         with abort_on_error(comm, passthrough=(ConfigError, CheckpointError, TrainingStopped,
-                                               TrainingInterrupted)):
-            tuner = FineTuner(cfg, comm, save_on_interrupt=args.save_on_interrupt)
-            tuner.install_signal_handlers()
+                                               Interrupted)):
+            with signals.phase("setting up the run"):
+                tuner = FineTuner(cfg, comm, save_on_interrupt=args.save_on_interrupt,
+                                  signals=signals)
+            if args.save_on_interrupt:
+                signals.announce = "stopping at the end of this step after saving a checkpoint"
             resume = args.resume
-            if resume == "auto":
-                from refimpl.checkpoint import latest_checkpoint
-                resume = latest_checkpoint(tuner.cfg.out)
+            if resume == "auto":  # the run's newest checkpoint, refused by name if incomplete
+                from refimpl.checkpoint import resume_point
+                resume = resume_point(tuner.cfg.out)
             results = tuner.run(resume)
             if comm.rank == 0:
                 print(summary(tuner, results), flush=True)
@@ -97,10 +116,6 @@ def main(argv=None):
         if comm.rank == 0:
             print(f"{PROG}: stopped: {e}", file=sys.stderr, flush=True)
         return EXIT_STOPPED
-    except TrainingInterrupted as e:
-        if comm.rank == 0:
-            print(f"{PROG}: interrupted: {e}", file=sys.stderr, flush=True)
-        return 128 + e.signum
 
 
 def summary(tuner, results):

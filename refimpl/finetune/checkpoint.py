@@ -4,7 +4,8 @@ Contract. A fine-tuning checkpoint is a directory of ``refimpl.checkpoint``'s
 format version 1, with ``"kind": "finetune"`` in its meta.json:
 
     meta.json        format version, kind, state (epoch, step_in_epoch, step),
-                     config, num_classes C, dtype, world size at save time, the
+                     config, num_classes C, dim (the encoder's feature width F),
+                     made_with (``deps.version_line``), dtype, world size at save time, the
                      labeled subset's size and sha256, one sha256 per file
                      (written last)
     replicated.npz   the encoder's and the FC's parameters and BN buffers by
@@ -35,6 +36,7 @@ from refimpl.backend import asarray, to_numpy
 from refimpl.checkpoint import (FORMAT_VERSION, LATEST, META, REPLICATED, TMP_PREFIX,
                                 CheckpointError, checkpoint_name, list_checkpoints, read_meta,
                                 verify)
+from refimpl.deps import version_line
 from refimpl.fileio import atomic_file, publish, sha256_file
 
 KIND = "finetune"
@@ -81,6 +83,7 @@ def save(run_dir, state, cfg_dict, net, encoder_opt, fc_opt, comm, subset_ids, k
         np.savez(tmp / REPLICATED, **arrays)
         meta = {"format_version": FORMAT_VERSION, "kind": KIND, "state": state,
                 "config": cfg_dict, "num_classes": net.num_classes,
+                "dim": int(net.encoder.out_features), "made_with": version_line(),
                 "dtype": np.dtype(net.store.dtype).name, "world_size": comm.size,
                 "labeled": {"count": int(len(subset_ids)), "sha256": subset_digest(subset_ids)},
                 "rng": "stateless: every draw is rng(seed, stream, keys) (refimpl.backend.rng)",

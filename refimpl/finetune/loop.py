@@ -19,11 +19,14 @@ Rank 0 writes the run directory ``cfg.out``: ``config.toml``,
 ``label_subset.json`` (the labeled ids: the same for every P and rerun),
 ``metrics.jsonl`` (a JSON object per step and per epoch), ``curves.png``
 and the checkpoints (``finetune.checkpoint``). The failure behaviour is
-refimpl-train's: a non-finite loss stops the run naming the step
+refimpl-train's: the run directory is owned by one run at a time
+(``rundir.RunLock``, taken by rank 0 in ``start``, released when ``run``
+ends); a non-finite loss stops the run naming the step
 (``TrainingStopped``); SIGINT, SIGTERM and SIGUSR1 stop every rank at the
-next step boundary (``TrainingInterrupted``), with --save-on-interrupt after
-a checkpoint; a config or dataset problem on any rank is a ``ConfigError``
-on every rank.
+next step boundary inside the step loop (``TrainingInterrupted``), with
+--save-on-interrupt after a checkpoint, and at once in any other phase
+(``parallel.signals``); a config or dataset problem on any rank is a
+``ConfigError`` on every rank.
 """
 import json
 import math
@@ -50,9 +53,12 @@ from refimpl.finetune.sampler import batch_of_step
 from refimpl.finetune.step import TOPK, forward_backward, optimizers, topk_hits, update
 from refimpl.optim.schedule import warmup_cosine
 from refimpl.parallel.data_parallel import set_batchnorm_mode
+from refimpl.deps import version_line
 from refimpl.parallel.launch import select_gpu
+from refimpl.parallel.signals import StopSignals
+from refimpl.rundir import RunDirError, RunLock, check_run_dir
 from refimpl.train.config import ConfigError, config_hash, to_toml
-from refimpl.train.loop import STOP_SIGNALS, PeerFailed, TrainingInterrupted, TrainingStopped
+from refimpl.train.loop import PeerFailed, TrainingInterrupted, TrainingStopped
 
 PROG = "refimpl-finetune"
 
@@ -116,20 +122,25 @@ class FineTuner:
     log: a function of one string, called on rank 0 only (default print).
     """
 
-    def __init__(self, cfg, comm, log=None, save_on_interrupt=False):
+    def __init__(self, cfg, comm, log=None, save_on_interrupt=False, signals=None):
         self.comm, self.rank0 = comm, comm.rank == 0
         self.save_on_interrupt = save_on_interrupt
-        self._stop = 0
+        # the program's installed StopSignals; without one (a library call) a
+        # dormant one, whose phases only name what the run does
+        self.signals = signals or StopSignals(PROG, comm)
+        self.lock = None  # the run directory's RunLock (rank 0, during run())
         self._log = log or (lambda s: print(s, flush=True))
         validate(cfg, comm.size)
         self._check_same_config(cfg)
+        collective(comm, lambda: _check_out(cfg.out))
         if cfg.device == "gpu":
             select_gpu(comm)
         else:
             n = cfg.threads or max(1, (os.cpu_count() or 1) // comm.local_size)
             threads.set_num_threads(n, single_blas=comm.local_size > 1)
         self.cfg = cfg = collective(comm, lambda: resolve_architecture(resolve_data(cfg)))
-        self.train_set, self.test_set = collective(comm, lambda: self._open_datasets(cfg))
+        with self.signals.phase("opening the datasets"):
+            self.train_set, self.test_set = collective(comm, lambda: self._open_datasets(cfg))
         self.N, self.C = len(self.train_set), num_classes(self.train_set.labels)
         self.S = cfg.image_size or min(self.train_set.image_size)
         self.aug = cfg.augment_config()
@@ -254,22 +265,20 @@ class FineTuner:
 
     # ------------------------------------------------------------ signals
     def install_signal_handlers(self):
-        """SIGINT, SIGTERM, SIGUSR1: every rank stops at the next step boundary."""
-        def handler(signum, frame):
-            if not self._stop:
-                self._stop = signum
-                if self.rank0:
-                    what = " after saving a checkpoint" if self.save_on_interrupt else ""
-                    os.write(2, f"{PROG}: {signal.Signals(signum).name} received: stopping "
-                                f"at the end of this step{what}\n".encode())
-        for s in STOP_SIGNALS:
-            signal.signal(s, handler)
+        """Install this run's StopSignals (``parallel.signals``): a signal stops the
+        run at the end of the step inside the step loop (``check_stop``, every rank
+        together), and at once in any other phase. refimpl-finetune installs its
+        own at its start instead."""
+        if self.save_on_interrupt:
+            self.signals.announce = "stopping at the end of this step after saving a checkpoint"
+        self.signals.install()
 
     def check_stop(self):
         """Has any rank received a stop signal? (one all_reduce MAX of one number)"""
-        signum = int(to_numpy(self.comm.all_reduce(np.array([float(self._stop)]), "max"))[0])
+        signum = self.signals.any_rank(self.comm)
         if not signum:
             return
+        self.signals.acting = True  # saving first is not itself stopped
         saved = self.save() if self.save_on_interrupt else None
         raise TrainingInterrupted(
             f"{signal.Signals(signum).name} at step {self.state['step']} (epoch "
@@ -279,9 +288,10 @@ class FineTuner:
 
     # ------------------------------------------------------------ the run
     def save(self):
-        path = ft_checkpoint.save(self.out, dict(self.state), self.cfg.to_dict(), self.net,
-                                  self.encoder_opt, self.fc_opt, self.comm, self.subset,
-                                  self.cfg.keep)
+        with self.signals.phase("saving a checkpoint"):
+            path = ft_checkpoint.save(self.out, dict(self.state), self.cfg.to_dict(), self.net,
+                                      self.encoder_opt, self.fc_opt, self.comm, self.subset,
+                                      self.cfg.keep)
         self.log(f"checkpoint {path}")
         return path
 
@@ -300,9 +310,10 @@ class FineTuner:
                  f"{self.state['step']} (saved on {saved_on} rank(s), now {self.comm.size})")
 
     def start(self, resume):
-        """Prepare the run directory (refuse a fresh start over a run's checkpoints,
-        remove what an interrupted save left), resume, write config.toml and the
-        labeled subset (rank 0)."""
+        """Take the run directory (rank 0: its lock, ``rundir.RunLock``, released when
+        ``run`` ends), refuse a fresh start over a run's checkpoints, remove what an
+        interrupted save left, resume, write config.toml and the labeled subset (rank 0)."""
+        collective(self.comm, self._take_lock)
         if resume is None:
             found = checkpoint.latest_checkpoint(self.out)
             if found is not None:
@@ -319,7 +330,8 @@ class FineTuner:
         elif self.rank0 and (self.out / "metrics.jsonl").exists():
             (self.out / "metrics.jsonl").unlink()
         if self.rank0:
-            (self.out / "config.toml").write_text(to_toml(self.cfg))
+            (self.out / "config.toml").write_text(f"# made with {version_line()}\n"
+                                                  + to_toml(self.cfg))
             record = subset_record(self.subset, self.train_set.labels, self.cfg.labels,
                                    self.cfg.labels_seed)
             old = read_subset(self.out) if resume is not None else None
@@ -327,9 +339,40 @@ class FineTuner:
                 raise ConfigError(f"{self.out}: its label_subset.json is not this run's subset")
             write_subset(self.out, record)
 
+    def _take_lock(self):
+        """Rank 0: create the run directory and take its lock (a ConfigError naming
+        the run that holds it); the other ranks: nothing."""
+        if not self.rank0:
+            return
+        created = not self.out.exists()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.lock = RunLock(self.out).acquire()
+        except (OSError, RunDirError) as e:
+            if created and self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()
+            raise ConfigError(str(e)) from None
+        if self.lock.stale:
+            self._log(f"took over {self.lock.path}: its run ({self.lock.stale}) ended without "
+                      f"releasing it")
+
+    def release(self):
+        """Give up the run directory's lock (rank 0; a no-op when not held)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def run(self, resume=None):
-        """The whole run (module docstring); returns the results dict."""
-        cfg = self.cfg
+        """The whole run (module docstring); returns the results dict. The run
+        directory's lock is held until it returns or raises."""
+        try:
+            return self._run(resume)
+        finally:
+            self.release()
+
+    def _run(self, resume):
+        cfg, phase = self.cfg, self.signals.phase
+        self.signals.where = "the start of the run"
         self.start(resume)
         if resume is None:
             n, per = self.subset.size, np.bincount(np.asarray(self.train_set.labels)[self.subset])
@@ -341,27 +384,44 @@ class FineTuner:
                      + ("encoder frozen (eval-mode BN), FC trained" if self.frozen else
                         f"lr encoder {cfg.lr_encoder:g}, FC {cfg.lr_fc:g}, bn {cfg.bn}"))
         for epoch in range(self.state["epoch"], cfg.epochs):
-            loss, top1, seconds, seen = self.train_epoch(epoch, self.state["step_in_epoch"])
+            self.signals.where = f"epoch {epoch + 1}"
+            with phase(f"the steps of epoch {epoch + 1}", cooperative=True):
+                loss, top1, seconds, seen = self.train_epoch(epoch, self.state["step_in_epoch"])
             self.state.update(epoch=epoch + 1, step_in_epoch=0)
             last = epoch + 1 == cfg.epochs
             test = {}
             if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-                test = self.evaluate()
-            self.write_metrics({"kind": "epoch", "epoch": epoch, "step": self.state["step"],
-                                "loss": loss, "top1": top1, "test_top1": test.get(1),
-                                "test_top5": test.get(5), "seconds": seconds,
-                                "img_per_s": seen / seconds if seconds else None})
-            line = (f"; test top-1 {100 * test[1]:.1f}%, top-5 {100 * test[5]:.1f}%"
-                    if test else "")
-            self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}, train top-1 "
-                     f"{100 * top1:.1f}%{line}, {seconds:.1f} s")
-            if self.rank0:
-                plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+                with phase("the test accuracy"):
+                    test = self.evaluate()
+            # the epoch's records and plot: short next to the steps but, with few steps
+            # per epoch, where a signal often lands; it is acted on at their end, like
+            # one in the steps (after a checkpoint with --save-on-interrupt)
+            with phase(f"the end of epoch {epoch + 1}", cooperative=True):
+                self.write_metrics({"kind": "epoch", "epoch": epoch, "step": self.state["step"],
+                                    "loss": loss, "top1": top1, "test_top1": test.get(1),
+                                    "test_top5": test.get(5), "seconds": seconds,
+                                    "img_per_s": seen / seconds if seconds else None})
+                line = (f"; test top-1 {100 * test[1]:.1f}%, top-5 {100 * test[5]:.1f}%"
+                        if test else "")
+                self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}, train top-1 "
+                         f"{100 * top1:.1f}%{line}, {seconds:.1f} s")
+                if self.rank0:
+                    plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+                self.check_stop()
             if last or (cfg.save_every and (epoch + 1) % cfg.save_every == 0):
                 self.save()
             if test:
                 self.results["test"] = test
+        self.signals.where = "the end of the run"
         return self.results
+
+
+def _check_out(out):
+    """FineTuneConfig.out must name a folder this process can write (``rundir.check_run_dir``)."""
+    try:
+        check_run_dir(out)
+    except RunDirError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _before(record, state):

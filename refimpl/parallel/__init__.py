@@ -8,6 +8,8 @@ In the order a training step uses them (docs/design.md's step table):
     launch.py         the job: mpirun_command (starting P ranks),
                       launched_by_mpi / world_comm (its communicator),
                       select_gpu, abort_on_error
+    agreement.py      before work: the ranks agree on N, the dataset (size and
+                      manifest hash) and the config, or refuse naming the ranks
     sharding.py       which rank owns which rows of W (shard_range,
                       shard_owner), and the world-size-invariant initial rows
     classifier.py     the N-way cosine classifier, rows sharded over ranks:
