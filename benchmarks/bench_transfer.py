@@ -1,14 +1,15 @@
 """Phase 2 at small scale: how much pretraining saves when labels are few, and transfer.
 
-Per seed, phase 1 once: refimpl-train's demo recipe (refimpl/train/demo.toml:
-ResNet-18 CIFAR stem width 16, D = 128, B = 128, lr 0.3, 1 warm-up epoch then
-cosine, alpha 0.2 over K = 5 hardest classes, crop scale (0.2, 1), float32)
-on the synthetic shapes at 32 x 32 (benchmarks/datasets.py: 8 classes,
+Per seed, phase 1 once: the demo's recipe (ResNet-18 CIFAR stem width 16,
+D = 128, B = 128, lr 0.3, 1 warm-up epoch then cosine, alpha 0.2 over K = 5
+hardest classes, crop scale (0.2, 1), float32, sync BN), 20 epochs by
+default, on the synthetic shapes at 32 x 32 (benchmarks/datasets.py: 8 classes,
 2,000 train / 500 test, where raw pixels fail), without the contrastive
 prior (docs/benchmarks.md, the ablations: on the shapes it holds the
-encoder back). Then, with the same budget for every fine-tune (the same
-steps of the same batch size, whatever the fraction: 1% of the labels is
-20 images seen many times, 100% is 2,000 seen about once or twice):
+encoder back). Then, with the same budget for every fine-tune (by default
+120 steps of B = 32, warm-up 1 epoch of 12 steps then cosine, whatever the
+fraction: 1% of the labels is 20 images seen about 190 times each, 100% is
+2,000 seen about twice):
 
     pretrained  encoder + FC from the pretrained encoder (lr encoder < lr FC)
     scratch     encoder + FC from random initialization (the baseline)
@@ -27,12 +28,15 @@ test images after the last step; mean +- standard deviation over seeds.
 Jobs run in --jobs processes of 1 refimpl thread and 1 BLAS thread each
 (every run is bitwise reproducible for a fixed thread count); the
 pretrainings first, then each seed's fine-tunes as soon as its encoder is
-there. Accuracies do not depend on the machine's load; the time does.
+there. Accuracies do not depend on the machine's load; the time does: the
+run records its wall time, the CPU time of all its processes (os.times) and
+the 1-minute load average (docs/finetune.md has a run's figures).
 """
 import argparse
 import concurrent.futures as futures
 import json
 import multiprocessing
+import os
 import shutil
 import sys
 import time
@@ -162,15 +166,23 @@ def markdown(rows, pretrain_rows=()):
     return "\n".join(lines)
 
 
+def time_line(row):
+    """The run's cost: wall time, CPU time of all its processes, the machine's load."""
+    return (f"Time: {row['seconds'] / 60:.1f} min wall, {row['cpu_seconds'] / 60:.1f} CPU-min "
+            f"({row['jobs']} jobs of 1 thread on {row['cpus']} cores; 1-minute load average "
+            f"{row['load_1min_start']:.2f} at the start, mean {row['load_1min_mean']:.2f} and "
+            f"max {row['load_1min_max']:.2f} over the runs' ends).")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--pretrain-epochs", type=int, default=30)
+    p.add_argument("--pretrain-epochs", type=int, default=20)
     p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs")
-    p.add_argument("--steps-per-epoch", type=int, default=15,
+    p.add_argument("--steps-per-epoch", type=int, default=12,
                    help="fine-tuning steps per epoch, whatever the fraction (the budget)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once, 1 thread each")
     p.add_argument("--out", default=str(ROOT / "runs" / "transfer"))
@@ -181,6 +193,9 @@ def main():
         rows = [json.loads(x) for f in args.table for x in open(f) if x.startswith("{")]
         print(markdown([r for r in rows if r.get("benchmark") == "transfer"],
                        [r for r in rows if r.get("benchmark") == "transfer_pretrain"]))
+        for r in rows:
+            if r.get("benchmark") == "transfer_time" and "cpu_seconds" in r:
+                print(time_line(r))
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +206,7 @@ def main():
         log.write(json.dumps(row) + "\n")
         log.flush()
     record({"benchmark": "transfer_machine", **machine_info(), "jobs": args.jobs})
-    start = time.perf_counter()
+    start, cpu0, loads = time.perf_counter(), os.times(), [os.getloadavg()]
     runs, pretrained = [], []
     ft = (args.epochs, args.steps_per_epoch, str(out))
     with futures.ProcessPoolExecutor(args.jobs,
@@ -209,6 +224,7 @@ def main():
             for f in done:
                 kind, seed = pending.pop(f)
                 row = f.result()
+                loads.append(os.getloadavg())
                 record(row)
                 if kind == "pretrain":
                     pretrained.append(row)
@@ -220,9 +236,17 @@ def main():
                                                         *ft)] = ("finetune", seed)
                 else:
                     runs.append(row)
-    record({"benchmark": "transfer_time", "seconds": time.perf_counter() - start,
-            "jobs": args.jobs})
+    cpu = os.times()  # the pool's workers have been waited for: their CPU is the children's
+    timing = {"benchmark": "transfer_time", "seconds": time.perf_counter() - start,
+            "cpu_seconds": (cpu.user + cpu.system + cpu.children_user + cpu.children_system)
+            - (cpu0.user + cpu0.system + cpu0.children_user + cpu0.children_system),
+            "load_1min_start": loads[0][0], "load_1min_mean": float(np.mean([x[0] for x in loads])),
+            "load_1min_max": float(np.max([x[0] for x in loads])), "cpus": os.cpu_count(),
+            "jobs": args.jobs, "seeds": args.seeds, "pretrain_epochs": args.pretrain_epochs,
+            "finetune_steps": args.epochs * args.steps_per_epoch}
+    record(timing)
     print(markdown(runs, pretrained))
+    print(time_line(timing))
 
 
 if __name__ == "__main__":
