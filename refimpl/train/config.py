@@ -5,14 +5,19 @@ Contract. ``load_config(path, overrides)`` reads a TOML file (``tomllib``;
 plus the ``[augment]`` table of ``data.augment.AugmentConfig`` fields), then
 applies command-line overrides ``key=value`` (``augment.crop_scale=[0.2, 1]``;
 a value is read as a TOML value, else as a string), and returns a ``Config``.
-Unknown keys are errors that name the closest valid key.
+Unknown keys are errors that name the closest valid key. Each value is
+coerced to its field's declared type or refused (``coerce``): a bool only
+from true / false, an integer where an integer is declared, any number as a
+float, a list of n numbers for each tuple of ``AugmentConfig``. A config
+file that is missing, a folder, not text or not TOML is one line too.
 
 ``validate(config, num_instances, world_size)`` is the second check, once the
 training set's size N and the number of ranks P are known; every problem is
 reported at once, one line each (``ConfigError``): K >= N, alpha outside
 [0, 1), tau <= 0, B not divisible by P, N < P, N < B, and so on. Every rank runs
 both checks on the same inputs, so every rank stops with the same message;
-``config_hash`` lets the ranks check that they all run the same config.
+``config_hash`` is the config's sha256 (the ranks compare theirs with
+``parallel.agreement.check_same_config``).
 
 Every field, its default and its meaning is in ``Config`` below;
 ``refimpl/train/demo.toml`` is a complete example.
@@ -107,6 +112,9 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 AUGMENT_FIELDS = {f.name for f in dataclasses.fields(AugmentConfig)}
+# augment.* keys typed by their defaults: a tuple of n numbers stands for "a list of n numbers"
+AUGMENT_TYPES = {f.name: (("tuple", len(f.default)) if isinstance(f.default, tuple)
+                          else type(f.default)) for f in dataclasses.fields(AugmentConfig)}
 CHOICES = {"arch": tuple(ARCHS), "stem": STEMS, "prior_transform": ("eval", "train"),
            "dtype": ("float32", "float64"), "device": ("cpu", "gpu"), "bn": BN_MODES}
 
@@ -116,16 +124,59 @@ def _closest(key, valid):
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
-def _type_ok(name, value):
-    """Does ``value`` have the type of field ``name``? (ints are fine for floats)"""
-    default = Config().__getattribute__(name)
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, type(default))
+class _Refused(ValueError):
+    """A value that its field's declared type refuses; the message says what it needs."""
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def coerce(kind, value):
+    """``value`` as the declared type ``kind``, or _Refused saying what was expected.
+
+    kind: bool (true or false only: a TOML boolean, or the text "true" /
+    "false"), int (an integer, not a bool), float (any number, as a float), str,
+    list (of integers: ``knn_k``; one integer is a list of one), or
+    ("tuple", n): a list of n numbers, as floats.
+    """
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value in ("true", "false"):
+            return value == "true"
+        raise _Refused("must be true or false")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Refused("must be an integer")
+    if kind is float:
+        if _number(value):
+            return float(value)
+        raise _Refused("must be a number")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise _Refused("must be a string")
+    if kind is list:
+        value = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+        if isinstance(value, (list, tuple)) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+        raise _Refused("must be a list of integers")
+    if isinstance(kind, tuple):
+        n = kind[1]
+        if isinstance(value, (list, tuple)) and len(value) == n and all(map(_number, value)):
+            return [float(v) for v in value]
+        raise _Refused(f"must be a list of {n} numbers")
+    raise TypeError(f"coerce: unknown kind {kind!r}")
+
+
+def _problems_error(header, problems):
+    """A ConfigError: one problem on one line, several one per line under the header."""
+    if len(problems) == 1:
+        return ConfigError(f"{header}: {problems[0]}")
+    return ConfigError(f"{header}:\n  " + "\n  ".join(problems))
 
 
 def parse_override(text):
@@ -142,7 +193,8 @@ def parse_override(text):
 
 
 def config_from_dict(values, source="config"):
-    """A Config from {key: value}; every unknown key or wrong type reported at once."""
+    """A Config from {key: value}; each value coerced to its field's declared type
+    (``coerce``; augment.* keys too); every unknown key or refused value reported at once."""
     problems, kwargs = [], {}
     for key, value in values.items():
         if key == "augment":
@@ -150,20 +202,26 @@ def config_from_dict(values, source="config"):
                 problems.append(f"augment must be a table of augmentation settings, "
                                 f"got {value!r}")
                 continue
-            for a in value:
+            augment = {}
+            for a, v in value.items():
                 if a not in AUGMENT_FIELDS:
                     problems.append(f"unknown key augment.{a}"
                                     f"{_closest(a, sorted(AUGMENT_FIELDS))}")
-            kwargs[key] = dict(value)
+                    continue
+                try:
+                    augment[a] = coerce(AUGMENT_TYPES[a], v)
+                except _Refused as e:
+                    problems.append(f"augment.{a} {e}, got {v!r}")
+            kwargs[key] = augment
         elif key not in FIELDS:
             problems.append(f"unknown key {key!r}{_closest(key, sorted(FIELDS))}")
-        elif not _type_ok(key, value):
-            want = type(getattr(Config(), key)).__name__
-            problems.append(f"{key} must be a {want}, got {value!r}")
         else:
-            kwargs[key] = value
+            try:
+                kwargs[key] = coerce(FIELDS[key].type, value)
+            except _Refused as e:
+                problems.append(f"{key} {e}, got {value!r}")
     if problems:
-        raise ConfigError(f"{source}:\n  " + "\n  ".join(problems))
+        raise _problems_error(source, problems)
     return Config(**kwargs)
 
 
@@ -201,8 +259,16 @@ def load_config(path=None, overrides=()):
             raise ConfigError(f"{path}: is a folder, not a config file") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (a TOML config is UTF-8 text)") from None
+        except OSError as e:  # a folder, no permission
+            what = "is a folder, not a config file" if path.is_dir() else \
+                f"cannot be read ({e.strerror or e})"
+            raise ConfigError(f"{path}: {what}") from None
     for text in overrides:
         key, value = parse_override(text)
+        if key in FIELDS and FIELDS[key].type is str and not isinstance(value, str):
+            value = text.partition("=")[2].strip()  # out=2024 names a folder, not a number
         if key.startswith("augment."):
             values.setdefault("augment", {})[key[len("augment."):]] = value
         else:
@@ -279,7 +345,7 @@ def validate(cfg, num_instances=None, world_size=1):
                 p.append(f"batch_size B = {B} is larger than the training set (N = {N}): "
                          f"an epoch would have no step")
     if p:
-        raise ConfigError("the configuration cannot run:\n  " + "\n  ".join(p))
+        raise _problems_error("the configuration cannot run", p)
 
 
 def config_hash(cfg):
