@@ -11,7 +11,8 @@ dominate), D = 128, B = 1024, float32, K = 5, alpha = 0.2, on one GPU:
                   this device's measured fp32 rate (``gemm_rate``)
     steps         training steps of epoch 2 (smoothed targets from that
                   table, augmentation on the device, SGD): --steps of them,
-                  fewer when the budget would not hold them (said)
+                  fewer when the budget would not hold them and ring2 (not
+                  below MIN_STEPS: then ring2 is skipped; said either way)
     knn           the kNN monitor on a subset: features of --knn-bank
                   training-like images and --knn-queries labeled ones
     ring2         the neighbour table of the same W on 2 ranks sharing the
@@ -52,6 +53,7 @@ import numpy as np  # noqa: E402
 from refimpl import backend  # noqa: E402
 
 BASE = 65536  # distinct random base images
+MIN_STEPS = 100  # the steps are cut for ring2 down to this many, not further
 
 
 class XorImages:
@@ -219,9 +221,10 @@ def run(args):
     fresh_pool(device)
     times, losses = [], []
     planned, done = min(args.steps, len(batches)), 0
-    # kept for what follows: the kNN monitor, and ring2 (about 1.5 times the 1-rank search)
-    reserve = args.reserve_s if args.reserve_s is not None else \
-        15 + (0 if args.no_ring2 else 1.5 * p1_seconds + 20)
+    # kept for what follows: the kNN monitor (15 s), and ring2 (about 1.5 times the
+    # 1-rank search, + 20 s to start); the steps are cut for ring2 down to MIN_STEPS,
+    # below that ring2 is skipped instead
+    knn_s, ring_s = 15.0, (0.0 if args.no_ring2 else 1.5 * p1_seconds + 20)
     t = time.perf_counter()
     for s in range(planned):
         t0 = time.perf_counter()
@@ -236,7 +239,13 @@ def run(args):
         done += 1
         if s == 4:  # the first steps compile; from the next ones, do the rest fit?
             per = float(np.median(times[1:]))
-            fit = int((deadline - time.perf_counter() - reserve) / per)
+            left = deadline - time.perf_counter()
+            if args.reserve_s is not None:
+                fit = int((left - args.reserve_s) / per)
+            else:
+                fit = int((left - knn_s - ring_s) / per)
+                if done + fit < min(MIN_STEPS, planned):   # ring2 will not fit: steps first
+                    fit = int((left - knn_s) / per)
             planned = max(done, min(planned, done + fit))
         if done >= planned:
             break
@@ -376,8 +385,9 @@ def main():
     p.add_argument("--budget-s", type=float, default=120.0,
                    help="the whole run's seconds: steps are cut, ring2 skipped to fit")
     p.add_argument("--reserve-s", type=float, default=None,
-                   help="seconds kept for knn and ring2 when the steps are planned "
-                        "(default: 15 s for knn, + 1.5 x the 1-rank search + 20 s for ring2)")
+                   help="seconds kept for knn and ring2 when the steps are planned (default: "
+                        "15 s for knn, + 1.5 x the 1-rank search + 20 s for ring2 while at "
+                        "least MIN_STEPS steps fit)")
     p.add_argument("--no-ring2", action="store_true")
     p.add_argument("--out", default=None, help="folder for million.jsonl")
     p.add_argument("--worker-ring", nargs=2, help=argparse.SUPPRESS)

@@ -15,7 +15,7 @@
                               under mpirun, the ranks sharing the GPU)
     assert_runs_match(run, ref, tol)      every tensor of two runs' final
                               checkpoints and their step losses within tol
-    assert_run_matches_cpu(args, out_dir, ranks=1, tol=TRAIN64)
+    assert_run_matches_cpu(args, out_dir, ranks=1, tol=TRAIN64, cpu_run=None)
                               the helper for a new feature: its refimpl-train
                               run on DEVICE against the same run on one CPU
                               process (float64, sync BN: P ranks = 1 rank)
@@ -99,7 +99,7 @@ def assert_run_matches_cpu(args, out_dir, ranks=1, tol=TRAIN64, cpu_run=None):
     comparison at TRAIN64 they set dtype=float64 and, for ranks > 1, bn=sync.
     out_dir: where both run directories go. cpu_run: an existing CPU run
     directory of the same args (run here when None). Returns (device run,
-    CPU run), both checked by ``assert_runs_match``.
+    CPU run, the device run's stdout), the runs checked by ``assert_runs_match``.
     """
     run = out_dir / f"device-P{ranks}"  # not "cpu-P1": DEVICE is "cpu" in the dry run
     proc = train_on(DEVICE, *args, f"out={run}", ranks=ranks if ranks > 1 else None)
@@ -109,4 +109,4 @@ def assert_run_matches_cpu(args, out_dir, ranks=1, tol=TRAIN64, cpu_run=None):
         proc = train_on("cpu", *args, f"out={cpu_run}")
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert_runs_match(run, cpu_run, tol)
-    return run, cpu_run
+    return run, cpu_run, proc.stdout

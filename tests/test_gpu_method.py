@@ -167,7 +167,10 @@ def test_smoothed_targets_from_the_device_table_give_the_cpus_step(dtype):
         np.testing.assert_array_equal(res[DEVICE][0][i], res["cpu"][0][i])
     for name, i in (("loss", 1), ("dz", 2), ("dW", 3)):
         check_close(f"smoothed step {name}", res[DEVICE][i], res["cpu"][i], dtype)
-    assert res[DEVICE][4] == res["cpu"][4]
+    # top-k counts compare the label's logit with its twin's (equal rows): equal on
+    # both devices unless one rounds the two apart, which moves one row of 12
+    for k in (1, 5):
+        assert abs(res[DEVICE][4][k] - res["cpu"][4][k]) <= 1 / 12 + 1e-12, (k, res[DEVICE][4])
 
 
 # ------------------------------------------------------------ augmentation
