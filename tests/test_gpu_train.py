@@ -12,7 +12,9 @@
 - ``refimpl-train --dry-run`` with device = "gpu": the activations measured
   on the device, the neighbour search's device memory, the table on the host.
 - ``refimpl-oracle replay --device gpu`` of the golden trace: every tensor
-  within the golden trace's tolerance (tests/test_oracle_golden.py).
+  within the golden trace's tolerance (tests/test_oracle_golden.py), and
+  ``refimpl-train --trace`` recorded on the device against the CPU's trace.
+- ``refimpl-eval --device gpu`` of a checkpoint: the CPU's kNN lines.
 
 The runs are the tiny ones of tests/test_train.py, made once per session
 (``runs``) and shared by the tests. Marked ``gpu``; RUNS_DRY (tests/gpu_util.py).
@@ -150,3 +152,30 @@ def test_refimpl_oracle_replay_device_option():
                           capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "result: all 678 tensors agree" in proc.stdout
+
+
+def test_refimpl_eval_on_the_device_matches_cpu(runs):
+    """refimpl-eval --device gpu of the CPU run's checkpoint (float64): its kNN lines
+    (features extracted on the device) are the CPU's."""
+    cpu_run, _ = runs("cpu")
+    lines = {}
+    for name, device in (("cpu", "cpu"), ("device", DEVICE)):
+        proc = subprocess.run([sys.executable, "-m", "refimpl.evaluate", str(cpu_run),
+                               "--device", device, "--knn-k", "5", "20"],
+                              capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        lines[name] = [x for x in proc.stdout.splitlines() if "kNN" in x]
+    assert len(lines["cpu"]) == 2 and lines["device"] == lines["cpu"]
+
+
+def test_trace_recorded_on_the_device_matches_the_cpus(tmp_path):
+    """refimpl-train --trace of 2 float64 steps on the device against the same trace
+    recorded on the CPU: every tensor within the golden trace's tolerance."""
+    for name, device in (("cpu", "cpu"), ("device", DEVICE)):
+        proc = train_on(device, *TINY, "dtype=float64", "eval_every=0",
+                        f"out={tmp_path / name}", "--trace", tmp_path / f"trace-{name}",
+                        "--trace-steps", 2)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    result = compare_traces(tmp_path / "trace-cpu", tmp_path / "trace-device", RTOL, ATOL)
+    assert result["ok"], format_trace_report(result, mismatches_only=True)[-6000:]
+    assert result["count"] > 100 and not result["not_compared"]
