@@ -69,8 +69,9 @@ else
     export DEVICE=gpu
 fi
 
-pytest_gpu() {  # pytest -m gpu FILES..., quiet, no cache in the checkout
-    "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -o addopts="" "$@"
+pytest_gpu() {  # pytest -m gpu FILES..., quiet, no cache in the checkout, its own temp folder
+    "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -o addopts="" -rfE \
+        --basetemp "${TMPDIR:-/tmp}/gpu_check-$$-$RANDOM" "$@"
 }
 
 # ------------------------------------------------------------------ the parts
@@ -86,12 +87,6 @@ for name in ("mpi4py", "torch", "scikit-learn"):
         print(name, version(name))
     except PackageNotFoundError:
         print(name, "not installed")
-if os.environ["DRY"] != "1":
-    try:
-        import torch
-        print("torch.cuda.is_available():", torch.cuda.is_available())
-    except ImportError:
-        pass
 from refimpl.parallel.launch import find_mpirun
 print("mpirun:", find_mpirun())
 if os.environ["DRY"] == "1":
@@ -100,8 +95,9 @@ if os.environ["DRY"] == "1":
 import cupy
 from refimpl.backend import gpu_available
 props = cupy.cuda.runtime.getDeviceProperties(0)
+name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
 print("cupy", cupy.__version__, "| CUDA runtime", cupy.cuda.runtime.runtimeGetVersion(),
-      "| devices", cupy.cuda.runtime.getDeviceCount(), "|", props["name"].decode(),
+      "| devices", cupy.cuda.runtime.getDeviceCount(), "|", name,
       f"{props['totalGlobalMem'] / 2**30:.0f} GiB")
 if not gpu_available():
     sys.exit("refimpl.backend.gpu_available() is False: every gpu test would be skipped")
