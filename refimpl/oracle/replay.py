@@ -60,10 +60,13 @@ from refimpl.train.step import forward_backward, update
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5
 
 
-def build_from_trace(trace, comm, dtype=np.float64, device="cpu"):
+def build_from_trace(trace, comm, dtype=np.float64, device="cpu", bn=None):
     """(net, clf, net_opt, clf_opt) of one dtype (float64 unless told), in the trace's
-    initial state, on comm, on ``device`` ('cpu' or 'gpu')."""
+    initial state, on comm, on ``device`` ('cpu' or 'gpu'). bn: None (the trace's
+    BatchNorm mode) or "local" / "sync" (the other mode, to see which one a trace's
+    z follows)."""
     hp = trace.hparams
+    bn = hp["bn"] if bn is None else bn
     P, P_t, B = comm.size, hp["world_size"], hp["batch_size"]
     if B % P:
         raise TraceError(f"the trace's batch B = {B} does not split over {P} ranks")
@@ -74,7 +77,7 @@ def build_from_trace(trace, comm, dtype=np.float64, device="cpu"):
                              f"BatchNorm): replay cannot reproduce another value")
     net = build_model(hp["arch"], hp["stem"], hp["width"], hp["head_hidden"], hp["dim"],
                       dtype=dtype, device=device)
-    if hp["bn"] == "sync":
+    if bn == "sync":
         set_batchnorm_mode(net, comm, "sync")
     elif P == P_t:
         set_batchnorm_mode(net, comm, "local")
@@ -156,7 +159,7 @@ def nudge(arrays, g):
 
 
 def replay(trace_dir, out_dir, comm=None, steps=None, free_run=False, dtype=np.float64,
-           nudge_seed=None, device="cpu"):
+           nudge_seed=None, device="cpu", bn=None):
     """Run a trace's steps in refimpl (float64, comm's ranks); write refimpl's trace.
 
     steps: how many of the trace's steps (default all). free_run: False (the
@@ -168,8 +171,9 @@ def replay(trace_dir, out_dir, comm=None, steps=None, free_run=False, dtype=np.f
     buffer, momentum and classifier row is moved by one unit of rounding
     (``nudge``) after it is loaded, so that the rounding errors of this run
     are another sample of the same noise (``float32_noise``). device: 'cpu'
-    or 'gpu' (each rank the GPU of its node-local rank). Every rank calls
-    this; returns out_dir as a Path.
+    or 'gpu' (each rank the GPU of its node-local rank). bn: None (the
+    trace's BatchNorm mode) or the mode to replay instead (``bn_mode_hint``).
+    Every rank calls this; returns out_dir as a Path.
     """
     comm = SelfComm() if comm is None else comm
     if device == "gpu":
@@ -181,7 +185,7 @@ def replay(trace_dir, out_dir, comm=None, steps=None, free_run=False, dtype=np.f
     n = len(trace.steps) if steps is None else min(int(steps), len(trace.steps))
     if n < 1:
         raise TraceError(f"{trace.path}: the trace holds no step")
-    net, clf, net_opt, clf_opt = build_from_trace(trace, comm, dtype, device)
+    net, clf, net_opt, clf_opt = build_from_trace(trace, comm, dtype, device, bn)
     g = None if nudge_seed is None else np.random.default_rng(nudge_seed)
 
     def nudge_state():
@@ -301,5 +305,45 @@ def compare_replay(trace_dir, out, work, rtol=None, atol=None, steps=None, free_
     floor = None
     if noise and Trace(trace_dir).hparams["dtype"] == "float32":
         floor = float32_noise(trace_dir, out, work, steps, free_run, device=device)
-    return compare_traces(out, trace_dir, rtol, atol, labels=("refimpl", "yours"),
-                          steps=steps, noise=floor)
+    result = compare_traces(out, trace_dir, rtol, atol, labels=("refimpl", "yours"),
+                            steps=steps, noise=floor)
+    hint = bn_mode_hint(trace_dir, result, work, free_run, device)
+    if hint:  # in place of the section's generic advice
+        generic = f"first divergence ({result['first']['name']}): "
+        result["hints"] = [hint] + [h for h in result["hints"] if not h.startswith(generic)]
+    return result
+
+
+BN_MODES = {"local": "each rank's own statistics", "sync": "the global batch's statistics"}
+
+
+def bn_mode_hint(trace_dir, result, work, free_run=False, device="cpu"):
+    """If the first divergence is z or a BatchNorm buffer, replay that step with the
+    other BatchNorm mode (one process on ``device``, into ``work``): when the trace's
+    z and buffers agree with it, a hint that says the mode is swapped; else None."""
+    first = result["first"]
+    hp = Trace(trace_dir).hparams
+    if first is None or hp["world_size"] == 1 or not (
+            first["name"] == "z" or first["section"] == "BN statistics"):
+        return None
+    declared = hp["bn"]
+    other = "sync" if declared == "local" else "local"
+    i = int(first["where_step"].split()[-1])
+    out = Path(work) / f"refimpl-bn-{other}"
+    replay(trace_dir, out, steps=i + 1, free_run=free_run, bn=other, device=device)
+    alt = compare_traces(out, trace_dir, result["rtol"], result["atol"], steps=i + 1)
+    rows = dict(alt["sections"])[f"step {i}"]
+    checked = [r for r in rows if r["name"] == "z" or r["section"] == "BN statistics"]
+    if not checked or not all(r["ok"] for r in checked):
+        return None
+    why = ("was the SyncBatchNorm conversion forgotten (nn.SyncBatchNorm."
+           "convert_sync_batchnorm; on gloo refimpl.oracle.torch_sync_bn."
+           "convert_sync_batchnorm)? Or declare hparams['bn'] = 'local'"
+           if declared == "sync" else
+           "your BatchNorm is synchronized (SyncBatchNorm), or one process ran the model on "
+           "the whole batch instead of once per rank's b rows; declare hparams['bn'] = "
+           "'sync', or use per-rank BatchNorm")
+    return (f"first divergence ({first['name']}): BN mode swapped: your z and BatchNorm "
+            f"buffers match refimpl's replay with bn = '{other}' ({BN_MODES[other]}), not "
+            f"the trace's bn = '{declared}' ({BN_MODES[declared]}): {why} (docs/oracle.md, "
+            f"Sync vs local BN)")
