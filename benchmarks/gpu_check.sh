@@ -8,10 +8,12 @@
 #                  (P = 1, 2, ties), targets, augmentation, features, kNN
 #   tests-train    pytest -m gpu tests/test_gpu_train.py: 2-epoch refimpl-train
 #                  on 1 and 2 ranks = CPU (float64), checkpoints across
-#                  devices, the dry run, oracle replay --device gpu
+#                  devices, refimpl-eval --device gpu
+#   tests-oracle   the rest of it: the dry run, oracle replay --device gpu,
+#                  refimpl-train --trace on the device
 #   mpi-cuda       the classifier and collectives on CuPy arrays, 2 ranks,
 #                  CUDA-awareness detected, then forced through the host
-#   (the four above run at the same time: each its own processes)
+#   (the five above run at the same time: each its own processes)
 #   (the benchmarks below one after another; a part without torch is skipped)
 #   classifier     the 1,281,167-way classifier step, B = 1024, fp32 (TF32
 #                  off), refimpl vs PyTorch CUDA (bench_classifier.py)
@@ -69,9 +71,13 @@ else
     export DEVICE=gpu
 fi
 
-pytest_gpu() {  # pytest -m gpu FILES..., quiet, no cache in the checkout, its own temp folder
-    "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -o addopts="" -rfE \
-        --basetemp "${TMPDIR:-/tmp}/gpu_check-$$-$RANDOM" "$@"
+pytest_gpu() {  # pytest -m gpu FILES..., a line per test (a log cut by the limit shows how far
+    # it got), no cache in the checkout, its own temp folder
+    local tmp="${TMPDIR:-/tmp}/gpu_check-$$-$RANDOM" st
+    "$PYTHON" -m pytest -m gpu -v -p no:cacheprovider -o addopts="" -rfE --basetemp "$tmp" "$@"
+    st=$?
+    rm -rf "$tmp"
+    return $st
 }
 
 # ------------------------------------------------------------------ the parts
@@ -117,11 +123,23 @@ p_tests_method() {
     fi
 }
 
+# tests/test_gpu_train.py in two sessions at once: the runs the module shares
+# (2 epochs, P = 1 and 2, resumes, refimpl-eval), and the rest
+ORACLE_TESTS="dry_run or replay or trace_recorded or device_option"
+
 p_tests_train() {
+    if [ "$DRY" = 1 ]; then
+        pytest_gpu tests/test_gpu_train.py -k "two_epochs"
+    else
+        pytest_gpu tests/test_gpu_train.py -k "not ($ORACLE_TESTS)"
+    fi
+}
+
+p_tests_oracle() {
     if [ "$DRY" = 1 ]; then
         pytest_gpu tests/test_gpu_train.py -k "dry_run_on_the_device or device_option"
     else
-        pytest_gpu tests/test_gpu_train.py
+        pytest_gpu tests/test_gpu_train.py -k "$ORACLE_TESTS"
     fi
 }
 
@@ -140,7 +158,7 @@ p_mpi_cuda() {
 import json, sys
 from refimpl.parallel.launch import mpirun_command, run_mpirun
 out = sys.argv[1]
-proc = run_mpirun(mpirun_command(2, "tests/mpi_worker.py", "check-gpu", out), timeout=120)
+proc = run_mpirun(mpirun_command(2, "tests/mpi_worker.py", "check-gpu", out), timeout=60)
 print(proc.stdout[-2000:], proc.stderr[-2000:])
 if proc.returncode != 0:
     sys.exit(f"mpirun exit {proc.returncode}")
@@ -242,7 +260,7 @@ main() {
     else
         # the checks at the same time: the compiled CuPy kernels land in one cache
         run_part tests-layers 150 & run_part tests-method 150 & run_part tests-train 150 &
-        run_part mpi-cuda 100 &
+        run_part tests-oracle 150 & run_part mpi-cuda 150 &
         wait
         if [ "$QUICK" = 0 ]; then  # the benchmarks, one at a time: the GPU to itself
             run_part classifier 45

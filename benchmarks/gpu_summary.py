@@ -14,7 +14,6 @@ import re
 import sys
 from pathlib import Path
 
-CHECKS = ("env", "tests-layers", "tests-method", "tests-train", "mpi-cuda")
 
 
 def json_lines(path, key=None, value=None):

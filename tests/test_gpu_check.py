@@ -18,7 +18,8 @@ from mpi_run import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
-PARTS = ("env", "tests-layers", "tests-method", "tests-train", "mpi-cuda", "classifier",
+PARTS = ("env", "tests-layers", "tests-method", "tests-train", "tests-oracle", "mpi-cuda",
+         "classifier",
          "resnet", "million", "train-e2e")
 MILLION = ("setup", "prior", "neighbours", "steps", "knn", "ring2")
 
@@ -40,6 +41,7 @@ def test_gpu_check_dry_runs_end_to_end_and_prints_the_table(tmp_path):
         assert rows.get(f"million: {part}") == "passed", (part, table)
     assert rows["**total**"] == "passed"
     assert "4 passed" in table                       # the sample of tests-method ran
+    assert rows["tests-train"] == "passed" and "1 passed" in table
     summary = json.loads((out / "summary.json").read_text())
     assert summary["failed"] == [] and len(summary["parts"]) == len(PARTS)
     for part in PARTS:
