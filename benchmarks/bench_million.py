@@ -221,10 +221,10 @@ def run(args):
     fresh_pool(device)
     times, losses = [], []
     planned, done = min(args.steps, len(batches)), 0
-    # kept for what follows: the kNN monitor (15 s), and ring2 (about 1.5 times the
-    # 1-rank search, + 20 s to start); the steps are cut for ring2 down to MIN_STEPS,
+    # kept for what follows: the kNN monitor (15 s), and ring2 (the 1-rank search's
+    # work again, shared by two processes: about 1.2 times its time, + 15 s to start); the steps are cut for ring2 down to MIN_STEPS,
     # below that ring2 is skipped instead
-    knn_s, ring_s = 15.0, (0.0 if args.no_ring2 else 1.5 * p1_seconds + 20)
+    knn_s, ring_s = 15.0, (0.0 if args.no_ring2 else 1.2 * p1_seconds + 15)
     t = time.perf_counter()
     for s in range(planned):
         t0 = time.perf_counter()
@@ -292,7 +292,7 @@ def report_ring2(args, w_path, table, p1_seconds, deadline, report, rate):
     """ring2 (module docstring): skipped when the 1-rank search's time would not fit."""
     from refimpl.parallel.launch import mpirun_command, run_mpirun
     left = deadline - time.perf_counter()
-    need = 1.5 * p1_seconds + 20
+    need = 1.2 * p1_seconds + 15
     if args.no_ring2 or left < need:
         report({"part": "ring2", "ok": None, "skipped": "--no-ring2" if args.no_ring2 else
                 f"budget: {left:.0f} s left, about {need:.0f} s needed"})
@@ -386,7 +386,7 @@ def main():
                    help="the whole run's seconds: steps are cut, ring2 skipped to fit")
     p.add_argument("--reserve-s", type=float, default=None,
                    help="seconds kept for knn and ring2 when the steps are planned (default: "
-                        "15 s for knn, + 1.5 x the 1-rank search + 20 s for ring2 while at "
+                        "15 s for knn, + 1.2 x the 1-rank search + 15 s for ring2 while at "
                         "least MIN_STEPS steps fit)")
     p.add_argument("--no-ring2", action="store_true")
     p.add_argument("--out", default=None, help="folder for million.jsonl")

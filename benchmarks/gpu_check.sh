@@ -25,7 +25,7 @@
 #
 # Each part has its own time limit (`timeout`), its log in $OUT/<part>.log;
 # at the end one table ($OUT/summary.md, summary.json; benchmarks/gpu_summary.py).
-# Under 8 minutes on one H200 (the limits add up to 7.75), --quick under 3 (2.9).
+# Under 8 minutes on one H200 (the limits add up to 7.9), --quick under 3 (2.7).
 #
 #   bash benchmarks/gpu_check.sh [--quick] [--dry]
 #   OUT=/some/dir PYTHON=/path/to/python bash benchmarks/gpu_check.sh
@@ -211,7 +211,7 @@ p_million() {
         "$PYTHON" benchmarks/bench_million.py --device cpu --n 6000 --size 8 --width 2 --dim 16 \
             --batch 64 --steps 4 --knn-bank 256 --knn-queries 64 --budget-s 40 --out "$OUT"
     else
-        "$PYTHON" benchmarks/bench_million.py --device gpu --steps 200 --budget-s 145 --out "$OUT"
+        "$PYTHON" benchmarks/bench_million.py --device gpu --steps 200 --budget-s 165 --out "$OUT"
     fi
 }
 
@@ -259,13 +259,13 @@ main() {
         echo "== env failed: no usable GPU (or a missing package); nothing else is run"
     else
         # the checks at the same time: the compiled CuPy kernels land in one cache
-        run_part tests-layers 150 & run_part tests-method 150 & run_part tests-train 150 &
-        run_part tests-oracle 150 & run_part mpi-cuda 150 &
+        run_part tests-layers 140 & run_part tests-method 140 & run_part tests-train 140 &
+        run_part tests-oracle 140 & run_part mpi-cuda 140 &
         wait
         if [ "$QUICK" = 0 ]; then  # the benchmarks, one at a time: the GPU to itself
             run_part classifier 45
             run_part resnet 45
-            run_part million 160
+            run_part million 180
             run_part train-e2e 45
         fi
     fi
