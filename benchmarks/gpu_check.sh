@@ -74,7 +74,9 @@ fi
 pytest_gpu() {  # pytest -m gpu FILES..., a line per test (a log cut by the limit shows how far
     # it got), no cache in the checkout, its own temp folder
     local tmp="${TMPDIR:-/tmp}/gpu_check-$$-$RANDOM" st
-    "$PYTHON" -m pytest -m gpu -v -p no:cacheprovider -o addopts="" -rfE --basetemp "$tmp" "$@"
+    # five sessions share the cores: 3 threads each for refimpl and BLAS
+    REFIMPL_NUM_THREADS=3 OPENBLAS_NUM_THREADS=3 OMP_NUM_THREADS=3 \
+        "$PYTHON" -m pytest -m gpu -v -p no:cacheprovider -o addopts="" -rfE --basetemp "$tmp" "$@"
     st=$?
     rm -rf "$tmp"
     return $st

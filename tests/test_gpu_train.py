@@ -37,9 +37,10 @@ from test_train import TINY
 pytestmark = pytest.mark.gpu
 RUNS_DRY = True
 # test_train.test_two_ranks_equal_one_rank's run (TRAIN64 is measured on it),
-# with a checkpoint after every epoch, kept, and the linear probe at the end
+# with a checkpoint after every epoch, kept, the linear probe at the end, and 2
+# threads for the CPU runs (gpu_check.sh runs five test sessions at once)
 RUN = [*TINY, "dtype=float64", "bn=sync", "eval_every=0", "width=4", "batch_size=16",
-       "lr=0.05", "save_every=1", "keep=5", "linear_probe=true"]
+       "lr=0.05", "save_every=1", "keep=5", "linear_probe=true", "threads=2"]
 
 
 @pytest.fixture(scope="module")
