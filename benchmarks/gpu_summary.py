@@ -101,7 +101,9 @@ def million_rows(out, data):
             text = (f"{r['instances_per_s']:,} instances/s; memory {mb(r['peak_mb'])} (formula "
                     f"{mb(r['formula_mb'])})")
         elif part in ("neighbours", "ring2") and ok is not None and "seconds" in r:
-            memory = (f"memory {mb(r['peak_mb'])} (formula {mb(r['formula_mb'])})" if part ==
+            memory = (f"memory {mb(r['peak_mb'])} (formula {mb(r['formula_mb'])}); "
+                      f"{r['sample_rows']} rows by brute force: cosines within "
+                      f"{r['sample_worst_similarity_difference']:.1e}" if part ==
                       "neighbours" else
                       f"memory per rank {', '.join(mb(x) for x in r['peak_mb_per_rank'])} "
                       f"(formula {', '.join(mb(x) for x in r['formula_mb_per_rank'])}); rows "
