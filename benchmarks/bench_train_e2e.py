@@ -92,7 +92,8 @@ def main():
                "lr=0.1"]
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                                  [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])))
         wall = time.perf_counter() - t
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
