@@ -222,7 +222,7 @@ p_train_e2e() {
         "$PYTHON" benchmarks/bench_train_e2e.py --device cpu --n 256 --size 8 --width 2 --batch 32 \
             --repeat 2 --out "$OUT"
     else
-        "$PYTHON" benchmarks/bench_train_e2e.py --device gpu --n 4096 --out "$OUT"
+        "$PYTHON" benchmarks/bench_train_e2e.py --device gpu --n 3072 --repeat 5 --out "$OUT"
     fi
 }
 
