@@ -68,6 +68,8 @@ def test_run_directory_metrics_plot_and_summary(tmp_path):
     out = proc.stdout
     for line in ("kNN raw pixels:", "kNN random init (BN running statistics at their initial "
                  "values", "contrastive prior: 48 rows of W written once each",
+                 "method: prior = paper (head features, pass BN statistics, eval transform); "
+                 "alpha 0.2 over the K = 3 hardest classes from epoch 2\n",
                  "kNN after the prior", "epoch 2/2: loss", "neighbour label agreement",
                  "summary (weighted kNN on the test split, k = 5):", "trained encoder",
                  f"run directory: {run.resolve()}"):
@@ -84,9 +86,28 @@ def test_run_directory_metrics_plot_and_summary(tmp_path):
     assert 0 <= epochs[-1]["agreement"] <= 1
     assert (run / "curves.png").stat().st_size > 10_000
     assert "alpha = 0.2" in (run / "config.toml").read_text()
+    prior = [r for r in records if r["kind"] == "prior"]
+    assert len(prior) == 1 and -1 <= prior[0]["mean_cosine"] <= 1
     replicated, W, momentum, meta = final_checkpoint(run)
     assert W.shape == (48, 8) and meta["state"]["step"] == 12 and meta["world_size"] == 1
     assert "layer1.0.conv1.weight" in replicated and "momentum/head.3.bias" in replicated
+
+
+def test_prior_variant_and_why_are_printed(tmp_path):
+    """A variant of the prior runs end to end; the method line names it and says why."""
+    run = tmp_path / "run"
+    proc = train(*TINY, "epochs=1", "prior=whitened", "prior_bn=initial", "prior_mix=0.5",
+                 "why='it is a test'", f"out={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("method: prior = whitened (head features, initial BN statistics, eval transform, "
+            "mixed 0.5 with the random rows); alpha 0.2 over the K = 3 hardest classes from "
+            "epoch 2. Why: it is a test\n") in proc.stdout
+    assert "kNN after the prior (BN running statistics put back to their initial" in proc.stdout
+    assert 'prior = "whitened"' in (run / "config.toml").read_text()
+    proc = train(*TINY, "epochs=1", "prior=false", f"out={tmp_path / 'none'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "method: no contrastive prior; alpha 0.2" in proc.stdout
+    assert "contrastive prior:" not in proc.stdout and "after the prior" not in proc.stdout
 
 
 @pytest.mark.parametrize("args,message", [
