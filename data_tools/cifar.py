@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.cli import run
+from data_tools.cli import add_version, run
 from refimpl.data.packed import PackedSplits
 
 LAYOUTS = {
@@ -138,6 +138,8 @@ class _TarSource:
         self.path = path
         try:
             self.tar = tarfile.open(path, mode="r:*")
+        except (EOFError, zlib.error, lzma.LZMAError) as e:  # cut within the first block
+            raise ValueError(self._damaged(e)) from e
         except (tarfile.TarError, OSError) as e:
             raise ValueError(f"{path}: not a readable tar archive ({e})") from e
         # Regular files exactly one folder deep, e.g. "cifar-10-batches-py/data_batch_1".
@@ -297,6 +299,15 @@ def convert_cifar(src, out, dataset="auto", overwrite=False):
     return splits.paths
 
 
+def _names(meta, key, where):
+    """meta[key] as a list of str (absent: []); anything but a list is an error naming it."""
+    names = meta.get(key, [])
+    if not isinstance(names, (list, tuple)):
+        raise ValueError(f"{where}: b{key!r} must be a list of class names, got "
+                         f"{type(names).__name__} {names!r:.40}")
+    return [_text(c) for c in names]
+
+
 def _read_all(source, kind):
     """Read and check meta and both splits -> ({split: load_split(...)}, class_names, coarse_names)."""
     lay = LAYOUTS[kind]
@@ -306,8 +317,9 @@ def _read_all(source, kind):
     name_key = "label_names" if kind == "cifar10" else "fine_label_names"
     if name_key not in meta:
         raise ValueError(f"{source.describe(lay['meta'])}: missing key b{name_key!r}")
-    class_names = [_text(c) for c in meta[name_key]]
-    coarse_names = [_text(c) for c in meta.get("coarse_label_names", [])] if kind == "cifar100" else None
+    class_names = _names(meta, name_key, source.describe(lay["meta"]))
+    coarse_names = (_names(meta, "coarse_label_names", source.describe(lay["meta"]))
+                    if kind == "cifar100" else None)
     if kind == "cifar100" and not coarse_names:
         raise ValueError(f"{source.describe(lay['meta'])}: missing key b'coarse_label_names'")
 
@@ -329,6 +341,7 @@ def build_parser():
     p.add_argument("--dataset", choices=("auto", "cifar10", "cifar100"), default="auto",
                    help="which CIFAR (default: detected from the files)")
     p.add_argument("--overwrite", action="store_true", help="replace existing OUT/train, OUT/test")
+    add_version(p)
     return p
 
 

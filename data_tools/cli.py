@@ -6,8 +6,14 @@ unreadable or existing paths) and writes nothing; the command then prints
 MemoryError (an allocation the converter's own estimate did not foresee)
 ends the same way, as ``<tool>: error: out of memory: <message>``. On success
 it prints ``<tool>: <what it did>`` and exits 0.
+
+Before any work a tool checks the optional packages it needs (``require``:
+one line naming the package and ``pip install 'refimpl[data]'``, exit 2),
+and every tool answers ``--version`` (``add_version``).
 """
 import sys
+
+from refimpl import deps
 
 
 def run(tool, work, quiet=False):
@@ -26,3 +32,14 @@ def run(tool, work, quiet=False):
     if not quiet:
         print(f"{tool}: {report}", file=sys.stderr)
     return 0
+
+
+def add_version(parser):
+    """``--version`` on a tool's parser: refimpl's version line, then exit 0."""
+    deps.add_version_argument(parser)
+    return parser
+
+
+def require(tool, modules, why=None):
+    """Exit 2 with one line unless ``modules`` are installed (``refimpl.deps.require``)."""
+    deps.require(f"python -m data_tools.{tool}", modules, why)

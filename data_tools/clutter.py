@@ -42,7 +42,7 @@ import sys
 
 import numpy as np
 
-from data_tools.cli import run
+from data_tools.cli import add_version, require, run
 from data_tools.digits import CLASS_NAMES, load_digits_arrays, split_indices
 from data_tools.memory import check_memory
 from refimpl.backend import rng
@@ -154,7 +154,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--overwrite", action="store_true")
+    add_version(parser)
     args = parser.parse_args(argv)
+    require("clutter", ["sklearn"], "scikit-learn's digits")
     return run("clutter", lambda: "wrote " + ", ".join(map(str, make_clutter(
         args.out, size=args.size, copies=args.copies, seed=args.seed,
         test_fraction=args.test_fraction, overwrite=args.overwrite))))

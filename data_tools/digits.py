@@ -39,7 +39,7 @@ import sys
 
 import numpy as np
 
-from data_tools.cli import run
+from data_tools.cli import add_version, require, run
 from data_tools.memory import check_memory
 from refimpl.backend import rng
 from refimpl.checks import check_int
@@ -131,12 +131,14 @@ def build_parser():
                    help="share of each class in the test split (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace existing OUT/train, OUT/test")
+    add_version(p)
     return p
 
 
 def main(argv=None):
     """Command-line entry point; returns the exit status (0 ok, 1 error)."""
     args = build_parser().parse_args(argv)
+    require("digits", ["sklearn"], "scikit-learn's digits")
     return run("digits", lambda: "wrote " + ", ".join(map(str, make_digits(
         args.out, size=args.size, test_fraction=args.test_fraction, seed=args.seed,
         overwrite=args.overwrite))))

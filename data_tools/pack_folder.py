@@ -86,7 +86,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.cli import run
+from data_tools.cli import add_version, require, run
 from data_tools.memory import check_memory
 from refimpl.checks import check_int
 from refimpl.data.packed import PackedWriter
@@ -451,12 +451,14 @@ def build_parser():
                         "default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a packed dataset")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    add_version(p)
     return p
 
 
 def main(argv=None):
     """Command-line entry point; returns the exit status (0 ok, 1 error)."""
     args = build_parser().parse_args(argv)
+    require("pack_folder", ["PIL"], "reading images")
     return run("pack_folder", lambda: "wrote " + str(pack_folder(
         args.src, args.out, args.size, resize=args.resize, workers=args.workers,
         skip_bad=args.skip_bad, max_pixels=args.max_pixels, overwrite=args.overwrite,

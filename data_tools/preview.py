@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.cli import run
+from data_tools.cli import add_version, require, run
 from refimpl.checks import check_int
 from refimpl.data.augment import AugmentConfig, augment_batch, denormalize, eval_transform
 from refimpl.data.datasets import open_dataset
@@ -70,7 +70,9 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=None, help="cell side (default: image height)")
     parser.add_argument("--seed", type=int, default=0, help="augmentation seed")
     parser.add_argument("--zoom", type=int, default=1, help="enlarge the sheet Z times")
+    add_version(parser)
     args = parser.parse_args(argv)
+    require("preview", ["PIL"], "writing the PNG grid")
     from PIL import Image
 
     def work():

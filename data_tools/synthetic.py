@@ -24,7 +24,7 @@ import sys
 
 import numpy as np
 
-from data_tools.cli import run
+from data_tools.cli import add_version, run
 from data_tools.memory import available_memory, check_memory
 from refimpl.checks import check_int
 from refimpl.data.packed import PackedWriter
@@ -70,6 +70,7 @@ def main(argv=None):
     parser.add_argument("--classes", type=int, default=10, help=f"number of classes (<= {MAX_CLASSES})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing packed dataset")
+    add_version(parser)
     args = parser.parse_args(argv)
 
     def work():

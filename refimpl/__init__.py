@@ -6,7 +6,8 @@ those listed before it, never from one listed after it (tests/test_layout.py
 checks every import, function-level ones too):
 
     checks, backend, threads,   argument checks; arrays on the CPU or a GPU; threads;
-    fileio, sysinfo, params     checksums and atomic publishing; memory; the flat parameter store
+    fileio, rundir, sysinfo,    checksums and atomic publishing; a run directory's checks and lock;
+    params, deps                memory; the flat parameter store; what each command needs installed
     data/       datasets, the world-size-invariant sampler, augmentations
     layers/     forward/backward function pairs
     models/     the ResNet encoder + MLP head in one flat parameter store; state files

@@ -8,6 +8,17 @@
     write_shard_rows(path, rows, lo, shape, dtype, comm)
                        every rank writes its rows of one (N, D) .npy file
                        through a memory map (checkpoints, traces)
+    create_npy(path, shape, dtype)
+                       a .npy file of that shape, its blocks allocated on the
+                       disk (os.posix_fallocate) before anything maps it
+    check_room(folder, need, what)
+                       OSError naming both sizes unless the disk holding
+                       folder has ``need`` bytes free
+
+A full disk is an OSError with a message, never a crash: a file written
+through a memory map is first allocated whole (``create_npy``), because a
+write into a sparse file's hole on a full disk is a SIGBUS, which ends the
+process without a word.
 
 Publishing: the one way refimpl writes what a reader must see whole or not
 at all (a packed dataset, a checkpoint, a trace's files). The data goes into
@@ -45,6 +56,7 @@ only copy). A file is replaced by one rename (``os.replace``), which is
 atomic by itself.
 """
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -93,21 +105,86 @@ def fsync_tree(path):
         fsync_path(root)
 
 
+def format_bytes(n):
+    """Bytes as GiB, 3 significant digits (``0.0115 GiB``)."""
+    return f"{n / 2**30:.3g} GiB"
+
+
+def check_room(folder, need, what):
+    """OSError(ENOSPC) unless the filesystem holding ``folder`` has ``need`` bytes free.
+
+    what: the subject of the message, e.g. "ds: 1000 images of 64x64x3".
+    """
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise OSError(errno.ENOSPC, f"{what} need {format_bytes(need)} on disk, but the "
+                                    f"filesystem holding {folder} has {format_bytes(free)} free")
+
+
+def create_npy(path, shape, dtype):
+    """Create a .npy file of ``shape`` and ``dtype``, every block of it allocated.
+
+    The header is written, then the data's bytes are allocated on the disk
+    (``os.posix_fallocate``; reading them gives zeros), so writing through a
+    memory map later cannot hit a full disk. A full disk is an OSError naming
+    the file here, where it can be handled, and the file is removed.
+    """
+    dtype = np.dtype(dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+              "shape": tuple(int(n) for n in shape)}
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    try:
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            offset = f.tell()
+            f.flush()
+            if nbytes:
+                os.posix_fallocate(f.fileno(), offset, nbytes)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise OSError(e.errno, f"{path}: cannot allocate {format_bytes(nbytes)} on disk "
+                               f"({e.strerror or e})") from None
+    return path
+
+
+def _raise_if_any_failed(comm, error, path, what):
+    """Collective: every rank raises if any rank's ``error`` is set (instead of a barrier)."""
+    failed = to_numpy(comm.all_gather(np.array([error is not None], dtype=np.int64)))
+    if failed.any():
+        first = int(np.argmax(failed))
+        if error is not None and comm.rank == first:
+            raise error
+        raise OSError(errno.EIO, f"{path}: rank {first} could not {what} (its message is "
+                                 f"above)")
+
+
 def write_shard_rows(path, rows, lo, shape, dtype, comm):
     """Every rank writes its rows [lo, lo + n) of an (N, D) .npy file; rank 0 creates it.
 
-    Collective (a barrier between creating and writing); the file holds the
-    whole W whatever the number of ranks, so any P' can read it. Each rank
-    fsyncs its own writes.
+    Collective: rank 0 creates the file, allocated whole (``create_npy``);
+    then every rank maps it and writes its rows. The file holds the whole W
+    whatever the number of ranks, so any P' can read it. Each rank fsyncs
+    its own writes. An OSError on any rank (a full disk) is raised on every
+    rank, the failing one's naming the file.
     """
+    error = None
     if comm.rank == 0:
-        np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
-    comm.barrier()
-    mm = np.load(path, mmap_mode="r+")
-    mm[lo:lo + rows.shape[0]] = to_numpy(rows)
-    mm.flush()
-    del mm
-    fsync_path(path)
+        try:
+            create_npy(path, shape, dtype)
+        except OSError as e:
+            error = e
+    _raise_if_any_failed(comm, error, path, "create the file")
+    try:
+        mm = np.load(path, mmap_mode="r+")
+        mm[lo:lo + rows.shape[0]] = to_numpy(rows)
+        mm.flush()
+        del mm
+        fsync_path(path)
+    except OSError as e:
+        error = OSError(e.errno, f"{path}: cannot write rows [{lo}, {lo + rows.shape[0]}) "
+                                 f"({e.strerror or e})")
+    _raise_if_any_failed(comm, error, path, "write its rows")
 
 
 # ---------------------------------------------------------------- publishing

@@ -12,11 +12,10 @@ file from rank 0: ``{"size": P, "ranks": [...]}`` (``write_rank_results``).
 """
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
-from refimpl.parallel.launch import mpirun_command
+from refimpl.parallel.launch import mpirun_command, run_mpirun
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, REFIMPL_NUM_THREADS=os.environ.get("REFIMPL_NUM_THREADS", "1"),
@@ -26,8 +25,7 @@ ENV = dict(os.environ, REFIMPL_NUM_THREADS=os.environ.get("REFIMPL_NUM_THREADS",
 def run_ranks(P, script, *args, timeout=300):
     """``mpirun -np P python script args...`` from the repository root."""
     start = time.monotonic()
-    proc = subprocess.run(mpirun_command(P, script, *args), capture_output=True, text=True,
-                          timeout=timeout, env=ENV, cwd=ROOT)
+    proc = run_mpirun(mpirun_command(P, script, *args), timeout=timeout, env=ENV, cwd=ROOT)
     return proc, time.monotonic() - start
 
 

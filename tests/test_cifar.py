@@ -208,3 +208,29 @@ def test_a_failing_test_split_leaves_no_lone_train(tmp_path, capsys, fail_test_s
     assert main([str(src), str(tmp_path / "old"), "--overwrite"]) == 1
     assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["test", "train"]
     assert [PackedDataset(p).manifest["checksums"] for p in old] == sums
+
+
+def test_an_archive_cut_within_its_first_block_is_one_clear_error(tmp_path, capsys):
+    """<= 100 bytes of the .tar.gz: tarfile.open itself meets the end (a raw EOFError)."""
+    src, _ = _fake_cifar(tmp_path, tar=True)
+    cut = tmp_path / "cut.tar.gz"
+    for size in (10, 100):
+        cut.write_bytes(src.read_bytes()[:size])
+        assert main([str(cut), str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"cifar: error: {cut}: truncated or corrupt archive (EOFError")
+        assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("cifar100", [False, True])
+def test_class_names_that_are_not_a_list_are_one_clear_error(tmp_path, capsys, cifar100):
+    src, _ = _fake_cifar(tmp_path, cifar100=cifar100)
+    meta_file = src / ("meta" if cifar100 else "batches.meta")
+    meta = pickle.loads(meta_file.read_bytes())
+    key = b"coarse_label_names" if cifar100 else b"label_names"
+    meta[key] = 5
+    meta_file.write_bytes(pickle.dumps(meta, protocol=2))
+    assert main([str(src), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"b{key.decode()!r} must be a list of class names, got int 5" in err
+    assert err.count("\n") == 1 and "Traceback" not in err

@@ -43,6 +43,9 @@ def test_shares_and_bytes(result, case, n, batch):
         share = (r + 1) * n // P - r * n // P
         want = {"all_gather_v": {"calls": 2, "sent": share * (F + DIM) * BYTES,
                                  "received": n * (F + DIM) * BYTES}}
+        if P > 1 and case == "n23":  # the communicator's first gathers of (., F) and (., DIM):
+            # each checks the trailing shape and dtype once (9 int64, not payload)
+            want["shape_check"] = {"calls": 2, "sent": 2 * 72, "received": 2 * 72 * P}
         assert rank[case]["counters"] == want, (r, rank[case]["counters"])
         # progress is reported per batch of this rank's share
         assert rank[case]["progress"] == [[min(d, share), share]

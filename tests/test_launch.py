@@ -4,7 +4,8 @@ import sys
 import pytest
 
 from refimpl.parallel import SelfComm
-from refimpl.parallel.launch import LAUNCHER_VARIABLES, launched_by_mpi, world_comm
+from refimpl.parallel.launch import (LAUNCHER_FAILURES, LAUNCHER_VARIABLES, launched_by_mpi,
+                                     run_mpirun, world_comm)
 
 
 def test_every_launchers_variable_is_recognised():
@@ -36,3 +37,36 @@ def test_a_launcher_without_mpi4py_is_one_line_naming_the_program(program, argv,
         main(argv)
     assert info.value.code == (f"{program}: started by an MPI launcher but mpi4py is not "
                                f"installed: pip install 'refimpl[mpi]'")
+
+
+def fake_mpirun(tmp_path, failures, message):
+    """A stand-in for mpirun: prints ``message`` and exits 213 its first
+    ``failures`` times (counted in a file), then exits 0."""
+    script = tmp_path / "mpirun"
+    script.write_text(f"""import pathlib, sys
+count = pathlib.Path({str(tmp_path / 'count')!r})
+n = int(count.read_text()) if count.exists() else 0
+count.write_text(str(n + 1))
+if n < {failures}:
+    print({message!r}, file=sys.stderr)
+    sys.exit(213)
+print("ran")
+""")
+    return [sys.executable, str(script)], tmp_path / "count"
+
+
+def test_an_mpirun_that_did_not_start_is_started_again(tmp_path):
+    cmd, count = fake_mpirun(tmp_path, 2, LAUNCHER_FAILURES[0])
+    proc = run_mpirun(cmd, attempts=3)
+    assert proc.returncode == 0 and proc.stdout == "ran\n"
+    assert count.read_text() == "3"
+
+
+def test_a_run_whose_ranks_started_is_never_repeated(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    cmd, count = fake_mpirun(tmp_path / "a", 1, "Traceback: labels must lie in [0, 62)")
+    proc = run_mpirun(cmd, attempts=3)
+    assert proc.returncode == 213 and count.read_text() == "1"
+    cmd, count = fake_mpirun(tmp_path / "b", 5, LAUNCHER_FAILURES[1])  # gives up after 3
+    proc = run_mpirun(cmd, attempts=3)
+    assert proc.returncode == 213 and count.read_text() == "3"

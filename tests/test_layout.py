@@ -18,8 +18,9 @@ import refimpl
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "refimpl"
 # Lowest first; the modules of the first layer are the package's top-level helpers.
-LAYERS = [("checks", "backend", "threads", "fileio", "sysinfo", "params"), ("data",), ("layers",),
-          ("models",), ("parallel",), ("method",), ("optim",), ("checkpoint",), ("evaluate",),
+LAYERS = [("checks", "backend", "threads", "fileio", "rundir", "sysinfo", "params", "deps"),
+          ("data",), ("layers",), ("models",), ("parallel",), ("method",), ("optim",),
+          ("checkpoint",), ("evaluate",),
           ("train",), ("oracle",)]
 PROGRAMS = len(LAYERS)  # the layer of the __main__ modules
 # What refimpl may never import: the three trees, and the modules of tests/ and

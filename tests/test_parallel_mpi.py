@@ -54,8 +54,10 @@ def test_bytes_per_rank_match_design_formula(result):
             "all_reduce_sum": {"calls": 3, "sent": B * f + 2 * B * f + B * f,
                                "received": 4 * B * f},
             "reduce_scatter": {"calls": 1, "sent": B * D * f, "received": b * D * f}}
-    if P > 1:  # one shape check (9 int64) before the gather of z, none for the labels
-        want["shape_check"] = {"calls": 1, "sent": 72, "received": 72 * P}
+    if P > 1:  # shape checks (9 int64 each): before every gather of z (none for the labels)
+        # and, this being the communicator's first step, once per new shape: the
+        # all-reduces of B and of 2B values, the reduce-scatter
+        want["shape_check"] = {"calls": 4, "sent": 4 * 72, "received": 4 * 72 * P}
     for rank in result["ranks"]:
         assert rank["classifier"]["float64_alpha0.0"]["counters"] == want
 

@@ -139,8 +139,12 @@ def test_many_missing_rows_are_counted_and_a_few_named():
 
 class TwoRanks:
     """Rank 0 of a pretend 2-rank world: enough to build its shard, and for the
-    argument checks, which raise before any collective."""
+    argument checks, which raise before any collective but the classifier's
+    agreement check (both pretend ranks hold the same values)."""
     size, rank = 2, 0
+
+    def all_gather(self, x):
+        return np.concatenate([x, x])                               # (2 * n, ...)
 
 
 def test_bad_arguments_are_clear_errors():

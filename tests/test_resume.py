@@ -205,3 +205,124 @@ def test_signals_stop_every_rank_with_one_message(tmp_path, ranks, signum, save)
         ckpt = checkpoint.latest_checkpoint(run)
         meta = checkpoint.verify(ckpt)
         assert meta["state"]["step"] >= 3 and f"checkpoint {ckpt}" in err
+
+
+def tree(run):
+    """{relative path: bytes} of every file under run: to show that nothing changed."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file()}
+
+
+def refused(proc, message):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"refimpl-train: error: {message}"), proc.stderr[-3000:]
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_a_damaged_run_is_never_written_over(tmp_path):
+    """meta.json files deleted (all, or the latest's), listing no files, a checkpoint
+    folder replaced by a file, a `latest` that is not text: each start is refused in one
+    line naming the folder, and the run directory is left as it was."""
+    run = tmp_path / "run"
+    assert train(*EXACT, f"out={run}", "epochs=2").returncode == 0
+    first, second = checkpoint.list_checkpoints(run)
+    metas = {c: (c / "meta.json").read_bytes() for c in (first, second)}
+    (second / "meta.json").unlink()
+    before = tree(run)
+    refused(train(*EXACT, f"out={run}", "--resume", "auto"),
+            f"{second}: not a complete checkpoint (no meta.json; an interrupted save leaves "
+            f"only a .tmp-* directory); --resume will not pass over it: move {second.name} out "
+            f"of {run} (--resume auto then continues from {first.name})")
+    (first / "meta.json").unlink()
+    refused(train(*EXACT, f"out={run}"), f"{run} already holds checkpoint folders that do not "
+                                         f"verify ({first.name}, {second.name})")
+    refused(train(*EXACT, f"out={run}", "--resume", "auto"), f"{second}: not a complete "
+                                                              f"checkpoint")
+    assert tree(run) == {k: v for k, v in before.items() if k != f"{first.name}/meta.json"}
+    for c, meta in metas.items():
+        (c / "meta.json").write_bytes(meta)
+    weight = second / "classifier.weight.npy"  # a flipped bit, and a meta.json listing nothing
+    weight.write_bytes(weight.read_bytes()[:-1] + bytes([weight.read_bytes()[-1] ^ 1]))
+    meta = json.loads(metas[second])
+    (second / "meta.json").write_text(json.dumps({**meta, "files": {}}))
+    refused(train(*EXACT, f"out={run}", "--resume", str(second)),
+            f"{second / 'meta.json'}: does not list replicated.npz, classifier.weight.npy, "
+            f"classifier.momentum.npy")
+    (run / "latest").write_bytes(b"\xff\xfe\n")
+    refused(train(*EXACT, f"out={run}", "--resume", "auto"),
+            f"{run / 'latest'}: cannot be read as a checkpoint's name (UnicodeDecodeError)")
+    (run / "latest").write_text(f"{second.name}\n")
+    import shutil
+    shutil.rmtree(second)
+    second.write_text("a file where a checkpoint was")
+    before = tree(run)
+    refused(train(*EXACT, f"out={run}", "--resume", "auto"),
+            f"{second}: not a checkpoint (a file, not a folder); --resume will not pass over it")
+    assert tree(run) == before and not list(run.glob(".tmp-*"))
+
+
+def test_resume_with_another_batch_size(tmp_path):
+    """Refused in the middle of an epoch (the epoch's position would be counted in other
+    batches); at an epoch boundary allowed, said, and the schedule goes on by epoch."""
+    run = tmp_path / "run"
+    assert train(*EXACT, f"out={run}", "epochs=1").returncode == 0
+    ckpt = checkpoint.latest_checkpoint(run)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    mid = run / "ckpt-000000003"  # the same files, as if saved after step 3 of epoch 1
+    import shutil
+    shutil.copytree(ckpt, mid)
+    (mid / "meta.json").write_text(json.dumps(
+        {**meta, "state": {**meta["state"], "epoch": 0, "step_in_epoch": 3, "step": 3}}))
+    refused(train(*EXACT, f"out={tmp_path / 'other'}", "batch_size=16", "--resume", str(mid)),
+            f"{mid} was saved in the middle of epoch 1 (after step 3 of it) with batch_size 8: "
+            f"resuming with batch_size 16 would count the epoch's position in other batches; "
+            f"resume with batch_size=8, or from a checkpoint at the end of an epoch")
+    shutil.rmtree(mid)
+    proc = train(*EXACT, f"out={run}", "--resume", str(ckpt), "batch_size=16", "epochs=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("batch_size 8 -> 16 at the start of epoch 2: 3 steps per epoch; the learning-rate "
+            "schedule continues at its step 3 of 6") in proc.stdout
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(9))  # 6 of B = 8, then 3 of B = 16
+    # the schedule in B = 16 steps (6 in all, warm-up round(0.5 * 3) = 2): epoch 2 starts
+    # at its step 3, not at step 6 (the end)
+    assert steps[6]["lr"] == pytest.approx(0.1 * (1 + np.cos(np.pi * (3 - 2) / (6 - 2))) / 2)
+    assert checkpoint.latest_checkpoint(run).name == "ckpt-000000009"
+
+
+def test_resume_takes_a_run_directory_and_overrides_in_any_position(tmp_path):
+    """--resume RUN_DIR was refused as an interrupted save; key=value after --resume gave
+    "unrecognized arguments"."""
+    run = tmp_path / "run"
+    assert train(*EXACT, f"out={run}", "epochs=1").returncode == 0
+    proc = train(*EXACT, "--resume", str(run), f"out={run}", "epochs=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {run / 'ckpt-000000006'}: epoch 2, step 6" in proc.stdout
+    assert checkpoint.latest_checkpoint(run).name == "ckpt-000000012"
+    refused(train(*EXACT, "--resume", str(tmp_path / "nothing"), f"out={run}"),
+            f"{tmp_path / 'nothing'}: no such checkpoint or run directory")
+
+
+def test_eval_arguments_out_of_range_are_one_line(tmp_path):
+    """refimpl-eval: the message was right but inside two tracebacks; --temperature 0 was
+    silently replaced by 0.07."""
+    run = tmp_path / "run"
+    assert train(*EXACT, f"out={run}", "epochs=1").returncode == 0
+
+    def evaluate(*args):
+        return subprocess.run([sys.executable, "-m", "refimpl.evaluate", str(run), *args],
+                              capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    for args, message in ((["--knn-k", "0"], "--knn-k must be >= 1, got [0]"),
+                          (["--temperature", "-1"], "--temperature must be > 0 and finite, got "
+                                                    "-1.0"),
+                          (["--temperature", "0"], "--temperature must be > 0 and finite, got "
+                                                   "0.0"),
+                          (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+                          (["--knn-k", "1000"], "--knn-k 1000 is more than the bank's 48 images "
+                                                "(the train split)")):
+        proc = evaluate(*args)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr == f"refimpl-eval: error: {message}\n"
+    proc = evaluate("--knn-k", "5", "--temperature", "0.5")
+    assert proc.returncode == 0 and "kNN encoder (pooled)  @5 " in proc.stdout, proc.stderr

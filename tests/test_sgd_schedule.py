@@ -92,6 +92,19 @@ def test_sgd_dtype_and_errors():
         SGD(p, g, decay_mask=np.ones(4))
 
 
+@pytest.mark.parametrize("kwargs", [dict(lr=float("nan")), dict(lr=float("inf")),
+                                    dict(momentum=float("nan")), dict(weight_decay=-1e-4)])
+def test_sgd_refuses_non_finite_or_negative_hyperparameters(kwargs):
+    """SGD(lr=nan) was taken, and the first step made every parameter NaN."""
+    p, g = np.ones(3), np.ones(3)
+    with pytest.raises(ValueError, match="must be finite and >= 0"):
+        SGD(p, g, **kwargs)
+    opt = SGD(p, g, lr=0.1)
+    with pytest.raises(ValueError, match=r"SGD.step: lr must be finite and >= 0, got nan"):
+        opt.step(lr=float("nan"))
+    np.testing.assert_array_equal(p, np.ones(3))  # nothing was updated
+
+
 def test_schedule_endpoints_and_monotonicity():
     kw = dict(base_lr=0.4, total_steps=100, warmup_steps=10, warmup_start_lr=0.01,
               final_lr=0.001)

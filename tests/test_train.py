@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from refimpl.parallel.launch import mpirun_command
+from refimpl.parallel.launch import mpirun_command, run_mpirun
 
 from mpi_run import ENV, ROOT
 from tolerances import TRAIN64
@@ -28,8 +28,7 @@ def train(*args, ranks=None, timeout=300, mpi_args=()):
     argv = ["-m", "refimpl.train", *map(str, args)]
     cmd = [sys.executable, *argv] if ranks is None else mpirun_command(ranks, *argv,
                                                                        mpi_args=mpi_args)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV,
-                          cwd=ROOT)
+    return run_mpirun(cmd, timeout=timeout, env=ENV, cwd=ROOT)
 
 
 def final_checkpoint(run):
@@ -149,7 +148,18 @@ def test_dry_run_prints_memory_and_bytes(tmp_path):
     # float32: the gather sends b D 4 + 8 b = 8 * 8 * 4 + 64 bytes
     line = next(x for x in out.splitlines() if "all_gather z_hat" in x)
     assert "sent          320" in line and "received          320" in line
+    assert "checkpoint on disk: 0.2 MiB each, keep = 2" in out
     assert "fits" in out
+
+
+def test_dry_run_with_a_dataset_it_cannot_open_is_one_line(tmp_path):
+    """--dry-run opened the dataset outside the config checks: a traceback."""
+    (tmp_path / "empty").mkdir()
+    proc = train(*TINY, "--dry-run", f"train={tmp_path / 'empty'}", "width=3")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"refimpl-train: error: train: cannot open "
+                                  f"'{tmp_path / 'empty'}': ")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
 @pytest.mark.mpi
@@ -203,7 +213,7 @@ def test_ranks_with_different_configs_refuse_to_start(tmp_path):
     stops before training, with one message."""
     base = [sys.executable, "-m", "refimpl.train", *TINY, f"out={tmp_path / 'run'}"]
     cmd = mpirun_command(1, *base, "alpha=0.1", ":", "-np", 1, *base, "alpha=0.2", python=False)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)
+    proc = run_mpirun(cmd, timeout=120, env=ENV, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.count("ranks [1] run another configuration than rank 0") == 1
     assert not (tmp_path / "run").exists()

@@ -8,13 +8,12 @@ notebook runs in a temporary folder).
 import importlib.util
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from refimpl.parallel.launch import mpirun_command
+from refimpl.parallel.launch import mpirun_command, run_mpirun
 from tolerances import LAYER64
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +34,7 @@ NOTEBOOK = "10_train_evaluate_resume"
 
 
 def run(cmd, cwd, env=None, timeout=300):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          env=env)
+    return run_mpirun(cmd, timeout=timeout, cwd=cwd, env=env)
 
 
 def test_there_are_tutorials():

@@ -269,7 +269,7 @@ for name, (measured, expected, text) in formula.items():
     assert measured == expected, name
 if P > 1:
     say(f"{'shape_check (not payload)':30s} {moved(st['2-5'], 'shape_check'):9d} {'':>9s}   "
-        f"9 int64 per all-gather of z_hat")
+        f"9 int64 per all-gather of z_hat and per shape a collective sees first")
 if BN == "sync":
     bn_calls = st["1"] + st["8-9"][:-1]
     say(f"{'sync BatchNorm':30s} {moved(bn_calls, 'all_reduce_sum'):9d} {'':>9s}   "

@@ -33,7 +33,6 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -41,7 +40,7 @@ from pathlib import Path
 import matplotlib
 
 from refimpl import checkpoint
-from refimpl.parallel import find_mpirun, mpirun_command
+from refimpl.parallel import find_mpirun, mpirun_command, run_mpirun
 
 matplotlib.use("Agg")                          # draw to files; the notebook shows the PNG
 import matplotlib.pyplot as plt  # noqa: E402
@@ -65,7 +64,7 @@ def train(*args, ranks=None):
     """refimpl-train (python -m refimpl.train) on 1 process or under mpirun -np ranks."""
     argv = ["-m", "refimpl.train", *CONFIG, *args]
     cmd = [sys.executable, *argv] if ranks is None else mpirun_command(ranks, *argv)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    proc = run_mpirun(cmd, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
 

@@ -55,8 +55,9 @@ conversion) are written with ``PackedSplits``: both are published, or neither.
     ``.old-`` folder (kept, as above), and the next run replaces the rest.
 
 Before it creates the image file, a writer checks that the filesystem has
-room for it (N * H * W * 3 bytes): the image file is a memory map, and a map
-that outgrows the disk kills the process with SIGBUS instead of an error.
+room for it (N * H * W * 3 bytes), and the file is allocated whole before it
+is mapped (``fileio.create_npy``): writing into a sparse memory map on a
+full disk kills the process with SIGBUS instead of an error.
 
 Reading never loads the whole image array: ``PackedDataset.images`` is a
 read-only ``np.memmap`` and ``read(indices)`` copies just the rows asked for.
@@ -83,7 +84,8 @@ from pathlib import Path
 import numpy as np
 
 from refimpl.checks import check_int
-from refimpl.fileio import publish, remove_stale_temporaries, sha256_file, staging_dir
+from refimpl.fileio import (check_room, create_npy, publish, remove_stale_temporaries, sha256_file,
+                            staging_dir)
 
 FORMAT_VERSION = 1
 IMAGES_FILE = "images.npy"
@@ -100,10 +102,6 @@ class PackedFormatError(ValueError):
 
 # --------------------------------------------------------------------------
 # helpers
-
-
-def _format_bytes(n):
-    return f"{n / 2**30:.3g} GiB"
 
 
 def _is_int(v):
@@ -247,19 +245,17 @@ class PackedWriter:
         parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(parent, self.out_dir.name)
         need = self.image_bytes + 8 * self.num_images + (1 << 16)  # images, labels, headers
-        free = shutil.disk_usage(parent).free
-        if need > free:
-            raise OSError(f"{self.out_dir}: {self.num_images} images of {self.height}x{self.width}x3 "
-                          f"need {_format_bytes(need)} on disk, but the filesystem holding {parent} "
-                          f"has {_format_bytes(free)} free")
+        check_room(parent, need, f"{self.out_dir}: {self.num_images} images of "
+                                 f"{self.height}x{self.width}x3")
         # Same parent as out_dir, so the final rename is atomic (same filesystem).
         self._tmp = staging_dir(parent, self.out_dir.name, "tmp")
         try:
             self.labels = np.full(self.num_images, -1, dtype=np.int64)  # (N,)
             self._written = np.zeros(self.num_images, dtype=bool)  # which rows write() filled
-            self._images = np.lib.format.open_memmap(
-                self._tmp / IMAGES_FILE, mode="w+", dtype=np.uint8,
-                shape=(self.num_images, self.height, self.width, 3))
+            # allocated whole before it is mapped: a full disk is an OSError, not a SIGBUS
+            create_npy(self._tmp / IMAGES_FILE, (self.num_images, self.height, self.width, 3),
+                       np.uint8)
+            self._images = np.load(self._tmp / IMAGES_FILE, mmap_mode="r+")
         except BaseException:
             self._abort()  # __exit__ does not run when __enter__ raises
             raise

@@ -9,10 +9,16 @@ checkpoint, or the latest one of a run directory; the train and test splits
 default to the run's config (``train``, ``test``). Every rank extracts the
 features of its share of each split; rank 0 prints the kNN accuracy of the
 pooled encoder features and of the head's output, and the linear probe.
-Exit status 0, or 1 with one line on a bad checkpoint or dataset.
+Exit status 0; 1 with one line on a bad checkpoint or dataset; 2 with one
+line on an argument out of range (--knn-k < 1 or more than the bank's
+images, --temperature <= 0, --batch-size < 1); 128 + signal on Ctrl-C or
+SIGTERM.
 """
 import argparse
+import math
 import sys
+
+from refimpl.deps import add_version_argument, require
 
 
 def build_parser():
@@ -29,30 +35,75 @@ def build_parser():
     p.add_argument("--linear-probe", action="store_true", help="also a linear probe")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", choices=("cpu", "gpu"), default=None)
+    add_version_argument(p, mpi=True)
     return p
 
 
+def bad_arguments(args):
+    """The first argument out of range, as one line (None: all fine)."""
+    if args.knn_k is not None and min(args.knn_k) < 1:
+        return f"--knn-k must be >= 1, got {args.knn_k}"
+    if args.temperature is not None and not 0 < args.temperature < math.inf:
+        return f"--temperature must be > 0 and finite, got {args.temperature}"
+    if args.batch_size < 1:
+        return f"--batch-size must be >= 1, got {args.batch_size}"
+    return None
+
+
 def main(argv=None):
+    from refimpl.parallel.signals import Interrupted, StopSignals
+    signals = StopSignals("refimpl-eval").install()  # Ctrl-C: one line, exit 128 + signal
     args = build_parser().parse_args(argv)
+    problem = bad_arguments(args)
+    if problem:
+        print(f"refimpl-eval: error: {problem}", file=sys.stderr)
+        return 2
+    if args.linear_probe:
+        require("refimpl-eval", ["sklearn"], "the linear probe, --linear-probe")
+    try:
+        return _evaluate(args, signals)
+    except Interrupted as e:
+        if signals.comm is None or signals.comm.rank == 0:
+            print(f"refimpl-eval: interrupted: {e}", file=sys.stderr, flush=True)
+        return 128 + e.signum
+
+
+def _evaluate(args, signals):
     from refimpl.checkpoint import CheckpointError, load_network
     from refimpl.data.datasets import open_dataset
     from refimpl.evaluate.features import extract_features
     from refimpl.evaluate.knn import weighted_knn_accuracy
+    from refimpl.parallel.agreement import DisagreementError, check_same_dataset, raise_together
     from refimpl.parallel.launch import abort_on_error, world_comm
+    from refimpl.parallel.signals import Interrupted
     comm = world_comm("refimpl-eval")
+    signals.comm = comm
+    error = None
     try:
         net, meta = load_network(args.checkpoint, args.device)
         cfg = meta["config"]
         train = open_dataset(args.train or cfg["train"])
         test = open_dataset(args.test or cfg["test"])
-    except (CheckpointError, OSError, ValueError) as e:
-        if comm.rank == 0:
+    except (CheckpointError, OSError, ValueError, TypeError) as e:
+        error = e
+    try:  # every rank stops together (a dataset missing on one node), the same data on all
+        raise_together(comm, error, lambda q: ValueError(f"rank {q} could not start (its "
+                                                         f"message is above)"))
+        check_same_dataset(comm, f"--train {args.train or cfg['train']!r}", train)
+        check_same_dataset(comm, f"--test {args.test or cfg['test']!r}", test)
+    except (CheckpointError, DisagreementError, OSError, ValueError, TypeError) as e:
+        if getattr(e, "local", False) or (comm.rank == 0 and not getattr(e, "quiet", False)):
             print(f"refimpl-eval: error: {e}", file=sys.stderr)
         return 1
     ks = args.knn_k or cfg["knn_k"]
-    temperature = args.temperature or cfg["knn_temperature"]
+    if max(ks) > len(train):
+        if comm.rank == 0:
+            print(f"refimpl-eval: error: --knn-k {max(ks)} is more than the bank's "
+                  f"{len(train)} images (the train split)", file=sys.stderr)
+        return 2
+    temperature = cfg["knn_temperature"] if args.temperature is None else args.temperature
     size = cfg["image_size"] or min(train.image_size)
-    with abort_on_error(comm):
+    with abort_on_error(comm, passthrough=(Interrupted,)):
         kw = dict(batch_size=args.batch_size, image_size=size)
         bank = extract_features(net, train, comm, **kw)
         queries = extract_features(net, test, comm, **kw)

@@ -22,6 +22,8 @@ decoupled form). With momentum 0 there is no velocity.
 The velocity ``momentum_buffer`` (same shape and dtype as the parameters) is
 public so a checkpoint can save and restore it.
 """
+import math
+
 import numpy as np
 
 from refimpl.backend import get_array_module
@@ -52,8 +54,8 @@ class SGD:
         if params.shape != grads.shape or params.dtype != grads.dtype:
             raise ValueError(f"SGD: params {params.shape} {params.dtype} and grads "
                              f"{grads.shape} {grads.dtype} must match")
-        if lr < 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError(f"SGD: lr, momentum, weight_decay must be >= 0, got "
+        if not all(0 <= v < math.inf for v in (lr, momentum, weight_decay)):
+            raise ValueError(f"SGD: lr, momentum, weight_decay must be finite and >= 0, got "
                              f"{lr}, {momentum}, {weight_decay}")
         if nesterov and momentum <= 0:
             raise ValueError("SGD: nesterov needs momentum > 0")
@@ -77,6 +79,8 @@ class SGD:
         hundreds of MB. Elementwise, so blocking changes no bit.
         """
         lr = self.lr if lr is None else lr
+        if not 0 <= lr < math.inf:  # a NaN learning rate would make every parameter NaN
+            raise ValueError(f"SGD.step: lr must be finite and >= 0, got {lr}")
         n = self.params.size
         # On a GPU one kernel per operation over the whole buffer is fastest.
         block = BLOCK if get_array_module(self.params) is np else max(n, 1)

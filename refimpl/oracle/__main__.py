@@ -21,6 +21,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from refimpl.deps import add_version_argument, require
+
 EXIT_OK, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
 
 
@@ -56,6 +58,7 @@ def build_parser():
     c.add_argument("ref", help="the reference trace")
     c.add_argument("other", help="the trace to check")
     tolerances(c)
+    add_version_argument(p, mpi=True)
     return p
 
 
@@ -104,6 +107,8 @@ def replay_command(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command == "replay" and (args.ranks or 1) > 1:
+        require("refimpl-oracle", ["mpi4py"], f"--ranks {args.ranks} launches mpirun")
     from refimpl.oracle.trace import TraceError
     try:
         if args.command == "replay":

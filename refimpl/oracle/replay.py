@@ -32,7 +32,6 @@ with "sync" BatchNorm any P' that divides B; with "local" BatchNorm P' = P
 (each rank its own statistics, rank 0's broadcast) or P' = 1
 (``net.bn.groups = P``: the same statistics in one process)."""
 import os
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -50,7 +49,7 @@ from refimpl.params import StateDictError, is_bn_or_bias
 from refimpl.parallel.classifier import CosineClassifier
 from refimpl.parallel.comm import SelfComm
 from refimpl.parallel.data_parallel import set_batchnorm_mode
-from refimpl.parallel.launch import mpirun_command
+from refimpl.parallel.launch import mpirun_command, run_mpirun
 from refimpl.train.step import forward_backward, update
 
 # refimpl's BatchNorm (models.blocks.BatchNorm defaults)
@@ -266,8 +265,7 @@ def replay_and_compare(trace_dir, ranks=1, out_dir=None, rtol=None, atol=None, s
                 + (["--free-run"] if free_run else [])
             env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
                        REFIMPL_NUM_THREADS="1")
-            proc = subprocess.run(mpirun_command(ranks, *argv), capture_output=True,
-                                  text=True, env=env, timeout=timeout)
+            proc = run_mpirun(mpirun_command(ranks, *argv), env=env, timeout=timeout)
             if proc.returncode != 0:
                 tail = (proc.stderr or proc.stdout)[-3000:]
                 raise TraceError(f"the replay on {ranks} ranks failed (mpirun exit "

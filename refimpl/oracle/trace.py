@@ -65,6 +65,7 @@ from pathlib import Path
 import numpy as np
 
 from refimpl.backend import to_numpy
+from refimpl.deps import version_line
 from refimpl.fileio import atomic_file
 from refimpl.parallel.sharding import shard_range
 
@@ -283,7 +284,8 @@ def save_npz(path, arrays):
 def write_meta(path, hparams, steps, classifier, producer):
     """Write meta.json (atomic). steps: [{"file", "step", "lr"}, ...]."""
     meta = {"format": FORMAT, "version": VERSION, "producer": producer,
-            "hparams": hparams, "classifier": classifier, "steps": steps}
+            "made_with": version_line(), "hparams": hparams, "classifier": classifier,
+            "steps": steps}
     with atomic_file(Path(path) / META) as f:
         f.write((json.dumps(meta, indent=1) + "\n").encode())
     return meta

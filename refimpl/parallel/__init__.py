@@ -8,6 +8,8 @@ In the order a training step uses them (docs/design.md's step table):
     launch.py         the job: mpirun_command (starting P ranks),
                       launched_by_mpi / world_comm (its communicator),
                       select_gpu, abort_on_error
+    agreement.py      before work: the ranks agree on N, the dataset (size and
+                      manifest hash) and the config, or refuse naming the ranks
     sharding.py       which rank owns which rows of W (shard_range,
                       shard_owner), and the world-size-invariant initial rows
     classifier.py     the N-way cosine classifier, rows sharded over ranks:
@@ -25,12 +27,12 @@ from refimpl.parallel.classifier import (CosineClassifier, check_targets,
 from refimpl.parallel.comm import MPIComm, SelfComm, detect_cuda_aware_mpi
 from refimpl.parallel.data_parallel import (BN_MODES, allreduce_gradients, broadcast_buffers,
                                             check_replicated, set_batchnorm_mode)
-from refimpl.parallel.launch import (abort_on_error, find_mpirun, launched_by_mpi,
+from refimpl.parallel.launch import (abort_on_error, find_mpirun, launched_by_mpi, run_mpirun,
                                      mpirun_command, select_gpu, world_comm)
 from refimpl.parallel.sharding import init_shard, shard_owner, shard_range
 
 __all__ = ["BN_MODES", "CosineClassifier", "MPIComm", "SelfComm", "abort_on_error",
            "allreduce_gradients", "broadcast_buffers", "check_replicated", "check_targets",
            "cosine_softmax_backward", "cosine_softmax_forward", "detect_cuda_aware_mpi",
-           "find_mpirun", "init_shard", "launched_by_mpi", "mpirun_command", "select_gpu",
+           "find_mpirun", "init_shard", "launched_by_mpi", "mpirun_command", "run_mpirun", "select_gpu",
            "set_batchnorm_mode", "shard_owner", "shard_range", "shard_softmax", "world_comm"]

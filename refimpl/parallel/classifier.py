@@ -78,6 +78,7 @@ from refimpl.backend import (asarray, get_array_module, resolve_dtype, scatter_a
                              xp_for)
 from refimpl.checks import check_int
 from refimpl.layers.normalize import l2_normalize_backward, l2_normalize_forward
+from refimpl.parallel.agreement import check_agree
 from refimpl.parallel.sharding import init_shard, row_blocks, shard_range
 from refimpl.parallel.topk import (label_logit_guess, label_logit_slack, topk_accuracy,
                                    topk_candidates)
@@ -429,6 +430,10 @@ def cosine_softmax_backward(dout, cache, dw_out=None):
 class CosineClassifier:
     """This rank's shard of the N-way cosine classifier, and its gradient.
 
+    Collective to build: the ranks first check that they all bring the same
+    N, D and tau (``agreement.check_agree``: one Allgather of 3 int64),
+    else every rank raises ``DisagreementError`` (a ValueError) naming them.
+
     Attributes:
       weight  (N_r, D) rows [lo, hi) of W (``shard_range``), on the device
       grad    (N_r, D) written (not accumulated) by each ``backward``
@@ -448,6 +453,14 @@ class CosineClassifier:
         if not 0 < tau < float("inf"):
             raise ValueError(f"tau must be > 0 and finite, got {tau}")
         self.tau, self.block = tau, block
+        # every rank must shard the same W: with another N on one rank, rows
+        # would belong to no rank (or two) and the loss would be silently wrong
+        check_agree(comm, "CosineClassifier", [self.num_classes, self.dim,
+                                               np.float64(tau).view(np.int64)],
+                    lambda row: f"N = {row[0]}, D = {row[1]}, "
+                                f"tau = {np.int64(row[2]).view(np.float64):g}",
+                    "every rank must build the classifier with the same N (the training "
+                    "set's size), D and tau")
         self.lo, self.hi = shard_range(num_classes, comm.size, comm.rank)
         dtype = resolve_dtype(dtype)
         self.weight = asarray(init_shard(num_classes, dim, self.lo, self.hi, seed, dtype),

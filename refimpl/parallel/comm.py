@@ -25,6 +25,14 @@ them): ``all_gather_v`` (classifier shards, the neighbour table, features),
 ``all_to_all_v`` (the contrastive prior's features to the owners of their
 rows) and ``ring_shift`` (shards around the ring of the neighbour search).
 
+Checks. Before its first call with a shape and dtype, a collective asks
+every rank what it brings (``check_same_shape``: one Allgather of 9 int64,
+counted as "shape_check") and refuses on every rank, naming the ranks that
+differ, instead of a bare MPI_ERR_TRUNCATE on one rank and silently wrong
+values on another; ``all_gather`` asks before every call (its local batch
+is where ranks differ first), the others once per shape (``_check_once``),
+the uneven ones for the trailing shape and the dtype.
+
 Only MPI's buffer methods (``Allgather``, ``Reduce_scatter_block``,
 ``Allreduce``, ``Bcast``, ``Allgatherv``, ``Alltoallv``, ``Sendrecv``) are
 used, on C-contiguous arrays; never the pickling lower-case ones.
@@ -68,6 +76,7 @@ class _Comm:
 
     def __init__(self):
         self.counters = {}
+        self._checked = set()  # (op, shape, dtype) every rank has been seen to agree on
 
     # ---- bookkeeping ------------------------------------------------------
     def _count(self, op, sent, received):
@@ -114,7 +123,9 @@ class _Comm:
 
         One Allgather of 9 int64 per rank (counted as "shape_check"; not part
         of docs/design.md's payload table). Without it, ranks with different local
-        batches make MPI hang or fail with a bare MPI_ERR_TRUNCATE.
+        batches make MPI hang or fail with a bare MPI_ERR_TRUNCATE, and a
+        shorter buffer on one rank gives wrong values on another, silently.
+        The message names every rank that differs from rank 0 and what it brings.
         """
         if self.size == 1:
             return
@@ -128,8 +139,8 @@ class _Comm:
         if np.all(table == table[0]):
             return
         shapes = [tuple(int(v) for v in row[1:1 + row[0]]) for row in table]
-        if all(s[1:] == shapes[0][1:] for s in shapes) and len(set(table[:, 8])) == 1 \
-                and all(len(s) == len(shapes[0]) for s in shapes):
+        if name == "all_gather" and all(s[1:] == shapes[0][1:] for s in shapes) \
+                and len(set(table[:, 8])) == 1 and all(len(s) == len(shapes[0]) for s in shapes):
             rows = [s[0] for s in shapes]
             B = sum(rows)
             hint = (f"B = {B} is not divisible by P = {self.size}" if B % self.size else
@@ -138,9 +149,30 @@ class _Comm:
                              + ", ".join(f"rank {q}: {n}" for q, n in enumerate(rows))
                              + f"): {hint}")
         bad = [q for q in range(self.size) if not np.array_equal(table[q], table[0])]
+        said = "; ".join(f"rank {q}: {shapes[q]} {_dtype_name(table[q, 8])}"
+                         for q in [0] + bad[:3]) + (f"; {len(bad) - 3} more" if len(bad) > 3
+                                                     else "")
         raise ValueError(f"{name}: rank(s) {bad} bring another shape or dtype than rank 0 "
-                         f"(rank 0: {shapes[0]} {np.dtype(x.dtype) if self.rank == 0 else ''}"
-                         f"; rank {bad[0]}: {shapes[bad[0]]})")
+                         f"({said}): every rank must pass the same shape and dtype")
+
+    def _check_once(self, name, x):
+        """``check_same_shape`` the first time this communicator sees (name, shape, dtype).
+
+        Every rank calls the collectives in the same order, so ranks that
+        bring the same shape make the same choice to check or not, and ranks
+        that disagree from the first call of a shape on are caught there.
+        Later calls with a shape already agreed on cost nothing. Not caught:
+        one rank switching to a shape it has not used while the others repeat
+        one already checked (it checks alone); refimpl's callers pass shapes
+        fixed by the config (B, D, G) and by N, which the programs check
+        before the first step (``agreement``).
+        """
+        if self.size == 1:
+            return
+        key = (name, tuple(x.shape), np.dtype(x.dtype).str)
+        if key not in self._checked:
+            self.check_same_shape(name, x)
+            self._checked.add(key)
 
     # ---- all-gather and its adjoint, reduce-scatter ------------------------
     def all_gather(self, x, check=True):
@@ -169,6 +201,7 @@ class _Comm:
         gradient of them.
         """
         self._check_rows("reduce_scatter", x)
+        self._check_once("reduce_scatter", x)
         if x.shape[0] % self.size:
             raise ValueError(f"reduce_scatter: {x.shape[0]} rows do not split evenly "
                              f"over {self.size} ranks")
@@ -190,6 +223,7 @@ class _Comm:
         integers).
         """
         self._check_rows("all_gather_v", x)
+        self._check_once("all_gather_v", x[:0])  # the trailing shape and the dtype
         if counts is None:
             counts = self.all_gather(np.array([x.shape[0]], dtype=np.int64)).tolist()
         counts = [int(c) for c in counts]
@@ -215,6 +249,7 @@ class _Comm:
         everywhere.
         """
         self._check_rows("all_to_all_v", x)
+        self._check_once("all_to_all_v", x[:0])  # the trailing shape and the dtype
         send_counts, recv_counts = [int(c) for c in send_counts], [int(c) for c in recv_counts]
         if len(send_counts) != self.size or len(recv_counts) != self.size \
                 or sum(send_counts) != x.shape[0]:
@@ -255,6 +290,7 @@ class _Comm:
         """
         if op not in OPS:
             raise ValueError(f"all_reduce: op must be one of {OPS}, got {op!r}")
+        self._check_once("all_reduce", x)
         send = self._to_mpi(x)
         if inplace:
             self._allreduce(None, send, op)
@@ -269,6 +305,7 @@ class _Comm:
 
     def bcast(self, x, root=0):
         """Overwrite x, in place, with rank ``root``'s x; returns x."""
+        self._check_once("bcast", x)
         buf = self._to_mpi(x)
         self._bcast(buf, root)
         self._count("bcast", buf.nbytes if self.rank == root else 0,
@@ -367,6 +404,14 @@ class MPIComm(_Comm):
     def abort(self, code=1):
         """End every rank of the job now (MPI_Abort)."""
         self.comm.Abort(code)
+
+
+def _dtype_name(num):
+    """The name of the NumPy dtype whose ``dtype.num`` is ``num`` (as a shape check sends it)."""
+    for t in np.sctypeDict.values():
+        if np.dtype(t).num == num:
+            return np.dtype(t).name
+    return f"dtype #{num}"
 
 
 def _displacements(counts):

@@ -25,7 +25,9 @@ without mpi4py installed stops with one line naming the program.
 import contextlib
 import os
 import shutil
+import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -62,6 +64,29 @@ def mpirun_command(P, *argv, python=True, mpi_args=()):
         cmd.append("--allow-run-as-root")
     return cmd + [str(a) for a in mpi_args] + ([sys.executable] if python else []) \
         + [str(a) for a in argv]
+
+
+# What Open MPI prints when mpirun itself failed to start, before any rank ran
+# (seen now and then on a busy machine: PMIx's listener thread, the daemons).
+LAUNCHER_FAILURES = ("The PMIx server's listener thread failed to start",
+                     "unable to reliably start one or more daemons")
+
+
+def run_mpirun(cmd, attempts=3, **kwargs):
+    """``subprocess.run(cmd, capture_output=True, text=True, **kwargs)``, started
+    again (up to ``attempts`` times in all, one second apart) when mpirun failed
+    before any rank ran: its output holds one of LAUNCHER_FAILURES. A run whose
+    ranks started is never repeated, whatever its exit status."""
+    for attempt in range(attempts):
+        proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+        output = (proc.stdout or "") + (proc.stderr or "")
+        if proc.returncode == 0 or not any(m in output for m in LAUNCHER_FAILURES):
+            return proc
+        if attempt + 1 < attempts:
+            print(f"mpirun did not start (attempt {attempt + 1} of {attempts}); again",
+                  file=sys.stderr)
+            time.sleep(1.0)
+    return proc
 
 
 def launched_by_mpi(environ=None):

@@ -15,13 +15,34 @@ process; MPI is found by mpi4py when the job was started by mpirun or srun).
 of the replicated parameters, the classifier shard, the activations and the
 neighbour table; bytes communicated per step by docs/design.md's formula; and
 whether it fits the memory this machine has free.
+
+--resume takes a checkpoint folder, a run folder (its latest checkpoint) or
+``auto`` (the latest in out=, a fresh start if there is none); ``key=value``
+overrides may come before or after the options. Ctrl-C / SIGTERM stop the
+run at the end of the step inside the step loop and at once anywhere else,
+with exit status 128 + signal; a second one ends it at once
+(``refimpl.parallel.signals``). docs/training.md, Failure behaviour, lists
+what every fault prints and exits with.
 """
 import argparse
+import os
 import sys
 
-from refimpl.train.config import ConfigError, load_config, validate
+from refimpl.deps import add_version_argument, require
 
 EXIT_CONFIG, EXIT_STOPPED = 2, 3
+PROG = "refimpl-train"
+# What the program cannot do without, checked before any work (refimpl.deps):
+# the plot and the progress bar of every run; TOML before Python 3.11.
+NEEDS = ["tqdm", "matplotlib"]
+NEEDS_TOML = ["tomli"] if sys.version_info < (3, 11) else []
+
+
+def announcing():
+    """Whether this process should print a start-up error: rank 0 under a launcher, or alone."""
+    rank = next((os.environ[v] for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK",
+                                         "SLURM_PROCID") if v in os.environ), "0")
+    return rank == "0"
 
 
 def build_parser():
@@ -30,12 +51,14 @@ def build_parser():
         description="Train a ResNet as an N-way instance classifier (one class per image) "
                     "with the contrastive prior and hardest-class label smoothing; "
                     "alone or under mpirun -n P.")
-    p.add_argument("config", nargs="?", help="TOML config file (refimpl/train/demo.toml)")
+    p.add_argument("config", nargs="?", help="TOML config file, or the name of one that ships "
+                                              "with refimpl (demo: refimpl/train/demo.toml)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. epochs=5 alpha=0 out=runs/x")
     p.add_argument("--resume", metavar="DIR|auto",
-                   help="continue from a checkpoint directory, or 'auto': the latest "
-                        "checkpoint in the run directory (a fresh start if there is none)")
+                   help="continue from a checkpoint directory, a run directory (its latest "
+                        "checkpoint), or 'auto': the latest checkpoint in out= (a fresh start "
+                        "if there is none)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the memory and communication per rank, then exit")
     p.add_argument("--save-on-interrupt", action="store_true",
@@ -47,42 +70,78 @@ def build_parser():
                         "(docs/oracle.md; refimpl-oracle compares and replays it)")
     p.add_argument("--trace-steps", type=int, default=1, metavar="N",
                    help="how many steps --trace records (default 1)")
+    add_version_argument(p, mpi=True)
     return p
 
 
+def require_packages(args, cfg=None):
+    """Exit 2 with one line if a package this run needs is missing (before any work)."""
+    quiet = open(os.devnull, "w") if not announcing() else None
+    try:
+        if cfg is None:
+            require(PROG, NEEDS_TOML if args.config else [], "reading TOML before Python 3.11",
+                    stream=quiet)
+        elif not args.dry_run:
+            require(PROG, NEEDS, "the plot and the progress bar of every run", stream=quiet)
+            if cfg.linear_probe:
+                require(PROG, ["sklearn"], "the linear probe, linear_probe = true", stream=quiet)
+    finally:
+        if quiet is not None:
+            quiet.close()
+
+
 def main(argv=None):
+    # first of all: from here on a stop signal ends the program with 128 + signal
+    # and one line, whatever it is doing (refimpl.parallel.signals)
+    from refimpl.parallel.signals import Interrupted, StopSignals
+    signals = StopSignals("refimpl-train").install()
+    try:
+        return _main(argv, signals)
+    except Interrupted as e:
+        if signals.comm is None or signals.comm.rank == 0:
+            print(f"refimpl-train: interrupted: {e}", file=sys.stderr, flush=True)
+        return 128 + e.signum
+
+
+def _main(argv, signals):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value before or after the options
     if args.trace_steps < 1:
         parser.error(f"--trace-steps must be >= 1, got {args.trace_steps}")
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:  # only overrides, no file
         config, overrides = None, [config] + overrides
+    require_packages(args)
+    from refimpl.train.config import ConfigError, load_config, validate
     from refimpl.parallel.launch import abort_on_error, world_comm
     comm = world_comm("refimpl-train")
+    signals.comm = comm
     from refimpl.checkpoint import CheckpointError
-    from refimpl.train.loop import TrainingInterrupted, TrainingStopped
+    from refimpl.parallel.signals import Interrupted
+    from refimpl.train.loop import TrainingStopped
     try:
-        cfg = load_config(config, overrides)
-        validate(cfg, None, comm.size)
+        with signals.phase("reading the config"):
+            cfg = load_config(config, overrides)
+            validate(cfg, None, comm.size)
+        require_packages(args, cfg)
         if args.dry_run:
             from refimpl.train.dry_run import dry_run
-            with abort_on_error(comm):
+            with abort_on_error(comm, passthrough=(ConfigError, Interrupted)), \
+                    signals.phase("the dry run"):
                 return dry_run(cfg, comm)
         from refimpl.train.loop import Trainer
         with abort_on_error(comm, passthrough=(ConfigError, CheckpointError, TrainingStopped,
-                                               TrainingInterrupted)):
-            trainer = Trainer(cfg, comm, save_on_interrupt=args.save_on_interrupt)
+                                               Interrupted)):
+            with signals.phase("setting up the run"):
+                trainer = Trainer(cfg, comm, save_on_interrupt=args.save_on_interrupt,
+                                  signals=signals)
             if args.trace:
                 from refimpl.oracle.recorder import TraceRecorder
                 trainer.tracer = TraceRecorder.for_trainer(trainer, args.trace,
                                                            args.trace_steps)
-            trainer.install_signal_handlers()
-            resume = args.resume
-            if resume == "auto":
-                from refimpl.checkpoint import latest_checkpoint
-                resume = latest_checkpoint(cfg.out)
-            trainer.run(resume)
+            if args.save_on_interrupt:
+                signals.announce = "stopping at the end of this step after saving a checkpoint"
+            trainer.run(args.resume)
             if comm.rank == 0:
                 print(summary(trainer), flush=True)
         return 0
@@ -97,14 +156,10 @@ def main(argv=None):
         if comm.rank == 0:
             print(f"refimpl-train: error: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
-    except TrainingStopped as e:
-        if comm.rank == 0:
+    except TrainingStopped as e:  # every rank; said by rank 0, or by the rank it happened on
+        if getattr(e, "local", False) or (comm.rank == 0 and not getattr(e, "quiet", False)):
             print(f"refimpl-train: stopped: {e}", file=sys.stderr, flush=True)
         return EXIT_STOPPED
-    except TrainingInterrupted as e:
-        if comm.rank == 0:
-            print(f"refimpl-train: interrupted: {e}", file=sys.stderr, flush=True)
-        return 128 + e.signum
 
 
 def summary(trainer):

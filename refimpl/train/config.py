@@ -5,14 +5,19 @@ Contract. ``load_config(path, overrides)`` reads a TOML file (``tomllib``;
 plus the ``[augment]`` table of ``data.augment.AugmentConfig`` fields), then
 applies command-line overrides ``key=value`` (``augment.crop_scale=[0.2, 1]``;
 a value is read as a TOML value, else as a string), and returns a ``Config``.
-Unknown keys are errors that name the closest valid key.
+Unknown keys are errors that name the closest valid key. Each value is
+coerced to its field's declared type or refused (``coerce``): a bool only
+from true / false, an integer where an integer is declared, any number as a
+float, a list of n numbers for each tuple of ``AugmentConfig``. A config
+file that is missing, a folder, not text or not TOML is one line too.
 
 ``validate(config, num_instances, world_size)`` is the second check, once the
 training set's size N and the number of ranks P are known; every problem is
 reported at once, one line each (``ConfigError``): K >= N, alpha outside
 [0, 1), tau <= 0, B not divisible by P, N < P, N < B, and so on. Every rank runs
 both checks on the same inputs, so every rank stops with the same message;
-``config_hash`` lets the ranks check that they all run the same config.
+``config_hash`` is the config's sha256 (the ranks compare theirs with
+``parallel.agreement.check_same_config``).
 
 Every field, its default and its meaning is in ``Config`` below;
 ``refimpl/train/demo.toml`` is a complete example.
@@ -80,7 +85,8 @@ class Config:
     weight_decay: float = 5e-4
     nesterov: bool = False
     decay_bn_and_bias: bool = False  # weight decay on BN and bias parameters too
-    warmup_epochs: float = 1.0    # linear warm-up length, in epochs
+    warmup_epochs: float = None   # linear warm-up length, in epochs (default: 1, or epochs / 2
+                                  # for a 1-epoch run, where 1 would leave no cosine decay)
     warmup_start_factor: float = 0.1  # lr at step 0 = factor * lr (0 would waste step 0)
     final_lr: float = 0.0         # lr at the end of the cosine decay
     # ---- run
@@ -100,6 +106,12 @@ class Config:
     save_every: int = 1           # checkpoint every this many epochs (0: only the last)
     keep: int = 2                 # complete checkpoints kept
 
+    def __post_init__(self):
+        # the default warm-up fits a short run: min(1, epochs / 2) epochs
+        if self.warmup_epochs is None:
+            epochs = self.epochs if isinstance(self.epochs, (int, float)) else 2
+            self.warmup_epochs = min(1.0, epochs / 2)
+
     def augment_config(self):
         """The AugmentConfig of the training transform."""
         return AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
@@ -111,13 +123,17 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 AUGMENT_FIELDS = {f.name for f in dataclasses.fields(AugmentConfig)}
+# augment.* keys typed by their defaults: a tuple of n numbers stands for "a list of n numbers"
+AUGMENT_TYPES = {f.name: (("tuple", len(f.default)) if isinstance(f.default, tuple)
+                          else type(f.default)) for f in dataclasses.fields(AugmentConfig)}
 PRIORS = ("none",) + PRIOR_ROWS
 CHOICES = {"arch": tuple(ARCHS), "stem": STEMS, "prior": PRIORS,
            "prior_features": PRIOR_FEATURES, "prior_bn": PRIOR_BN,
            "prior_transform": PRIOR_TRANSFORMS,
            "dtype": ("float32", "float64"), "device": ("cpu", "gpu"), "bn": BN_MODES}
-# The spelling of older configs (and of run directories' config.toml): a bool.
-PRIOR_FROM_BOOL = {True: "paper", False: "none"}
+# The spelling of older configs (and of run directories' config.toml): a bool, or
+# its text (an override prior=true reaches a str field as the text "true").
+PRIOR_FROM_BOOL = {True: "paper", False: "none", "true": "paper", "false": "none"}
 
 
 def _closest(key, valid):
@@ -125,16 +141,59 @@ def _closest(key, valid):
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
-def _type_ok(name, value):
-    """Does ``value`` have the type of field ``name``? (ints are fine for floats)"""
-    default = Config().__getattribute__(name)
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, type(default))
+class _Refused(ValueError):
+    """A value that its field's declared type refuses; the message says what it needs."""
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def coerce(kind, value):
+    """``value`` as the declared type ``kind``, or _Refused saying what was expected.
+
+    kind: bool (true or false only: a TOML boolean, or the text "true" /
+    "false"), int (an integer, not a bool), float (any number, as a float), str,
+    list (of integers: ``knn_k``; one integer is a list of one), or
+    ("tuple", n): a list of n numbers, as floats.
+    """
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value in ("true", "false"):
+            return value == "true"
+        raise _Refused("must be true or false")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Refused("must be an integer")
+    if kind is float:
+        if _number(value):
+            return float(value)
+        raise _Refused("must be a number")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise _Refused("must be a string")
+    if kind is list:
+        value = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+        if isinstance(value, (list, tuple)) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+        raise _Refused("must be a list of integers")
+    if isinstance(kind, tuple):
+        n = kind[1]
+        if isinstance(value, (list, tuple)) and len(value) == n and all(map(_number, value)):
+            return [float(v) for v in value]
+        raise _Refused(f"must be a list of {n} numbers")
+    raise TypeError(f"coerce: unknown kind {kind!r}")
+
+
+def _problems_error(header, problems):
+    """A ConfigError: one problem on one line, several one per line under the header."""
+    if len(problems) == 1:
+        return ConfigError(f"{header}: {problems[0]}")
+    return ConfigError(f"{header}:\n  " + "\n  ".join(problems))
 
 
 def parse_override(text):
@@ -151,7 +210,8 @@ def parse_override(text):
 
 
 def config_from_dict(values, source="config"):
-    """A Config from {key: value}; every unknown key or wrong type reported at once."""
+    """A Config from {key: value}; each value coerced to its field's declared type
+    (``coerce``; augment.* keys too); every unknown key or refused value reported at once."""
     problems, kwargs = [], {}
     for key, value in values.items():
         if key == "augment":
@@ -159,39 +219,75 @@ def config_from_dict(values, source="config"):
                 problems.append(f"augment must be a table of augmentation settings, "
                                 f"got {value!r}")
                 continue
-            for a in value:
+            augment = {}
+            for a, v in value.items():
                 if a not in AUGMENT_FIELDS:
                     problems.append(f"unknown key augment.{a}"
                                     f"{_closest(a, sorted(AUGMENT_FIELDS))}")
-            kwargs[key] = dict(value)
+                    continue
+                try:
+                    augment[a] = coerce(AUGMENT_TYPES[a], v)
+                except _Refused as e:
+                    problems.append(f"augment.{a} {e}, got {v!r}")
+            kwargs[key] = augment
         elif key not in FIELDS:
             problems.append(f"unknown key {key!r}{_closest(key, sorted(FIELDS))}")
-        elif key == "prior" and isinstance(value, bool):
+        elif key == "prior" and isinstance(value, (bool, str)) and value in PRIOR_FROM_BOOL:
             kwargs[key] = PRIOR_FROM_BOOL[value]  # prior = true / false: "paper" / "none"
-        elif not _type_ok(key, value):
-            want = type(getattr(Config(), key)).__name__
-            problems.append(f"{key} must be a {want}, got {value!r}")
         else:
-            kwargs[key] = value
+            try:
+                kwargs[key] = coerce(FIELDS[key].type, value)
+            except _Refused as e:
+                problems.append(f"{key} {e}, got {value!r}")
     if problems:
-        raise ConfigError(f"{source}:\n  " + "\n  ".join(problems))
+        raise _problems_error(source, problems)
     return Config(**kwargs)
 
 
+def packaged_configs():
+    """{name: path} of the configs that ship inside the package (``refimpl-train demo``)."""
+    return {p.stem: p for p in sorted(Path(__file__).resolve().parent.glob("*.toml"))}
+
+
+def find_config(path):
+    """The config file ``path`` names: a file, or the name of a packaged config
+    (``demo`` or ``demo.toml``, when no such file is here), as a Path."""
+    path = Path(path)
+    if not path.exists() and len(path.parts) == 1:
+        packaged = packaged_configs().get(path.name[:-5] if path.suffix == ".toml" else path.name)
+        if packaged is not None:
+            return packaged
+    return path
+
+
 def load_config(path=None, overrides=()):
-    """Config from a TOML file (or none: the defaults) and ``key=value`` overrides."""
+    """Config from a TOML file (or none: the defaults) and ``key=value`` overrides.
+
+    path: a TOML file, or the name of a packaged config (``packaged_configs``)."""
     values = {}
     if path is not None:
-        path = Path(path)
+        path = find_config(path)
         try:
             with open(path, "rb") as f:
                 values = tomllib.load(f)
         except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
+            names = ", ".join(packaged_configs())
+            raise ConfigError(f"{path}: no such config file (packaged configs, by name: "
+                              f"{names})") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a folder, not a config file") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (a TOML config is UTF-8 text)") from None
+        except OSError as e:  # a folder, no permission
+            what = "is a folder, not a config file" if path.is_dir() else \
+                f"cannot be read ({e.strerror or e})"
+            raise ConfigError(f"{path}: {what}") from None
     for text in overrides:
         key, value = parse_override(text)
+        if key in FIELDS and FIELDS[key].type is str and not isinstance(value, str):
+            value = text.partition("=")[2].strip()  # out=2024 names a folder, not a number
         if key.startswith("augment."):
             values.setdefault("augment", {})[key[len("augment."):]] = value
         else:
@@ -241,7 +337,9 @@ def validate(cfg, num_instances=None, world_size=1):
     if cfg.nesterov and cfg.momentum <= 0:
         p.append("nesterov needs momentum > 0")
     if not 0 <= cfg.warmup_epochs < cfg.epochs:
-        p.append(f"warmup_epochs must lie in [0, epochs = {cfg.epochs}), got {cfg.warmup_epochs}")
+        p.append(f"warmup_epochs must lie in [0, epochs = {cfg.epochs}), got {cfg.warmup_epochs} "
+                 f"(set warmup_epochs={min(1.0, cfg.epochs / 2):g}, or leave it out: the "
+                 f"default is min(1, epochs / 2))")
     if not 0 <= cfg.warmup_start_factor <= 1:
         p.append(f"warmup_start_factor must lie in [0, 1], got {cfg.warmup_start_factor}")
     if not cfg.knn_k or not all(isinstance(k, int) and k >= 1 for k in cfg.knn_k):
@@ -276,7 +374,7 @@ def validate(cfg, num_instances=None, world_size=1):
                 p.append(f"batch_size B = {B} is larger than the training set (N = {N}): "
                          f"an epoch would have no step")
     if p:
-        raise ConfigError("the configuration cannot run:\n  " + "\n  ".join(p))
+        raise _problems_error("the configuration cannot run", p)
 
 
 def config_hash(cfg):

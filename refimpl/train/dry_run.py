@@ -24,7 +24,8 @@ rows, G = replicated parameters, Q = BatchNorm buffer elements):
                                layers (each sends [sum d, sum d^2, count] and
                                [sum dout, sum dout xhat] of its C channels)
 
-``dry_run(cfg, comm)`` prints it (rank 0) with the memory this machine has
+``dry_run(cfg, comm)`` prints it (rank 0) with the size of one checkpoint
+on disk (``checkpoint.checkpoint_bytes``) and the memory this machine has
 free (MemAvailable / ranks on the node; a GPU's free memory), and says
 whether the run fits.
 """
@@ -32,6 +33,7 @@ import tracemalloc
 
 import numpy as np
 
+from refimpl.checkpoint import checkpoint_bytes
 from refimpl.parallel.sharding import shard_range
 from refimpl.sysinfo import available_bytes
 
@@ -93,17 +95,25 @@ def cost(cfg, num_instances, world_size, rank=0, image_size=32):
     else:  # Q = 2 sum_l C_l (running mean and var): each layer sends 2 C + 1, then 2 C
         L = sum(n.endswith(".running_mean") for n in net.store.buffer_names())
         comm[f"all_reduce sync BN sums ({L} layers)"] = ((2 * Q + L) * f, (2 * Q + L) * f)
-    return memory, comm, {"G": int(G), "Q": int(Q)}
+    disk = checkpoint_bytes(N, D, cfg.dtype, G + Q + momentum * G, momentum > 0,
+                            cfg.k if uses_table else 0)
+    return memory, comm, {"G": int(G), "Q": int(Q), "checkpoint": int(disk)}
 
 
 def dry_run(cfg, comm):
     """Print the cost table of every rank's part (rank 0 prints); exit status 0."""
-    from refimpl.data.datasets import open_dataset
-    from refimpl.train.config import validate
-    from refimpl.train.loop import image_side
-    ds = open_dataset(cfg.train)
+    from refimpl.parallel.agreement import raise_together
+    from refimpl.train.config import ConfigError, validate
+    from refimpl.train.loop import PeerFailed, image_side, open_split
+    error, ds = None, None
+    try:  # a dataset missing on one node: every rank stops, that one says why
+        ds = open_split("train", cfg.train)
+        validate(cfg, len(ds), comm.size)
+    except ConfigError as e:
+        error = e
+    raise_together(comm, error, lambda q: PeerFailed(f"rank {q} could not start (its message "
+                                                     f"is above)"))
     N, P = len(ds), comm.size
-    validate(cfg, N, P)
     S = image_side(cfg, ds)
     memory, moved, sizes = cost(cfg, N, P, comm.rank, S)
     total = sum(memory.values())
@@ -123,6 +133,8 @@ def dry_run(cfg, comm):
             print(f"  {name:50s} sent {sent:>12,d}  received {received:>12,d}")
         print(f"  {'total':50s} sent {sum(s for s, _ in moved.values()):>12,d}  received "
               f"{sum(r for _, r in moved.values()):>12,d}")
+        print(f"checkpoint on disk: {_mib(sizes['checkpoint'])} each, keep = {cfg.keep} "
+              f"(a save checks that the disk has room for one)")
         worst = int(np.argmax(table[:, 0]))
         need, have = table[worst]
         if have < 0:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from refimpl import checkpoint, threads
-from refimpl.backend import to_numpy
+from refimpl.checkpoint import CheckpointError
 from refimpl.data.augment import augment_batch
 from refimpl.data.datasets import open_dataset
 from refimpl.data.sampler import global_batches, local_slice, steps_per_epoch
@@ -48,29 +48,26 @@ from refimpl.models.state_dict import load_encoder_file
 from refimpl.optim.schedule import warmup_cosine
 from refimpl.optim.sgd import SGD
 from refimpl.params import is_bn_or_bias
+from refimpl.parallel.agreement import (DisagreementError, check_same_config, check_same_dataset,
+                                       raise_together)
 from refimpl.parallel.classifier import CosineClassifier
 from refimpl.parallel.launch import select_gpu
 from refimpl.parallel.data_parallel import set_batchnorm_mode
-from refimpl.train.config import ConfigError, config_hash, to_toml, validate
+from refimpl.deps import version_line
+from refimpl.parallel.signals import FAILED, Interrupted, StopSignals
+from refimpl.rundir import RunDirError, RunLock, check_run_dir
+from refimpl.train.config import ConfigError, to_toml, validate
 from refimpl.train.step import forward_backward, update
 
 
 class TrainingStopped(RuntimeError):
-    """The run cannot go on (a non-finite loss); the message says where and why."""
+    """The run cannot go on (a non-finite loss, a disk it cannot write); the message says
+    where and why. ``local``: found on this rank only (it says it); ``quiet``: another
+    rank's (this one says nothing)."""
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(Interrupted):
     """A stop signal ended the run at a step boundary (every rank together)."""
-
-    def __init__(self, message, signum):
-        super().__init__(message)
-        self.signum = signum
-
-
-# SIGINT (Ctrl-C) and SIGTERM stop at the next step boundary; SIGUSR1 too: Open
-# MPI's mpirun kills the ranks a fraction of a second after it forwards
-# SIGINT/SIGTERM, too soon for a checkpoint, but it forwards SIGUSR1 and waits.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class PeerFailed(ConfigError):
@@ -92,21 +89,28 @@ class Trainer:
     log: a function of one string, called on rank 0 only (default print).
     """
 
-    def __init__(self, cfg, comm, log=None, save_on_interrupt=False):
+    def __init__(self, cfg, comm, log=None, save_on_interrupt=False, signals=None):
         self.cfg, self.comm = cfg, comm
         self.save_on_interrupt = save_on_interrupt
-        self._stop = 0           # the stop signal this rank received (0: none)
+        # the program's installed StopSignals; without one (a library call) a
+        # dormant one, whose phases only name what the run does
+        self.signals = signals or StopSignals("refimpl-train", comm)
+        self._failure = None     # an OSError of a rank-0 write, said at the next check
+        self.lock = None         # the run directory's RunLock (rank 0, during run())
         self.rank0 = comm.rank == 0
         self._log = log or (lambda s: print(s, flush=True))
         validate(cfg, None, comm.size)
         self._check_same_config()
+        self._collective(lambda: _check_out(cfg.out))
         if cfg.device == "gpu":
             select_gpu(comm)
         else:
             # each rank its share of the node's cores; BLAS at one thread per rank
             n = cfg.threads or max(1, (os.cpu_count() or 1) // comm.local_size)
             threads.set_num_threads(n, single_blas=comm.local_size > 1)
-        self.train_set, self.test_set = self._collective(self._open_datasets)
+        with self.signals.phase("opening the datasets"):
+            self.train_set, self.test_set = self._collective(self._open_datasets)
+        self._check_same_datasets()
         self.N = len(self.train_set)
         validate(cfg, self.N, comm.size)
         self.S = image_side(cfg, self.train_set)
@@ -145,13 +149,8 @@ class Trainer:
             result = fn()
         except ConfigError as e:
             error = e
-        failed = to_numpy(self.comm.all_gather(np.array([error is not None], dtype=np.int64)))
-        if failed.any():
-            first = int(np.argmax(failed))
-            if self.comm.rank == first:
-                error.local = True  # found here only: this rank prints it
-                raise error
-            raise PeerFailed(f"rank {first} could not start (its message is above)")
+        raise_together(self.comm, error, lambda first: PeerFailed(
+            f"rank {first} could not start (its message is above)"))
         return result
 
     def _open_datasets(self):
@@ -159,23 +158,23 @@ class Trainer:
         return train, (self._open("test", self.cfg.test) if self.cfg.test else None)
 
     def _open(self, what, spec):
-        try:
-            ds = open_dataset(spec)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{what}: cannot open {spec!r}: {e}") from None
-        if len(ds) == 0:
-            raise ConfigError(f"{what}: the dataset {spec!r} is empty")
-        return ds
+        return open_split(what, spec)
 
     def _check_same_config(self):
-        """Every rank must run the same config: compare hashes (one all_gather)."""
-        digest = np.frombuffer(bytes.fromhex(config_hash(self.cfg))[:8], dtype=np.int64)
-        table = to_numpy(self.comm.all_gather(digest.copy()))
-        bad = np.nonzero(table != table[0])[0]
-        if bad.size:
-            raise ConfigError(f"ranks {bad.tolist()} run another configuration than rank 0 "
-                              f"(config hashes differ): start every rank with the same config "
-                              f"and overrides")
+        """Every rank must run the same config (``agreement.check_same_config``)."""
+        try:
+            check_same_config(self.comm, self.cfg.to_dict())
+        except DisagreementError as e:
+            raise ConfigError(str(e)) from None
+
+    def _check_same_datasets(self):
+        """Every rank must read the same datasets: N and the manifest's sha256."""
+        try:
+            check_same_dataset(self.comm, f"train {self.cfg.train!r}", self.train_set)
+            if self.test_set is not None:
+                check_same_dataset(self.comm, f"test {self.cfg.test!r}", self.test_set)
+        except DisagreementError as e:
+            raise ConfigError(str(e)) from None
 
     def log(self, text):
         if self.rank0:
@@ -183,8 +182,19 @@ class Trainer:
 
     def write_metrics(self, record):
         if self.rank0:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            path = self.out / "metrics.jsonl"
+            self._write(path, lambda: _append_line(path, json.dumps(record)))
+
+    def _write(self, path, fn):
+        """fn(): rank 0 writes ``path`` in the run directory. An OSError (a full disk)
+        does not end rank 0 alone, which would leave the others waiting: it is kept
+        (naming ``path``), no more is written, and the next ``check_stop`` stops every
+        rank together."""
+        if self._failure is None:
+            try:
+                fn()
+            except OSError as e:
+                self._failure = OSError(e.errno, f"{path}: {e.strerror or e}")
 
     def write_eval(self, name, knn):
         """One "eval" record: the kNN of a reference point (raw pixels, random init, ...)."""
@@ -267,7 +277,9 @@ class Trainer:
             targets = (target_entries(batch, self.N, self.neighbours, cfg.alpha)
                        if self.smoothing(epoch) else None)
             step = self.state["step"]
-            lr = self.lr_at(step)
+            # the schedule's position: the global step, counted in this run's batches
+            # (a batch size changed at an epoch boundary keeps the schedule by epoch)
+            lr = self.lr_at(epoch * self.steps_per_epoch + t)
             if self.tracer is not None:  # the first call records the state before the step
                 self.tracer.begin(fresh=t == 0)
             try:
@@ -278,7 +290,8 @@ class Trainer:
                     f"{e} (epoch {epoch + 1}, step {t + 1} of the epoch; rank-0 batch ids "
                     f"{local_slice(batch, 0, P)[:16].tolist()}"
                     f"{' ...' if batch.size // P > 16 else ''}); nothing was written over "
-                    f"the last good checkpoint ({checkpoint.latest_checkpoint(self.out)})"
+                    f"the last checkpoint, saved at a finite loss "
+                    f"({checkpoint.latest_checkpoint(self.out)})"
                 ) from None
             if self.tracer is not None:
                 self.tracer.record(x, ids, out, lr, targets)
@@ -319,27 +332,29 @@ class Trainer:
 
     # ------------------------------------------------------------ signals
     def install_signal_handlers(self):
-        """SIGINT, SIGTERM, SIGUSR1: remember the signal; the run stops at the next
-        step boundary (``check_stop``), every rank together, one message."""
-        def handler(signum, frame):
-            if not self._stop:
-                self._stop = signum
-                if self.rank0:
-                    what = " after saving a checkpoint" if self.save_on_interrupt else ""
-                    os.write(2, f"refimpl-train: {signal.Signals(signum).name} received: "
-                                f"stopping at the end of this step{what}\n".encode())
-        for s in STOP_SIGNALS:
-            signal.signal(s, handler)
+        """Install this run's StopSignals (``parallel.signals``): a signal stops the
+        run at the end of the step inside the step loop (``check_stop``, every rank
+        together), and at once in any other phase. refimpl-train installs its own
+        at its start instead."""
+        self.signals.install()
 
     def check_stop(self):
-        """Has any rank received a stop signal? (one all_reduce MAX of one number)
+        """Has any rank received a stop signal, or failed to write? (one all_reduce MAX)
 
-        Every rank asks at the same step, so all of them stop together: with
-        --save-on-interrupt after writing a checkpoint of this step.
+        Every rank asks at the same step, so all of them stop together: on a
+        signal with --save-on-interrupt after writing a checkpoint of this step;
+        on a failed write (a full disk) with TrainingStopped, said by that rank.
         """
-        signum = int(to_numpy(self.comm.all_reduce(np.array([float(self._stop)]), "max"))[0])
+        signum = self.signals.any_rank(self.comm, failed=self._failure is not None)
         if not signum:
             return
+        if signum == FAILED:
+            error = None if self._failure is None else TrainingStopped(
+                f"cannot write into the run directory: {self._failure}; "
+                f"{self._last_checkpoint()}")
+            raise_together(self.comm, error, lambda q: TrainingStopped(
+                f"rank {q} could not write into the run directory (its message is above)"))
+        self.signals.acting = True  # saving first is not itself stopped
         saved = self.save() if self.save_on_interrupt else None
         raise TrainingInterrupted(
             f"{signal.Signals(signum).name} at step {self.state['step']} (epoch "
@@ -347,93 +362,193 @@ class Trainer:
             + (f"checkpoint {saved}" if saved else
                f"the last checkpoint is {checkpoint.latest_checkpoint(self.out)}"), signum)
 
+    def _last_checkpoint(self):
+        last = checkpoint.latest_checkpoint(self.out)
+        return (f"the last checkpoint is {last} (make room, then continue with --resume auto)"
+                if last is not None else "there is no checkpoint yet")
+
     # ------------------------------------------------------------ the run
     def save(self):
-        path = checkpoint.save(self.out, dict(self.state), self.cfg.to_dict(), self.net,
-                               self.clf, self.net_opt, self.clf_opt, self.comm,
-                               self.neighbours, self.cfg.keep)
+        """A checkpoint of this step (``checkpoint.save``); a full disk or a folder in the
+        way stops the run (TrainingStopped), the earlier checkpoints untouched."""
+        with self.signals.phase("saving a checkpoint"):
+            try:
+                path = checkpoint.save(self.out, dict(self.state), self.cfg.to_dict(), self.net,
+                                       self.clf, self.net_opt, self.clf_opt, self.comm,
+                                       self.neighbours, self.cfg.keep, log=self.log)
+            except (OSError, CheckpointError) as e:
+                stopped = TrainingStopped(f"cannot save the checkpoint of step "
+                                          f"{self.state['step']}: {e}; "
+                                          f"{self._last_checkpoint()}")
+                stopped.local, stopped.quiet = (getattr(e, "local", False),
+                                                getattr(e, "quiet", False))
+                raise stopped from None
         self.log(f"checkpoint {path}")
         return path
 
     def resume(self, path):
+        """Load the checkpoint at ``path`` on every rank (``start`` chose and checked it)."""
+        meta = checkpoint.read_meta(path)
         state, neighbours = checkpoint.load(path, self.cfg.to_dict(), self.net, self.clf,
                                             self.net_opt, self.clf_opt, self.comm)
         self.state.update(state)
         self.neighbours = neighbours
         if self.rank0:  # the metrics of steps after the checkpoint are redone
             metrics = self.out / "metrics.jsonl"
-            if metrics.exists():
-                keep = [line for line in metrics.read_text().splitlines()
-                        if _before(json.loads(line), self.state)]
-                metrics.write_text("".join(line + "\n" for line in keep))
-        saved_on = checkpoint.read_meta(path)["world_size"]
+            self._write(metrics, lambda: _truncate_metrics(metrics, self.state))
+        saved_on = meta["world_size"]
         self.log(f"resumed from {path}: epoch {self.state['epoch'] + 1}, step "
                  f"{self.state['step']} (saved on {saved_on} rank(s), now {self.comm.size})")
+        saved_b = meta["config"].get("batch_size")
+        if saved_b != self.cfg.batch_size:  # at an epoch boundary (start refuses the rest)
+            self.log(f"batch_size {saved_b} -> {self.cfg.batch_size} at the start of epoch "
+                     f"{self.state['epoch'] + 1}: {self.steps_per_epoch} steps per epoch; the "
+                     f"learning-rate schedule continues at its step "
+                     f"{self.state['epoch'] * self.steps_per_epoch} of {self.total_steps}")
 
     def start(self, resume):
-        """Prepare the run directory: refuse to start afresh over a run's checkpoints,
-        remove what an interrupted save left (rank 0), load the checkpoint to
-        resume from, then write config.toml (rank 0)."""
+        """Take the run directory and choose where the run starts; returns the checkpoint
+        resumed from, or None for a fresh start.
+
+        Rank 0, before anything is written: the lock (``rundir.RunLock``: one run
+        per directory, released at the end of ``run``); what an interrupted save
+        left is removed; a fresh start into a directory with any ``ckpt-*`` is
+        refused; ``resume`` ("auto", a run directory or a checkpoint) is resolved
+        (``checkpoint.resume_point``: a checkpoint that does not verify is named,
+        never passed over), a batch size changed in the middle of an epoch is
+        refused, and no ``ckpt-*`` this run could save over may fail to verify
+        (``checkpoint.check_overwritable``). Every rank then loads the checkpoint
+        rank 0 chose; rank 0 writes config.toml.
+        """
+        error, chosen = None, None
+        if self.rank0:
+            try:
+                chosen = self._prepare_out(resume)
+            except (OSError, ConfigError, CheckpointError, RunDirError) as e:
+                error = e if isinstance(e, ConfigError) else ConfigError(str(e))
+        raise_together(self.comm, error, lambda q: PeerFailed(
+            f"rank {q} could not start (its message is above)"))
+        chosen = _bcast_text(self.comm, "" if chosen is None else str(chosen)) or None
+        if chosen is not None:
+            self.resume(Path(chosen))
+        elif self.rank0:  # a fresh run's metrics start empty
+            path = self.out / "metrics.jsonl"
+            self._write(path, lambda: path.unlink(missing_ok=True))
+        if self.rank0:
+            path = self.out / "config.toml"
+            self._write(path, lambda: path.write_text(f"# made with {version_line()}\n"
+                                                          + to_toml(self.cfg)))
+        self.check_stop()  # a failed write: every rank stops here
+        return None if chosen is None else Path(chosen)
+
+    def _prepare_out(self, resume):
+        """Rank 0's part of ``start``: returns the checkpoint to resume from, or None."""
+        out, cfg = self.out, self.cfg
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.lock = RunLock(out).acquire()
+        except RunDirError:
+            if created:
+                out.rmdir()
+            raise
+        if self.lock.stale:
+            self._log(f"took over {self.lock.path}: its run ({self.lock.stale}) ended without "
+                      f"releasing it")
+        for name in checkpoint.clean_stale(out):
+            self._log(f"removed {name}, left by an interrupted save")
         if resume is None:
-            found = checkpoint.latest_checkpoint(self.out)
+            entries = checkpoint.checkpoint_entries(out)
+            found = checkpoint.latest_checkpoint(out)
             if found is not None:
-                raise ConfigError(f"{self.out} already holds checkpoints (latest: {found.name}): "
+                raise ConfigError(f"{out} already holds checkpoints (latest: {found.name}): "
                                   f"continue that run with --resume auto, or give another "
                                   f"out= (a fresh start would overwrite them)")
-        if self.rank0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            for name in checkpoint.clean_stale(self.out):
-                self._log(f"removed {name}, left by an interrupted save")
-        self.comm.barrier()
-        if resume is not None:
-            self.resume(resume)
-        elif self.rank0 and (self.out / "metrics.jsonl").exists():
-            (self.out / "metrics.jsonl").unlink()  # a fresh run's metrics start empty
-        if self.rank0:
-            (self.out / "config.toml").write_text(to_toml(self.cfg))
+            if entries:
+                raise ConfigError(f"{out} already holds checkpoint folders that do not verify "
+                                  f"({', '.join(p.name for p in entries[-3:])}): a fresh start "
+                                  f"would overwrite them; move them away, or give another out=")
+            return None
+        chosen = checkpoint.resume_point(out) if resume == "auto" else checkpoint.resolve(resume)
+        if chosen is None:  # --resume auto in a run directory without checkpoints
+            return None
+        meta = checkpoint.read_meta(chosen)
+        state, saved_b = meta["state"], meta["config"].get("batch_size")
+        if saved_b != cfg.batch_size and state["step_in_epoch"]:
+            raise ConfigError(
+                f"{chosen} was saved in the middle of epoch {state['epoch'] + 1} (after step "
+                f"{state['step_in_epoch']} of it) with batch_size {saved_b}: resuming with "
+                f"batch_size {cfg.batch_size} would count the epoch's position in other batches; "
+                f"resume with batch_size={saved_b}, or from a checkpoint at the end of an epoch")
+        checkpoint.check_overwritable(out, state["step"])
+        return chosen
+
+    def release(self):
+        """Give up the run directory's lock (rank 0; a no-op when not held)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def run(self, resume=None):
-        """The whole run (module docstring); returns the final results dict."""
-        cfg = self.cfg
-        self.start(resume)
-        if resume is None:
+        """The whole run (module docstring); returns the final results dict.
+
+        resume: None (a fresh start), "auto" (the run directory's checkpoint, if
+        any), or a checkpoint or run directory to continue from (``start``).
+        The run directory's lock is held until it returns or raises.
+        """
+        try:
+            return self._run(resume)
+        finally:
+            self.release()
+
+    def _run(self, resume):
+        cfg, phase = self.cfg, self.signals.phase
+        self.signals.where = "the start of the run"  # what a signal between phases names
+        if self.start(resume) is None:
             self.log(f"{self.N} instances, {self.steps_per_epoch} steps of B = "
                      f"{cfg.batch_size} per epoch on {self.comm.size} rank(s); "
                      f"image {self.S}x{self.S}; {cfg.arch} width {cfg.width}, D = {cfg.dim}")
             self.log(method_line(cfg))
-            self.results["raw_pixels"] = self.raw_pixel_knn()
-            self.results["random_init"] = self.knn("random init (BN running statistics at "
-                                                   "their initial values: mean 0, var 1)")
+            with phase("the kNN monitor"):
+                self.results["raw_pixels"] = self.raw_pixel_knn()
+                self.results["random_init"] = self.knn("random init (BN running statistics at "
+                                                       "their initial values: mean 0, var 1)")
             self.write_eval("raw_pixels", {"pooled": self.results["raw_pixels"]})
             self.write_eval("random_init", self.results["random_init"])
             if cfg.prior != "none":
-                report = contrastive_prior(self.net, self.clf, self.train_set, self.comm,
-                                           cfg.batch_size, seed=cfg.seed, image_size=self.S,
-                                           transform=cfg.prior_transform,
-                                           augment_config=self.aug, rows=cfg.prior,
-                                           features=cfg.prior_features,
-                                           bn_statistics=cfg.prior_bn,
-                                           scale=cfg.prior_scale, mix=cfg.prior_mix)
+                with phase("the contrastive prior"):
+                    report = contrastive_prior(self.net, self.clf, self.train_set, self.comm,
+                                               cfg.batch_size, seed=cfg.seed, image_size=self.S,
+                                               transform=cfg.prior_transform,
+                                               augment_config=self.aug, rows=cfg.prior,
+                                               features=cfg.prior_features,
+                                               bn_statistics=cfg.prior_bn,
+                                               scale=cfg.prior_scale, mix=cfg.prior_mix)
                 self.log(prior_summary(report))
                 self.write_metrics({"kind": "prior", "mean_cosine": report["mean_cosine"],
                                     "seconds": report["seconds"]})
                 bn = ("of the prior pass" if cfg.prior_bn == "pass" else
                       "put back to their initial values")
-                self.results["after_prior"] = self.knn(f"after the prior (BN running "
-                                                       f"statistics {bn})")
+                with phase("the kNN monitor"):
+                    self.results["after_prior"] = self.knn(f"after the prior (BN running "
+                                                           f"statistics {bn})")
                 self.write_eval("after_prior", self.results["after_prior"])
             self.state["prior_done"] = cfg.prior != "none"
         for epoch in range(self.state["epoch"], cfg.epochs):
+            self.signals.where = f"epoch {epoch + 1}"
             start = self.state["step_in_epoch"]
             if start == 0 or self.neighbours is None:
-                self.neighbours = self.epoch_neighbours(epoch)
+                with phase("the neighbour search"):
+                    self.neighbours = self.epoch_neighbours(epoch)
             agreement = self.agreement()
-            loss, top1, seconds, seen = self.train_epoch(epoch, start)
+            with phase(f"the steps of epoch {epoch + 1}", cooperative=True):
+                loss, top1, seconds, seen = self.train_epoch(epoch, start)
             self.state.update(epoch=epoch + 1, step_in_epoch=0)
             last = epoch + 1 == cfg.epochs
             knn = {}
             if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-                knn = self.knn(f"after epoch {epoch + 1}")
+                with phase("the kNN monitor"):
+                    knn = self.knn(f"after epoch {epoch + 1}")
             record = {"kind": "epoch", "epoch": epoch, "step": self.state["step"], "loss": loss,
                       "top1": top1, "agreement": agreement, "seconds": seconds,
                       "img_per_s": seen / seconds if seconds else None,
@@ -444,13 +559,17 @@ class Trainer:
             self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}, instance top-1 "
                      f"{100 * top1:.1f}%{agree}, {seconds:.1f} s ({seen / seconds:.0f} img/s)")
             if self.rank0:
-                plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+                png = self.out / "curves.png"
+                self._write(png, lambda: plot_curves(self.out / "metrics.jsonl", png))
+            self.check_stop()  # a write that failed this epoch stops every rank here
             if last or (cfg.save_every and (epoch + 1) % cfg.save_every == 0):
                 self.save()
             if knn:
                 self.results["trained"] = knn
+        self.signals.where = "the end of the run"
         if cfg.linear_probe:
-            self.results["linear_probe"] = self.linear_probe()
+            with phase("the linear probe"):
+                self.results["linear_probe"] = self.linear_probe()
         return self.results
 
     def linear_probe(self):
@@ -492,6 +611,55 @@ def load_init_encoder(net, path):
         load_encoder_file(net, path)
     except (ValueError, OSError) as e:  # StateDictError is a ValueError
         raise ConfigError(f"init_encoder: {e}") from None
+
+
+def _append_line(path, line):
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def _truncate_metrics(path, state):
+    """Keep the records of metrics.jsonl that a checkpoint of ``state`` holds (and drop
+    a line a crash cut short); the rest is redone."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and _before(record, state):
+            keep.append(line)
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _bcast_text(comm, text):
+    """Rank 0's ``text`` on every rank (its length, then its UTF-8 bytes)."""
+    data = np.frombuffer(text.encode(), dtype=np.uint8) if comm.rank == 0 else None
+    size = comm.bcast(np.array([0 if data is None else data.size], dtype=np.int64))
+    buf = data.copy() if comm.rank == 0 else np.empty(int(size[0]), dtype=np.uint8)
+    return comm.bcast(buf).tobytes().decode() if buf.size else ""
+
+
+def open_split(what, spec):
+    """Open a dataset for ``what`` ("train", "test"); a ConfigError (one line) when it
+    cannot be opened or is empty. The trainer and the dry run open datasets here."""
+    try:
+        ds = open_dataset(spec)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"{what}: cannot open {spec!r}: {e}") from None
+    if len(ds) == 0:
+        raise ConfigError(f"{what}: the dataset {spec!r} is empty")
+    return ds
+
+
+def _check_out(out):
+    """Config.out must name a folder this process can write (``rundir.check_run_dir``)."""
+    try:
+        check_run_dir(out)
+    except RunDirError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _before(record, state):
