@@ -16,8 +16,8 @@ of config values, so any run can be repeated with refimpl-train):
     augmented   paper, the rows from epoch 0's augmented views
     scaled      paper, rows of norm 0.577 (nn.Linear's rows) instead of 1
     mixed       paper, W = 0.5 z_hat + 0.5 the random rows
-    late-smooth paper, smoothing from epoch 6 (the table rebuilt from trained rows)
-    centered-late  centered, smoothing from epoch 6
+    late-smooth paper, smoothing from epoch 4 (the table rebuilt from trained rows)
+    centered-late  centered, smoothing from epoch 4
     no-smooth, plain (no prior, alpha 0), K=1, K=10   the smoothing ablation
 
 Per run, every epoch: encoder kNN@20/@200 and head kNN@20 on the test split,
@@ -49,8 +49,10 @@ The CPU seconds of each run (user + sys of its process) are reported: load
 barely changes them.
 """
 import argparse
+import dataclasses
 import json
 import multiprocessing
+import os
 import resource
 import sys
 import time
@@ -75,8 +77,8 @@ VARIANTS = {
     "augmented": {"prior": "paper", "prior_transform": "train"},
     "scaled": {"prior": "paper", "prior_scale": LINEAR_ROW_NORM},
     "mixed": {"prior": "paper", "prior_mix": 0.5},
-    "late-smooth": {"prior": "paper", "smooth_from_epoch": 5},
-    "centered-late": {"prior": "centered", "smooth_from_epoch": 5},
+    "late-smooth": {"prior": "paper", "smooth_from_epoch": 3},
+    "centered-late": {"prior": "centered", "smooth_from_epoch": 3},
     "no-smooth": {"prior": "paper", "alpha": 0.0},
     "plain": {"prior": "none", "alpha": 0.0},
     "K=1": {"prior": "paper", "k": 1},
@@ -85,10 +87,10 @@ VARIANTS = {
 # --set: which (datasets, variants, seeds, epochs, schedule) run by default
 SETS = {
     # about 25 minutes on 2 quiet cores with --jobs 2 (docs/ablation.md)
-    "default": (["digits", "shapes32"], ["none", "paper", "centered"], [0, 1, 2], 6, 12),
+    "default": (["digits", "shapes32"], ["none", "paper", "centered"], [0, 1, 2], 5, 12),
     "prior": (["digits", "shapes32"], ["none", "paper", "centered", "whitened", "pooled",
                                        "initial-bn", "augmented", "scaled", "mixed",
-                                       "late-smooth", "centered-late"], [0, 1, 2], 12, 12),
+                                       "late-smooth", "centered-late"], [0, 1, 2], 5, 12),
     "smoothing": (["digits", "shapes32"], ["paper", "no-smooth", "none", "plain", "K=1",
                                            "K=10"], [0, 1, 2], 12, 12),
 }
@@ -156,16 +158,18 @@ def run_one(dataset, train, test, variant, seed, epochs, schedule, out, threads=
     extract, loop.extract_features = loop.extract_features, extract_features
 
     cfg = Config(**{**COMMON, **VARIANTS[variant], "train": train, "test": test,
-                    "seed": seed, "epochs": epochs, "threads": threads,
+                    "seed": seed, "epochs": schedule, "threads": threads,
                     "out": str(Path(out) / f"{dataset}-{variant}-seed{seed}")})
     start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    load_start = os.getloadavg()
     if Path(cfg.out).exists():  # a previous benchmark's run of the same name
         import shutil
         shutil.rmtree(cfg.out)
     trainer = Trainer(cfg, SelfComm(), log=lambda s: None)
     trainer.rows = []
-    # the first `epochs` epochs of a `schedule`-epoch warm-up + cosine schedule
-    trainer.total_steps = schedule * trainer.steps_per_epoch
+    # the first `epochs` epochs of a `schedule`-epoch warm-up + cosine schedule: the
+    # schedule was made for cfg.epochs = schedule; the loop stops after `epochs`
+    trainer.cfg = dataclasses.replace(cfg, epochs=epochs)
     results = trainer.run()
     seconds = time.perf_counter() - start
     end = resource.getrusage(resource.RUSAGE_SELF)
@@ -186,7 +190,7 @@ def run_one(dataset, train, test, variant, seed, epochs, schedule, out, threads=
             "random_init": results.get("random_init", {}).get("pooled"),
             "after_prior": (results.get("after_prior") or {}).get("pooled"),
             "prior_mean_cosine": prior[0]["mean_cosine"] if prior else None,
-            "seconds": seconds,
+            "seconds": seconds, "load_start": load_start, "load_end": os.getloadavg(),
             "cpu_seconds": (end.ru_utime - cpu.ru_utime) + (end.ru_stime - cpu.ru_stime)}
 
 

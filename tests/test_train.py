@@ -125,6 +125,25 @@ def test_config_errors_exit_2_with_one_message(tmp_path, args, message):
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+@pytest.mark.parametrize("args,message", [
+    (["prior=zca"], "prior must be one of ['none', 'paper', 'centered', 'whitened'], got 'zca'"),
+    (["prior_features=encoder"], "prior_features must be one of ['head', 'pooled']"),
+    (["prior_bn=eval"], "prior_bn must be one of ['pass', 'initial'], got 'eval'"),
+    (["prior_transform=random"], "prior_transform must be one of ['eval', 'train']"),
+    (["prior_scale=0"], "prior_scale must be > 0 (and finite), got 0.0"),
+    (["prior_mix=1.5"], "prior_mix must lie in (0, 1], got 1.5"),
+    (["prior_mix=half"], "prior_mix must be a number, got 'half'"),
+    (["prior_features=pooled"], "prior_features = 'pooled' writes the pooled encoder features"),
+])
+def test_bad_prior_values_exit_2_with_one_line(tmp_path, args, message):
+    """Each new value of the prior, when bad: exit 2, one line naming it, nothing written."""
+    proc = train(*TINY, f"out={tmp_path / 'run'}", *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("refimpl-train: error:") and message in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.mpi
 def test_config_errors_under_mpirun_end_every_rank(tmp_path):
     """B not divisible by P, and an empty training set: one message, no hang."""
