@@ -263,20 +263,24 @@ def markdown(rows, at=None):
         lines += [f"{dataset}: first {E} epochs of a {summary[0]['schedule']}-epoch schedule, "
                   f"seeds {summary[0]['seeds']}; raw pixels {_pm(summary[0]['raw_pixels_knn20'])}"
                   f", random init {_pm(summary[0]['random_init_knn20'])} (kNN@20, %)", "",
-                  "| variant | rows' mean cosine after the prior | first table's agreement | "
+                  "| variant | rows' mean cosine after the prior | kNN@20 after the prior | "
+                  "first table's agreement | "
                   + " | ".join(f"kNN@20 epoch {e}" for e in cols)
-                  + " | kNN@200 end | agreement end | "
-                  + " | ".join(f"epoch reaching {v}%" for v in levels) + " | CPU s per run |",
-                  "|---" * (6 + len(cols) + len(levels)) + "|"]
+                  + " | kNN@200 end | agreement end | rows' cos to their start, end | "
+                  + " | ".join(f"epoch reaching {v}%" for v in levels)
+                  + " | CPU s per run (min-max) |",
+                  "|---" * (9 + len(cols) + len(levels)) + "|"]
         for s in summary:
             reach = [", ".join("-" if e is None else str(e) for e in s["reach"][str(v)])
                      for v in levels]
+            cpu = s["cpu_seconds"]
             lines.append(
                 f"| {s['variant']} | {_pm(s['prior_mean_cosine'], 1, 3)} | "
-                f"{_pm(s['agreement_first'])} | "
+                f"{_pm(s['after_prior_knn20'])} | {_pm(s['agreement_first'])} | "
                 + " | ".join(_pm(s["knn20"][e - 1]) for e in cols)
                 + f" | {_pm(s['knn200_end'])} | {_pm(s['agreement_end'])} | "
-                + " | ".join(reach) + f" | {s['cpu_seconds'][0]:.0f} |")
+                + f"{_pm(s['rows_turned'][E - 1], 1, 4)} | "
+                + " | ".join(reach) + f" | {cpu[0]:.0f} ({cpu[2]:.0f}-{cpu[3]:.0f}) |")
         lines.append("")
     return "\n".join(lines)
 
@@ -299,8 +303,13 @@ def main():
     p.add_argument("--at", type=int, nargs="+", help="--table: the epochs shown")
     args = p.parse_args()
     if args.table:
-        rows = [json.loads(x) for f in args.table for x in open(f)
-                if '"benchmark": "ablation"' in x]
+        rows = {}
+        for x in (x for f in args.table for x in open(f) if '"benchmark": "ablation"' in x):
+            r = json.loads(x)  # a run repeated in several files: its first row (runs are
+            rows.setdefault((r["dataset"], r["variant"], r["seed"], r["epochs"]), r)  # bitwise
+        rows = list(rows.values())                                    # reproducible)
+        if args.variants:
+            rows = [r for r in rows if r["variant"] in args.variants]
         print(markdown(rows, args.at))
         return
     datasets, variants, seeds, epochs, schedule = SETS[args.set]
