@@ -48,8 +48,8 @@ test-kernels: $(STAMP)
 
 # The main job on embedded data: the synthetic shapes x textures at 32 x 32,
 # generated on the fly (no download, no files), trained on 2 MPI ranks with
-# refimpl/train/demo.toml; about 4 minutes on a 2-core machine after the
-# install. Each `make demo` starts afresh: it replaces the previous runs/demo.
+# refimpl/train/demo.toml (30 epochs, no prior: docs/ablation.md); about 4.5
+# minutes on 2 quiet cores after the install (529 CPU-seconds). Each `make demo` starts afresh: it replaces the previous runs/demo.
 demo: $(STAMP)
 	rm -rf runs/demo
 	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(MPIRUN) -np 2 $(VENV)/bin/refimpl-train \
