@@ -237,6 +237,8 @@ def main():
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--block", type=int, default=4096,
                    help="classes per block of the blocked PyTorch comparator")
+    p.add_argument("--no-blocked", action="store_true",
+                   help="skip the blocked PyTorch comparator (CPU)")
     p.add_argument("--worker", choices=["refimpl", "torch", "torch-blocked"],
                    help=argparse.SUPPRESS)
     p.add_argument("--mpi", action="store_true", help=argparse.SUPPRESS)
@@ -253,7 +255,7 @@ def main():
     load = snapshot()
     theirs = run_child(me + ["--worker", "torch"] + common)
     blocked = (run_child(me + ["--worker", "torch-blocked", f"--block={args.block}"] + common)
-               if args.device == "cpu" else None)
+               if args.device == "cpu" and not args.no_blocked else None)
     for P in args.ranks:
         if args.batch % P:
             raise SystemExit(f"--batch {args.batch} does not split over {P} ranks")

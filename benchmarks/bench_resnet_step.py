@@ -10,6 +10,13 @@ tests/torch_resnet.py, loaded with refimpl's weights.
 
     python benchmarks/bench_resnet_step.py [--rounds 5] [--threads 2]
         [--configs 16x128 64x64 | --scaling]
+    python benchmarks/bench_resnet_step.py --device gpu --configs 64x256
+
+With --device gpu both sides run on the GPU (refimpl on CuPy, PyTorch on
+CUDA with cuDNN), fp32 with TF32 off on both (CUPY_TF32=0 is expected in
+the environment; PyTorch's matmul and cuDNN flags are set here), each step
+followed by a device synchronization; the record adds the peak device memory
+(CuPy's pool, torch.cuda.max_memory_reserved).
 
 PyTorch runs twice, in NCHW (``torch``) and in ``channels_last`` (NHWC,
 ``torch_cl``); all three alternate round by round. Prints one JSON object per
@@ -52,11 +59,13 @@ def config(text):
     return width, batch
 
 
-def refimpl_step(width, batch, x, y):
-    """A closure running one refimpl training step."""
+def refimpl_step(width, batch, x, y, device="cpu"):
+    """A closure running one refimpl training step (on ``device``, then synchronized)."""
+    from refimpl.backend import asarray, synchronize
     model = ResNet("resnet18", stem="cifar", width=width, num_classes=10,
-                   dtype=np.float32, seed=0)
+                   dtype=np.float32, device=device, seed=0)
     opt = SGD(model.store.data, model.store.grad, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x, y = asarray(x, device=device), asarray(y, device=device)
 
     def step():
         model.store.zero_grad()
@@ -64,16 +73,19 @@ def refimpl_step(width, batch, x, y):
         _, cache = softmax_cross_entropy_forward(logits, y)
         model.backward(softmax_cross_entropy_backward(1.0, cache), need_dx=False)
         opt.step()
+        synchronize(model.store.data)
     return model, step
 
 
-def torch_step(torch, model_sd, width, x, y, channels_last=False):
+def torch_step(torch, model_sd, width, x, y, channels_last=False, device="cpu"):
     """A closure running the same step in PyTorch (NCHW, or channels_last:
     NHWC activations and weights, often faster for oneDNN on a CPU)."""
     from refimpl.oracle.torch_resnet import TorchResNet
+    dev = "cuda" if device == "gpu" else "cpu"
     tmodel = TorchResNet("resnet18", "cifar", width, num_classes=10).float().train()
     tmodel.load_state_dict({k: torch.from_numpy(v) for k, v in model_sd.items()})
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    tmodel = tmodel.to(dev)
+    tx, ty = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
     if channels_last:
         tmodel = tmodel.to(memory_format=torch.channels_last)
         tx = tx.contiguous(memory_format=torch.channels_last)
@@ -83,6 +95,8 @@ def torch_step(torch, model_sd, width, x, y, channels_last=False):
         topt.zero_grad()
         torch.nn.functional.cross_entropy(tmodel(tx), ty).backward()
         topt.step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
     return step
 
 
@@ -93,27 +107,40 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--configs", type=config, nargs="+", default=CONFIGS, metavar="WxB",
                     help="width x batch of each configuration (default: 16x128 64x64)")
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--scaling", action="store_true",
                     help="docs/benchmarks.md's scaling grid: batch 32-256 at width 16, width 8-64 "
                          "at batch 64")
     args = ap.parse_args()
     set_threads(args.threads)
     import torch
+    if args.device == "gpu":  # fp32 on both sides: no TF32 in cuBLAS or cuDNN
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
     emit({"benchmark": "resnet_step_machine", "machine": machine_info()})
     for width, batch in (SCALING if args.scaling else args.configs):
         g = np.random.default_rng(0)
         x = g.standard_normal((batch, 3, 32, 32)).astype(np.float32)
         y = g.integers(0, 10, size=batch)
-        model, ours = refimpl_step(width, batch, x, y)
+        model, ours = refimpl_step(width, batch, x, y, args.device)
         state = model.store.state_dict()
         before = snapshot()
         t = compare_times({"refimpl": ours,
-                           "torch": torch_step(torch, state, width, x, y),
-                           "torch_cl": torch_step(torch, state, width, x, y, channels_last=True)},
+                           "torch": torch_step(torch, state, width, x, y, device=args.device),
+                           "torch_cl": torch_step(torch, state, width, x, y, channels_last=True,
+                                                  device=args.device)},
                           rounds=args.rounds)
+        memory = {}
+        if args.device == "gpu":
+            from refimpl.backend import xp_for
+            memory = {"refimpl_peak_mb": round(
+                          xp_for("gpu").get_default_memory_pool().total_bytes() / 2**20, 1),
+                      "torch_peak_mb": round(torch.cuda.max_memory_reserved() / 2**20, 1)}
         # the goal is set against the faster of PyTorch's two memory formats
         fastest = "torch" if t["torch_s"] <= t["torch_cl_s"] else "torch_cl"
-        emit({"benchmark": "resnet_step", "name": f"resnet18_cifar_w{width}_b{batch}_step",
+        emit({"benchmark": "resnet_step", "device": args.device,
+              "name": f"resnet18_cifar_w{width}_b{batch}_step",
               "what": "fwd+bwd+SGD, fc(10)+softmax CE, no MLP head, float32, no image gradient",
               "width": width, "batch": batch, "threads": args.threads,
               "rounds": args.rounds,
@@ -128,7 +155,7 @@ def main():
               "ratio_cl": round(t["ratio_torch_cl"], 3), "cpu_ratio_cl": round(t["cpu_ratio_torch_cl"], 3),
               "fastest_torch": fastest,
               "ratio": round(t[f"ratio_{fastest}"], 3), "cpu_ratio": round(t[f"cpu_ratio_{fastest}"], 3),
-              **load_record(before, args.threads)})
+              **memory, **load_record(before, args.threads)})
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
                          current resident size (writing 5 to /proc/self/clear_refs);
                          returns the resident MB now
     peak_memory_mb(start_mb)  peak resident MB since reset_peak_memory returned start_mb
-    available_bytes(device, ranks_on_node)  memory free for one rank: a GPU's
-                         free memory, or MemAvailable / ranks on the node
+    available_bytes(device, ranks)  memory free for one rank: a GPU's free
+                         memory / the ranks that share that GPU, or
+                         MemAvailable / the ranks on the node
 
 The peak counts every allocation after the reset, NumPy's and PyTorch's alike,
 in one process (no allocator hooks). Used by the dry run, the benchmarks and
@@ -47,11 +48,12 @@ def peak_memory_mb(start_mb):
 
 
 def available_bytes(device="cpu", ranks_on_node=1):
-    """Memory free for one rank: the GPU's free memory, or MemAvailable / ranks."""
+    """Memory free for one rank: the current GPU's free memory / ranks_on_node
+    (the ranks that share that GPU), or MemAvailable / ranks_on_node."""
     if device == "gpu":
         from refimpl.backend import xp_for
         free, _ = xp_for("gpu").cuda.runtime.memGetInfo()
-        return int(free)
+        return int(free) // max(ranks_on_node, 1)
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:

@@ -112,37 +112,40 @@ def even_slices(size, parts):
     return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def parallel_map(fn, items):
+def parallel_map(fn, items, serial=False):
     """``[fn(item) for item in items]``, on ``get_num_threads()`` threads
     (the calling thread runs the first item, the pool the others).
 
     Results come back in the order of ``items`` whichever thread ran them,
     so a caller that sums them in that order gets the same bits every run.
-    Serial when threads == 1, for a single item, and inside a worker (a
-    nested call must not wait on the pool it is running in).
+    Serial when threads == 1, for a single item, inside a worker (a nested
+    call must not wait on the pool it is running in), and when ``serial``:
+    work on a GPU (CuPy's current device is per thread, so a pool thread
+    would launch on device 0 whatever device the rank uses).
     """
-    return list(_in_order(fn, items))
+    return list(_in_order(fn, items, serial))
 
 
-def parallel_sum(fn, items):
+def parallel_sum(fn, items, serial=False):
     """``fn(item_0) + fn(item_1) + ...`` (at least one item), added in place
     into the first result in the order of ``items``: the bits of the serial
     sum on any number of threads. Each result is added and dropped as soon as
     those before it are in, so only a few are held at once (``parallel_map``
     would hold them all: some 300 (B, D) parts for a million-class shard).
+    serial: as ``parallel_map``'s.
     """
-    results = _in_order(fn, items)
+    results = _in_order(fn, items, serial)
     total = next(results)
     for part in results:
         total += part
     return total
 
 
-def _in_order(fn, items):
+def _in_order(fn, items, serial=False):
     """Yield fn(item) for each item, in order, computed as ``parallel_map`` says."""
     global _pool
     items = list(items)
-    if _num_threads == 1 or len(items) <= 1 or getattr(_in_worker, "active", False):
+    if serial or _num_threads == 1 or len(items) <= 1 or getattr(_in_worker, "active", False):
         for item in items:
             yield fn(item)
         return

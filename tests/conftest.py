@@ -1,6 +1,8 @@
-"""Shared pytest setup: markers skip cleanly when their dependency is absent;
-the ``threads`` and ``fail_test_split`` fixtures."""
+"""Shared pytest setup: markers skip cleanly when their dependency is absent
+(``gpu`` tests of RUNS_DRY modules run on the CPU under REFIMPL_GPU_CHECK_DRY=1,
+tests/gpu_util.py); the ``threads`` and ``fail_test_split`` fixtures."""
 import importlib.util
+import os
 
 import pytest
 
@@ -15,12 +17,17 @@ def pytest_collection_modifyitems(config, items):
     have_torch = _has("torch")
     have_mpi = _has("mpi4py") and find_mpirun() is not None
     have_gpu = None  # probed lazily: importing cupy is slow
+    # benchmarks/gpu_check.sh --dry: the gpu tests of modules that name
+    # gpu_util.DEVICE (RUNS_DRY) run on the CPU, to test the check's plumbing
+    dry = os.environ.get("REFIMPL_GPU_CHECK_DRY") == "1"
     for item in items:
         if "torch" in item.keywords and not have_torch:
             item.add_marker(pytest.mark.skip(reason="torch not installed"))
         if "mpi" in item.keywords and not have_mpi:
             item.add_marker(pytest.mark.skip(reason="mpi4py/mpirun not found"))
         if "gpu" in item.keywords:
+            if dry and getattr(item.module, "RUNS_DRY", False):
+                continue
             if have_gpu is None:
                 have_gpu = gpu_available()
             if not have_gpu:

@@ -47,7 +47,8 @@ KERNELS = [
 # resume and the fault drill.
 SENSITIVE = ["tests/test_oracle_golden.py", "tests/test_parallel_mpi.py", "tests/test_prior_mpi.py",
              "tests/test_features_mpi.py", "tests/test_train.py", "tests/test_oracle.py",
-             "tests/test_oracle_mpi.py", "tests/test_oracle_torch.py", "tests/test_resume.py",
+             "tests/test_oracle_mpi.py", "tests/test_oracle_torch.py",
+             "tests/test_oracle_distributed.py", "tests/test_resume.py",
              "tests/test_fault_drill.py"]
 
 

@@ -81,3 +81,14 @@ def test_run_directory_checkpoint_and_trace_record_the_version(tmp_path):
     assert json.loads((trace / "meta.json").read_text())["made_with"] == line
     from refimpl.train.config import load_config
     assert load_config(run / "config.toml").epochs == 1    # the comment keeps it loadable
+
+
+def test_oracle_replay_on_a_gpu_without_cupy_says_what_to_install():
+    if not deps.missing(["cupy"]):
+        pytest.skip("CuPy is installed here")
+    proc = subprocess.run([sys.executable, "-m", "refimpl.oracle", "replay",
+                           str(ROOT / "tests" / "golden" / "trace"), "--device", "gpu"],
+                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == ("refimpl-oracle: error: cupy is not installed (--device gpu): "
+                           "pip install 'refimpl[gpu]'\n")

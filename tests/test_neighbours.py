@@ -4,12 +4,14 @@
 (the N x N matrix) and against a brute force written here with Python's
 sorted(); exact ties (rows of +-1/2 entries have exactly representable
 cosines; duplicated rows tie exactly), tile sizes, K = 1 and K = N - 1,
-zero rows, errors.
+zero rows, errors. The device top-K (``_tile_update_device``, what a GPU
+runs) is checked here on NumPy arrays against the same references.
 """
 import numpy as np
 import pytest
 
-from refimpl.method.neighbours import (dense_hardest_neighbours, hardest_neighbours,
+from refimpl.method.neighbours import (_tile_update, _tile_update_device,
+                                       dense_hardest_neighbours, hardest_neighbours,
                                        neighbours_memory)
 from refimpl.parallel import CosineClassifier, SelfComm
 
@@ -89,3 +91,40 @@ def test_errors_and_memory():
         with pytest.raises(ValueError, match="must be a positive integer"):
             hardest_neighbours(clf, SelfComm(), k)
     assert neighbours_memory(1_281_167, 5) == 1_281_167 * 5 * 8  # 51 MB per rank
+
+
+@pytest.mark.parametrize("rows,columns", [(8192, 65536), (7, 11), (1, 1), (64, 2), (5, 5)])
+def test_device_topk_on_numpy_matches_brute_force_with_ties(rows, columns):
+    """The GPU's running top-K (its group-maximum threshold, one lexsort), run on
+    NumPy arrays: the exact tables of the host top-K, ties to the lower id,
+    whatever the tile (columns < K: no group bound, every entry a candidate)."""
+    W = tie_rows(60)
+    want = brute_force(W, 5)
+    got = hardest_neighbours(classifier(W), SelfComm(), 5, rows, columns, device_topk=True)
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == np.int64
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_device_topk_on_numpy_equals_host_topk_on_random_rows(dtype):
+    clf = CosineClassifier(700, 16, SelfComm(), dtype=dtype, seed=5)
+    for rows, columns in ((128, 256), (700, 700), (33, 64)):
+        host = hardest_neighbours(clf, SelfComm(), 6, rows, columns, device_topk=False)
+        dev = hardest_neighbours(clf, SelfComm(), 6, rows, columns, device_topk=True)
+        np.testing.assert_array_equal(dev, host)
+
+
+def test_device_tile_update_equals_host_tile_update():
+    """One tile merged into a running top-K that already holds entries: the same
+    (similarity, id) rows from both merges, the own class excluded."""
+    g = np.random.default_rng(2)
+    R, C, k = 9, 40, 4
+    S = np.round(g.standard_normal((R, C)), 1)                # many exact ties
+    best_sim = -np.sort(-np.round(g.standard_normal((R, k)), 1), axis=1)
+    best_id = np.tile(np.arange(1000, 1000 + k), (R, 1))     # ids outside the tile
+    host = _tile_update(best_sim.copy(), best_id.copy(), S.copy(), np.arange(100, 100 + C),
+                        np.arange(103, 103 + R), k, first=False)
+    dev = _tile_update_device(best_sim.copy(), best_id.copy(), S.copy(), 100, 103, k)
+    np.testing.assert_array_equal(dev[0], host[0])
+    np.testing.assert_array_equal(dev[1], host[1])
+    assert not np.any(dev[1] == np.arange(103, 103 + R)[:, None])  # j != i

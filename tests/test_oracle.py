@@ -251,6 +251,11 @@ def test_ratio_hints_for_every_named_constant():
     assert ratio_hint("dz", ref, ref + 1e-3 * g.normal(size=ref.shape), P, Bt) is None
     assert ratio_hint("loss", np.array(2.0), np.array(6.0), P, Bt) is None  # a scalar, 3x
     assert "P = 4" in ratio_hint("loss", np.array(2.0), np.array(8.0), P, Bt)
+    # any constant the constancy test resolves (|c - 1| > 10 x spread), not only >= 1%
+    assert "constant 1.001 x" in ratio_hint("dz", ref, 1.001 * ref, P, Bt)
+    assert ratio_hint("dz", ref, (1 + 5e-6) * ref, P, Bt) is None
+    # no hint on a tensor that is zero up to the tolerance's atol (rounding noise)
+    assert ratio_hint("grad/head.0.bias", 1e-17 * ref, 2e-17 * ref, P, Bt, zero=1e-12) is None
 
 
 def edit_meta(src, dst, **hp):

@@ -81,6 +81,11 @@ def test_parallel_map_is_serial_with_one_thread_and_raises(threads):
     with pytest.raises(KeyError, match="item 1"):
         threads_mod.parallel_map(fn, range(4))
     assert threads_mod.num_workers(np.zeros(1)) == 2
+    # serial=True (work on a GPU): every item in the calling thread, at any thread count
+    assert threads_mod.parallel_map(lambda i: threading.get_ident(), range(3),
+                                    serial=True) == [main] * 3
+    assert threads_mod.parallel_sum(lambda i: np.array([threading.get_ident()]), range(3),
+                                    serial=True)[0] == 3 * main
 
 
 def test_parallel_sum_adds_in_order_and_waits_on_errors(threads):

@@ -51,8 +51,11 @@ def bad_arguments(args):
 
 
 def main(argv=None):
-    from refimpl.parallel.signals import Interrupted, StopSignals
-    signals = StopSignals("refimpl-eval").install()  # Ctrl-C: one line, exit 128 + signal
+    from refimpl.parallel.signals import run_program
+    return run_program("refimpl-eval", _evaluate, argv)  # Ctrl-C: one line, 128 + signal
+
+
+def _evaluate(signals, argv):
     args = build_parser().parse_args(argv)
     problem = bad_arguments(args)
     if problem:
@@ -60,15 +63,6 @@ def main(argv=None):
         return 2
     if args.linear_probe:
         require("refimpl-eval", ["sklearn"], "the linear probe, --linear-probe")
-    try:
-        return _evaluate(args, signals)
-    except Interrupted as e:
-        if signals.comm is None or signals.comm.rank == 0:
-            print(f"refimpl-eval: interrupted: {e}", file=sys.stderr, flush=True)
-        return 128 + e.signum
-
-
-def _evaluate(args, signals):
     from refimpl.checkpoint import CheckpointError, load_network
     from refimpl.data.datasets import open_dataset
     from refimpl.evaluate.features import extract_features

@@ -27,6 +27,20 @@ A candidate equal to t is kept as a candidate, so the tie rule decides
 between it and the current K-th: the result is the exact top-K of the dense
 similarity matrix, ties included. Cost: 2 N^2 D / P multiply-adds per rank
 (the GEMM) plus one comparison per similarity.
+
+On a GPU the running top-K stays on the device (``_tile_update_device``):
+copying every tile to the host would move all N^2 / P similarities over
+PCIe (6.6 TB at N = 1.28M). Its threshold needs no partition: the smallest
+of the maxima of K disjoint column groups of the tile is at most the tile's
+K-th largest (K distinct entries reach it), so
+
+    t = max(current K-th best, min over K column groups of the group's max)
+
+is never above the K-th best of (best + tile), and the candidates S >= t
+hold the exact top-K, ties included, as above. Tiles are large there
+(``TILE["gpu"]``: each costs a handful of kernel launches and one device
+synchronization), and the row chunks run one after another on the device's
+stream instead of on host threads.
 """
 import numpy as np
 
@@ -38,6 +52,8 @@ from refimpl.threads import parallel_map
 
 ROWS = 2048     # R: own rows per tile (a thread's unit of work)
 COLUMNS = 4096  # C: travelling classes per tile
+# (R, C) per device: on a GPU 8192 x 65536 float32 similarities (2 GiB) per tile.
+TILE = {"cpu": (ROWS, COLUMNS), "gpu": (8192, 65536)}
 
 
 def _merge(best_sim, best_id, cand_rows, cand_sim, cand_id, k):
@@ -84,25 +100,75 @@ def _tile_update(best_sim, best_id, S, col_ids, row_ids, k, first):
     return _merge(best_sim, best_id, r, S[r, c].astype(np.float64), col_ids[c], k)
 
 
-def hardest_neighbours(clf, comm, k, rows=ROWS, columns=COLUMNS):
+def _tile_update_device(best_sim, best_id, S, col_lo, row_lo, k):
+    """Merge one tile into the running top-K of its rows, on the tile's device.
+
+    best_sim (R, K) float64 and best_id (R, K) int64 live where S (R, C)
+    lives (NumPy or CuPy: only functions both have, with the same meaning).
+    S holds the similarities of the rows with global ids row_lo, row_lo + 1,
+    ... against the classes col_lo, col_lo + 1, ...; the entries j == i are
+    set to -inf here (S is overwritten). Threshold: the module docstring's
+    t, a lower bound of the K-th best of (best + tile); the candidates
+    S >= t are merged like ``_merge`` does, by one lexsort of (row,
+    similarity descending, id). One device synchronization: the number of
+    candidates.
+    """
+    xp = get_array_module(S)
+    R, C = S.shape
+    a, c = max(row_lo, col_lo), min(row_lo + R, col_lo + C)
+    if a < c:                                                 # j != i: a diagonal of ids
+        i = xp.arange(a, c)
+        S[i - row_lo, i - col_lo] = -xp.inf
+    t = best_sim[:, k - 1].astype(S.dtype)                    # exact: it came from an S
+    if C >= k:
+        # K disjoint groups of g columns: each group's max is an entry of its
+        # own, so at least K entries reach the smallest of them
+        g = C // k
+        bound = S[:, :g].max(axis=1)                          # (R,)
+        for j in range(1, k):
+            bound = xp.minimum(bound, S[:, j * g:(j + 1) * g].max(axis=1))
+        t = xp.maximum(t, bound)
+    flat = xp.flatnonzero(S >= t[:, None])                    # (n,) the candidates
+    r = flat // C
+    c = flat - r * C
+    rows = xp.concatenate([xp.repeat(xp.arange(R), k), r])   # (R K + n,)
+    sims = xp.concatenate([best_sim.ravel(), S[r, c].astype(xp.float64)])
+    ids = xp.concatenate([best_id.ravel(), col_lo + c])
+    # lexsort of one 2-D key array (CuPy's lexsort takes no tuple): the last
+    # row is the primary key; ids and rows are exact in float64
+    order = xp.lexsort(xp.stack([ids.astype(xp.float64), -sims, rows.astype(xp.float64)]))
+    rows, sims, ids = rows[order], sims[order], ids[order]
+    first = xp.searchsorted(rows, xp.arange(R))               # each row's first entry
+    keep = (xp.arange(rows.size) - first[rows]) < k           # its first k entries
+    return sims[keep].reshape(R, k), ids[keep].reshape(R, k)
+
+
+def hardest_neighbours(clf, comm, k, rows=None, columns=None, device_topk=None):
     """(N, K) int64 on every rank: NK(i), the K hardest classes of every class i.
 
     clf: this rank's ``parallel.CosineClassifier`` (its rows [lo, hi) of W);
     comm: the communicator (one ring_shift per step of the ring, one
     all_gather_v of the result); k: K, 1 <= K < N. rows, columns: the tile
-    size (any value gives the same table).
-    Row i lists NK(i) by similarity descending, ties to the lower id.
+    size (any value gives the same table; default ``TILE`` of W's device).
+    device_topk: None (the host top-K for NumPy arrays, the device top-K for
+    CuPy ones) or a bool to choose (the tests run the device's on NumPy).
+    Row i lists NK(i) by similarity descending, ties to the lower id; the
+    table is a host (NumPy) array on either device.
     """
     N, P, r = clf.num_classes, comm.size, comm.rank
     k = check_int("K (neighbours per class)", k)
     if k >= N:
         raise ValueError(f"K = {k} neighbours per class needs N > K classes, got N = {N}")
-    rows, columns = check_int("rows", rows), check_int("columns", columns)
     xp = get_array_module(clf.weight)
+    on_device = xp is not np if device_topk is None else bool(device_topk)
+    tile = TILE["cpu" if xp is np else "gpu"]
+    rows = check_int("rows", tile[0] if rows is None else rows)
+    columns = check_int("columns", tile[1] if columns is None else columns)
     own = xp.concatenate([w for _, _, w in clf.normalized_blocks()], axis=0)  # (N_r, D)
     lo, hi = clf.lo, clf.hi
     chunks = row_blocks(hi - lo, rows)
-    best = [(np.full((c - a, k), -np.inf), np.full((c - a, k), N, dtype=np.int64))
+    full = xp.full if on_device else np.full
+    best = [(full((c - a, k), -np.inf), full((c - a, k), N, dtype=np.int64))
             for a, c in chunks]
     travelling = own                                          # rank r's rows first
     for step in range(P):
@@ -114,16 +180,24 @@ def hardest_neighbours(clf, comm, k, rows=ROWS, columns=COLUMNS):
             sim, ids = best[i]
             row_ids = np.arange(lo + a, lo + c)
             for t, (ta, tc) in enumerate(row_blocks(s_hi - s_lo, columns)):
-                S = to_numpy(own[a:c] @ travelling[ta:tc].T)  # (R, C) cosines, a new array
-                sim, ids = _tile_update(sim, ids, S, np.arange(s_lo + ta, s_lo + tc),
-                                        row_ids, k, first=step == 0 and t == 0)
+                S = own[a:c] @ travelling[ta:tc].T            # (R, C) cosines, a new array
+                if on_device:
+                    sim, ids = _tile_update_device(sim, ids, S, s_lo + ta, lo + a, k)
+                else:
+                    sim, ids = _tile_update(sim, ids, to_numpy(S),
+                                            np.arange(s_lo + ta, s_lo + tc), row_ids, k,
+                                            first=step == 0 and t == 0)
             return sim, ids
 
-        best = parallel_map(chunk_update, range(len(chunks)))
+        # host threads for the host top-K; one after another on a device (its
+        # kernels are parallel already, and a pool thread has no current GPU)
+        best = (parallel_map(chunk_update, range(len(chunks))) if xp is np and not on_device
+                else [chunk_update(i) for i in range(len(chunks))])
         if step < P - 1:
             prev_lo, prev_hi = shard_range(N, P, (src - 1) % P)
             travelling = comm.ring_shift(travelling, (prev_hi - prev_lo, own.shape[1]))
-    local = np.concatenate([ids for _, ids in best]) if best else np.zeros((0, k), np.int64)
+    local = (np.concatenate([to_numpy(ids) for _, ids in best]) if best
+             else np.zeros((0, k), np.int64))                 # (N_r, K) on the host
     counts = [b - a for a, b in (shard_range(N, P, q) for q in range(P))]
     return comm.all_gather_v(local, counts)                   # (N, K)
 
@@ -134,7 +208,7 @@ def dense_hardest_neighbours(W, k):
     Same normalization (in W's dtype), order and tie rule as
     ``hardest_neighbours``; holds N^2 floats, so for tests and small N only.
     """
-    Wn, _ = l2_normalize_forward(np.asarray(W))
+    Wn, _ = l2_normalize_forward(to_numpy(W))                # on the host
     S = (Wn @ Wn.T).astype(np.float64)                        # (N, N)
     np.fill_diagonal(S, -np.inf)
     N = S.shape[0]

@@ -3,6 +3,8 @@
     compare.py       scaled / relative error, check_tensor, per-tensor reports;
                      compare_traces: two traces tensor by tensor, the first
                      divergence, hints (a gradient P times the reference's)
+    diagnose.py      the first divergence's hint from the evidence in the tensors
+                     (a per-rank softmax max or sum, the targets, weight decay)
     gradcheck.py     centered finite differences of sum(f(x) * dout)
     dense.py         the dense single-process cosine classifier (the
                      reference of the sharded one)
@@ -14,8 +16,13 @@
                      any P) and compare
     __main__.py      refimpl-oracle replay | compare
     torch_writer.py  TraceWriter: hooks that write a PyTorch model + SGD step as
-                     a trace (imports torch: import it yourself, never here)
+                     a trace; DistributedTraceWriter: every rank of a
+                     torch.distributed job (imports torch: import it yourself,
+                     never here)
     torch_resnet.py  an independent PyTorch ResNet + head (imports torch)
+    torch_sync_bn.py SyncBatchNorm for any torch.distributed backend (gloo)
+    torch_distributed_steps.py  an independent 2-process PyTorch step (DDP, a
+                     sharded classifier) with plantable bugs (imports torch)
 
 docs/oracle.md is the user's guide: the workflow and every convention.
 Importing ``refimpl.oracle`` never imports PyTorch.

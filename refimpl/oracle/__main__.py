@@ -1,6 +1,6 @@
 """refimpl-oracle: replay another implementation's trace in refimpl, or compare two traces.
 
-    refimpl-oracle replay TRACE [--ranks P] [--out DIR] [--rtol R] [--atol A]
+    refimpl-oracle replay TRACE [--ranks P] [--device cpu|gpu] [--out DIR] [--rtol R] [--atol A]
     refimpl-oracle compare REF OTHER [--rtol R] [--atol A]
     mpirun -n P refimpl-oracle replay TRACE          (the same as --ranks P)
 
@@ -9,7 +9,8 @@ through ``refimpl.oracle.torch_writer``) in refimpl, in float64, and compares
 every tensor TRACE holds with refimpl's (refimpl is the reference). With
 ``--ranks P`` it launches ``mpirun -np P`` itself (the same as starting it
 under mpirun); the default, one process, reproduces any P (docs/oracle.md,
-World size). ``--out DIR`` keeps refimpl's trace.
+World size). ``--device gpu`` replays on CuPy (a GPU per rank). ``--out DIR``
+keeps refimpl's trace.
 
 ``compare`` checks OTHER against REF. Both print one line per tensor (max
 |diff|, relative error = max |diff| / max |ref|, where), the first divergence
@@ -47,6 +48,9 @@ def build_parser():
     r.add_argument("trace", help="the trace directory your implementation wrote")
     r.add_argument("--ranks", type=int, default=None,
                    help="run refimpl on P ranks (launches mpirun -np P); default 1")
+    r.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="replay with NumPy on the CPU (default) or CuPy on a GPU (each rank "
+                        "the GPU of its node-local rank)")
     r.add_argument("--out", default=None, help="keep refimpl's trace in this directory")
     r.add_argument("--free-run", action="store_true",
                    help="carry refimpl's own state from step to step (default: start each "
@@ -89,19 +93,22 @@ def replay_command(args):
         out = args.out if args.out is not None else Path(tmp) / "refimpl"
         try:
             with abort_on_error(comm, passthrough=(TraceError,)):
-                replay(args.trace, out, comm, steps=args.steps, free_run=args.free_run)
+                replay(args.trace, out, comm, steps=args.steps, free_run=args.free_run,
+                       device=args.device)
             if args.no_compare or comm.rank != 0:
                 return EXIT_OK
             return report(compare_replay(args.trace, out, tmp, args.rtol, args.atol,
-                                         steps=args.steps, free_run=args.free_run), args)
+                                         steps=args.steps, free_run=args.free_run,
+                                         device=args.device), args)
         finally:
             if comm.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
     if args.no_compare:
-        replay(args.trace, args.out, steps=args.steps, free_run=args.free_run)
+        replay(args.trace, args.out, steps=args.steps, free_run=args.free_run,
+               device=args.device)
         return EXIT_OK
     result = replay_and_compare(args.trace, args.ranks or 1, args.out, args.rtol, args.atol,
-                                steps=args.steps, free_run=args.free_run)
+                                steps=args.steps, free_run=args.free_run, device=args.device)
     return report(result, args)
 
 
@@ -109,6 +116,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "replay" and (args.ranks or 1) > 1:
         require("refimpl-oracle", ["mpi4py"], f"--ranks {args.ranks} launches mpirun")
+    if args.command == "replay" and args.device == "gpu":
+        require("refimpl-oracle", ["cupy"], "--device gpu")
     from refimpl.oracle.trace import TraceError
     try:
         if args.command == "replay":

@@ -191,19 +191,24 @@ def trace_diff(name, ref, other, rtol, atol, floor=0.0):
 
 
 def ratio_hint(name, ref, other, world_size, batch_size, labels=("ref", "other"),
-               spread=1e-6):
+               spread=1e-6, zero=0.0):
     """A sentence when other / ref is one constant (P, 1/P, B, 1/B, b, 1/b, -1, ...).
 
     Constant: the elementwise ratio c over the entries with |ref| > 1e-3 max
     |ref| varies by at most ``spread`` relative (1e-6 suits float64; float32
     rounding needs ~1e-4), and |other - c ref| <= spread max |other|
     everywhere. A named constant is matched within 1e-3. Any other constant
-    gets a hint only if it is at least 1% away from 1 and seen on at least 4
-    entries; a scalar only when its ratio is a named constant. None otherwise.
+    gets a hint at any distance from 1 that the constancy test resolves
+    (|c - 1| > 10 spread) if seen on at least 4 entries; a scalar only when
+    its ratio is a named constant. None otherwise, and None for a tensor that
+    is zero (max |ref| <= ``zero``, e.g. the comparison's atol: the gradient
+    of a bias before a BatchNorm is rounding noise, whose ratio means nothing).
     """
     r = np.asarray(ref, dtype=np.float64).ravel()
     o = np.asarray(other, dtype=np.float64).ravel()
     if r.shape != o.shape or r.size == 0 or not (np.isfinite(r).all() and np.isfinite(o).all()):
+        return None
+    if np.max(np.abs(r)) <= zero:
         return None
     big = np.abs(r) > 1e-3 * np.max(np.abs(r))
     if not big.any():
@@ -217,13 +222,17 @@ def ratio_hint(name, ref, other, world_size, batch_size, labels=("ref", "other")
     b = B // P
     theirs, ours = labels[1], f"{labels[0]}'s"
     named = [
-        (P, f"P = {P}, the world size", "a gradient averaged per rank and then summed, or a "
-            "feature gradient multiplied by P (Partial FC's all-gather backward) without "
-            "DDP's averaging of the network's gradients? refimpl's gradients are of the "
+        (P, f"P = {P}, the world size", "x P without DDP's averaging: a feature gradient "
+            "multiplied by P (Partial FC's all-gather backward, or a per-rank mean loss) with "
+            "the network's gradients then summed, not averaged (or DistributedTraceWriter's "
+            "gradients='summed' for a run that averages)? refimpl's gradients are of the "
             "global-mean loss, SUMMED over ranks, never x P (docs/oracle.md, Gradient scale)"),
-        (1 / P, f"1/P = 1/{P}", "averaged over the ranks a gradient that is already of the "
-            "global-mean loss (DDP's averaging on top of a global mean)? refimpl sums over "
-            "ranks (docs/oracle.md, Gradient scale)"),
+        (1 / P, f"1/P = 1/{P}", "DDP averaging without x P: the network's gradients averaged "
+            "over the ranks while each rank's dz is already of the global-mean loss; for "
+            "DDP's average to come out right the all-gather's backward must multiply dz by P "
+            "(as Partial FC does), or the gradients be summed (or DistributedTraceWriter's "
+            "gradients='averaged' for a run that sums)? refimpl sums the gradients of the "
+            "global-mean loss over ranks (docs/oracle.md, Gradient scale)"),
         (B, f"B = {B}, the global batch", "the loss summed over the batch instead of "
             "averaged? refimpl's loss is the mean over the global batch"),
         (1 / B, f"1/B = 1/{B}", "the loss divided by the batch size twice?"),
@@ -239,10 +248,11 @@ def ratio_hint(name, ref, other, world_size, batch_size, labels=("ref", "other")
         seen.add(k)
         if abs(c / k - 1) < 1e-3:
             return f"{name}: {theirs} is {c:.6g} x {ours} ({what}): {why}"
-    if big.sum() < 4 or abs(c - 1) < 1e-2:
+    if big.sum() < 4 or abs(c - 1) <= 10 * spread:
         return None
     return (f"{name}: {theirs} is a constant {c:.6g} x {ours}: a scale convention differs "
-            f"(loss scale, learning rate, temperature tau, or a mean over another count)")
+            f"(loss scale, learning rate, temperature tau, or a mean or variance over another "
+            f"count)")
 
 
 # What to look at when the first divergence is in a given tensor or section.
@@ -326,6 +336,7 @@ def compare_traces(ref, other, rtol=None, atol=None, labels=None, steps=None, no
     (the first failing row in forward-then-backward order, with "where_step";
     or None), hints [str], ok, count.
     """
+    from refimpl.oracle.diagnose import Evidence, decay_explains, first_hint
     from refimpl.oracle.trace import CLF, Trace, TraceError, section
     R, O = Trace(ref), Trace(other)
     labels = labels or ("ref", "other")
@@ -347,8 +358,11 @@ def compare_traces(ref, other, rtol=None, atol=None, labels=None, steps=None, no
     spread = 1e-6 if result["dtypes"] == ("float64", "float64") else 1e-4
 
     ratios = {}  # the explanation of a constant ratio -> the tensors that show it
+    evidence = [False]  # whether the first divergence's hint came from its numbers
 
-    def add(title, ref_arrays, other_arrays):
+    def add(title, ref_arrays, other_arrays, i=None):
+        ev = None if i is None else Evidence(R, O, i, ref_arrays, other_arrays, rtol, atol,
+                                             spread)
         rows = []
         for name, value in other_arrays.items():
             if name in ref_arrays:
@@ -364,18 +378,24 @@ def compare_traces(ref, other, rtol=None, atol=None, labels=None, steps=None, no
             rows.append(row)
             if row["ok"]:
                 continue
+            ratio = None
+            if name in ref_arrays and value.dtype.kind == "f" and \
+                    not (ev is not None and decay_explains(name, ev)):  # pure weight decay
+                ratio = ratio_hint(name, ref_arrays[name], value, P, B, labels, spread, atol)
             if result["first"] is None:
                 result["first"] = dict(row, where_step=title)
-                hint = SECTION_HINTS.get(name, SECTION_HINTS.get(row["section"]))
+                hint = None
+                if ev is not None:  # what the numbers say, before the section's advice
+                    hint = first_hint(name, ev, ratio and ratio[len(name) + 2:])
                 if name == "neighbours" and name in ref_arrays:
                     hint = _tie_hint(R, row, ref_arrays, value, labels,
                                      "float32" in result["dtypes"]) or hint
+                evidence[0] = hint is not None
+                hint = hint or SECTION_HINTS.get(name, SECTION_HINTS.get(row["section"]))
                 if hint:
                     result["hints"].append(f"first divergence ({name}): {hint}")
-            if name in ref_arrays and value.dtype.kind == "f":
-                h = ratio_hint(name, ref_arrays[name], value, P, B, labels, spread)
-                if h:
-                    ratios.setdefault(h[len(name) + 2:], []).append(f"{title} {name}")
+            if ratio:
+                ratios.setdefault(ratio[len(name) + 2:], []).append(f"{title} {name}")
         result["not_compared"] += [f"{title}: {nm}" for nm in ref_arrays
                                    if nm not in other_arrays]
         result["sections"].append((title, rows))
@@ -393,10 +413,18 @@ def compare_traces(ref, other, rtol=None, atol=None, labels=None, steps=None, no
     if n > len(R.steps):
         raise TraceError(f"{O.path} has {n} steps, the reference {R.path} only {len(R.steps)}")
     for i in range(n):
-        add(f"step {i}", R.step(i), O.step(i))
-    # the explanations seen most often first, at most 4
+        add(f"step {i}", R.step(i), O.step(i), i)
+    # the explanations seen most often first, at most 4; the first divergence's own
+    # ratio, when it is its hint, is said there once, with the count
     for why, where in sorted(ratios.items(), key=lambda kv: -len(kv[1]))[:4]:
         more = f" (and {len(where) - 1} more tensors)" if len(where) > 1 else ""
+        if result["hints"] and result["hints"][0].endswith(": " + why):
+            if more:
+                result["hints"][0] += f" [the same ratio on {len(where) - 1} more tensors]"
+            continue
+        first = result["first"]
+        if evidence[0] and where == [f"{first['where_step']} {first['name']}"]:
+            continue  # its own hint said more
         result["hints"].append(f"{where[0]}{more}: {why}")
     return result
 

@@ -25,7 +25,10 @@ carries refimpl's own state instead (the trajectory as a whole).
 
 The replay is float64 whatever the trace's dtype (one switch: network,
 classifier and optimizer state); the comparison's default tolerance follows
-the trace's dtype (``compare.default_tolerances``).
+the trace's dtype (``compare.default_tolerances``). ``device="gpu"`` replays
+on CuPy (each rank the GPU of its node-local rank): the trace's host arrays
+go to the device where they are loaded, refimpl's trace comes back to the
+host as it is recorded.
 
 World size. A trace's tensors are of the global batch, so any P' replays it:
 with "sync" BatchNorm any P' that divides B; with "local" BatchNorm P' = P
@@ -38,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from refimpl import __version__
+from refimpl.backend import asarray, get_array_module
 from refimpl.method.neighbours import hardest_neighbours
 from refimpl.method.targets import entries_from_rows
 from refimpl.models.network import build_model
@@ -49,17 +53,20 @@ from refimpl.params import StateDictError, is_bn_or_bias
 from refimpl.parallel.classifier import CosineClassifier
 from refimpl.parallel.comm import SelfComm
 from refimpl.parallel.data_parallel import set_batchnorm_mode
-from refimpl.parallel.launch import mpirun_command, run_mpirun
+from refimpl.parallel.launch import mpirun_command, run_mpirun, select_gpu
 from refimpl.train.step import forward_backward, update
 
 # refimpl's BatchNorm (models.blocks.BatchNorm defaults)
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5
 
 
-def build_from_trace(trace, comm, dtype=np.float64):
+def build_from_trace(trace, comm, dtype=np.float64, device="cpu", bn=None):
     """(net, clf, net_opt, clf_opt) of one dtype (float64 unless told), in the trace's
-    initial state, on comm."""
+    initial state, on comm, on ``device`` ('cpu' or 'gpu'). bn: None (the trace's
+    BatchNorm mode) or "local" / "sync" (the other mode, to see which one a trace's
+    z follows)."""
     hp = trace.hparams
+    bn = hp["bn"] if bn is None else bn
     P, P_t, B = comm.size, hp["world_size"], hp["batch_size"]
     if B % P:
         raise TraceError(f"the trace's batch B = {B} does not split over {P} ranks")
@@ -69,8 +76,8 @@ def build_from_trace(trace, comm, dtype=np.float64):
                              f"BatchNorm uses {ours} (PyTorch's default; docs/oracle.md, "
                              f"BatchNorm): replay cannot reproduce another value")
     net = build_model(hp["arch"], hp["stem"], hp["width"], hp["head_hidden"], hp["dim"],
-                      dtype=dtype, device="cpu")
-    if hp["bn"] == "sync":
+                      dtype=dtype, device=device)
+    if bn == "sync":
         set_batchnorm_mode(net, comm, "sync")
     elif P == P_t:
         set_batchnorm_mode(net, comm, "local")
@@ -86,8 +93,9 @@ def build_from_trace(trace, comm, dtype=np.float64):
     except StateDictError as e:
         raise TraceError(f"{trace.path / INIT}: does not fit refimpl's {hp['arch']} "
                          f"(stem {hp['stem']}, width {hp['width']}) + head: {e}") from None
-    clf = CosineClassifier(hp["N"], hp["D"], comm, hp["tau"], dtype, "cpu")
-    clf.weight[...] = trace.classifier(clf.lo, clf.hi)
+    clf = CosineClassifier(hp["N"], hp["D"], comm, hp["tau"], dtype, device)
+    # host rows to the device first: CuPy assigns no NumPy array into its own
+    clf.weight[...] = asarray(trace.classifier(clf.lo, clf.hi), device=device, dtype=dtype)
     mask = None if hp["weight_decay_mask"] == "all" else net.store.decay_mask(is_bn_or_bias)
     mu, wd, nesterov = hp["momentum"], hp["weight_decay"], hp["nesterov"]
     net_opt = SGD(net.store.data, net.store.grad, 0.0, mu, wd, nesterov, mask)
@@ -100,7 +108,7 @@ def build_from_trace(trace, comm, dtype=np.float64):
     if momenta:  # a buffer not recorded is zero (no step taken yet)
         net.store.load_flat(net_opt.momentum_buffer, init, "momentum/", strict=False)
     if clf_momentum is not None:
-        clf_opt.momentum_buffer[...] = clf_momentum.ravel()
+        clf_opt.momentum_buffer[...] = asarray(clf_momentum.ravel(), device=device, dtype=dtype)
     return net, clf, net_opt, clf_opt
 
 
@@ -135,7 +143,8 @@ def resync(st, net, clf, net_opt, clf_opt):
     for key, dst in (("classifier.weight", clf.weight),
                      ("momentum/classifier.weight", clf_opt.momentum_buffer)):
         if key in st and dst is not None:
-            dst[...] = np.asarray(st[key][clf.lo:clf.hi]).reshape(dst.shape)
+            dst[...] = asarray(np.asarray(st[key][clf.lo:clf.hi]).reshape(dst.shape),
+                               device=net.store.device, dtype=dst.dtype)
 
 
 def nudge(arrays, g):
@@ -144,11 +153,13 @@ def nudge(arrays, g):
     another rounding of them, to sample a computation's rounding noise."""
     for a in arrays:
         if a is not None and a.dtype.kind == "f" and a.size:
-            a *= 1 + np.finfo(a.dtype).eps * g.integers(-1, 2, a.shape).astype(a.dtype)
+            xp = get_array_module(a)  # the draws on the host, the multiply where a lives
+            a *= 1 + np.finfo(a.dtype).eps * xp.asarray(g.integers(-1, 2, a.shape)
+                                                        .astype(a.dtype))
 
 
 def replay(trace_dir, out_dir, comm=None, steps=None, free_run=False, dtype=np.float64,
-           nudge_seed=None):
+           nudge_seed=None, device="cpu", bn=None):
     """Run a trace's steps in refimpl (float64, comm's ranks); write refimpl's trace.
 
     steps: how many of the trace's steps (default all). free_run: False (the
@@ -159,10 +170,14 @@ def replay(trace_dir, out_dir, comm=None, steps=None, free_run=False, dtype=np.f
     noise floor). nudge_seed: None, or an int: every input, parameter,
     buffer, momentum and classifier row is moved by one unit of rounding
     (``nudge``) after it is loaded, so that the rounding errors of this run
-    are another sample of the same noise (``float32_noise``). Every rank
-    calls this; returns out_dir as a Path.
+    are another sample of the same noise (``float32_noise``). device: 'cpu'
+    or 'gpu' (each rank the GPU of its node-local rank). bn: None (the
+    trace's BatchNorm mode) or the mode to replay instead (``bn_mode_hint``).
+    Every rank calls this; returns out_dir as a Path.
     """
     comm = SelfComm() if comm is None else comm
+    if device == "gpu":
+        select_gpu(comm)
     trace = Trace(trace_dir)
     if Path(out_dir).resolve() == trace.path.resolve():
         raise TraceError(f"{out_dir}: refimpl's trace would overwrite the one it replays")
@@ -170,7 +185,7 @@ def replay(trace_dir, out_dir, comm=None, steps=None, free_run=False, dtype=np.f
     n = len(trace.steps) if steps is None else min(int(steps), len(trace.steps))
     if n < 1:
         raise TraceError(f"{trace.path}: the trace holds no step")
-    net, clf, net_opt, clf_opt = build_from_trace(trace, comm, dtype)
+    net, clf, net_opt, clf_opt = build_from_trace(trace, comm, dtype, device, bn)
     g = None if nudge_seed is None else np.random.default_rng(nudge_seed)
 
     def nudge_state():
@@ -195,6 +210,7 @@ def replay(trace_dir, out_dir, comm=None, steps=None, free_run=False, dtype=np.f
         x = np.array(st["input"][rows], dtype=dtype)                    # (b, 3, H, W)
         if g is not None:
             nudge([x], g)
+        x = asarray(x, device=device)
         ids = st["ids"][rows].astype(np.int64)                           # (b,)
         targets = None
         if "neighbours" in st:
@@ -215,7 +231,8 @@ def replay(trace_dir, out_dir, comm=None, steps=None, free_run=False, dtype=np.f
 NOISE_SAMPLES = 3
 
 
-def float32_noise(trace_dir, ref_dir, work, steps=None, free_run=False, samples=NOISE_SAMPLES):
+def float32_noise(trace_dir, ref_dir, work, steps=None, free_run=False, samples=NOISE_SAMPLES,
+                  device="cpu"):
     """{(section, name): max |diff|}: refimpl in float32 against refimpl in float64.
 
     The same steps from the same state (one process), so the differences
@@ -227,13 +244,14 @@ def float32_noise(trace_dir, ref_dir, work, steps=None, free_run=False, samples=
     floor is the largest of ``samples`` runs: as they are, then with every
     input and state element moved by one float32 unit of rounding (``nudge``,
     seeds 1, 2, ...), which rounds every sum anew; 30 x the largest of 3 is
-    exceeded by chance about once in 10^5 tensors.
+    exceeded by chance about once in 10^5 tensors. device: where the float32
+    runs go (the rounding of that device's kernels).
     """
     floor = {}
     for seed in range(samples):
         out = Path(work) / f"refimpl-float32-{seed}"
         replay(trace_dir, out, steps=steps, free_run=free_run, dtype=np.float32,
-               nudge_seed=seed or None)
+               nudge_seed=seed or None, device=device)
         result = compare_traces(ref_dir, out, rtol=np.inf, atol=np.inf, steps=steps)
         for title, rows in result["sections"]:
             for r in rows:
@@ -243,7 +261,7 @@ def float32_noise(trace_dir, ref_dir, work, steps=None, free_run=False, samples=
 
 
 def replay_and_compare(trace_dir, ranks=1, out_dir=None, rtol=None, atol=None, steps=None,
-                       free_run=False, timeout=None, noise=True):
+                       free_run=False, timeout=None, noise=True, device="cpu"):
     """Replay a trace in refimpl on ``ranks`` processes, then compare.
 
     ranks = 1 runs here; ranks > 1 launches ``mpirun -np ranks python -m
@@ -251,17 +269,19 @@ def replay_and_compare(trace_dir, ranks=1, out_dir=None, rtol=None, atol=None, s
     where refimpl's trace goes (default: a temporary directory, removed).
     noise: for a float32 trace, also replay it in float32 (here, one
     process) and let each tensor pass within 30 x refimpl's own float32
-    error on it (``compare_traces``' noise floor). Returns
+    error on it (``compare_traces``' noise floor). device: 'cpu' or 'gpu',
+    for the replay and the noise floor. Returns
     ``compare_traces(refimpl's, the trace)``'s result dict; its "ok" says
     whether every recorded tensor agrees within the tolerance.
     """
     with tempfile.TemporaryDirectory(prefix="refimpl-replay-") as tmp:
         out = Path(out_dir) if out_dir is not None else Path(tmp) / "refimpl"
         if ranks == 1:
-            replay(trace_dir, out, steps=steps, free_run=free_run)
+            replay(trace_dir, out, steps=steps, free_run=free_run, device=device)
         else:
             argv = ["-m", "refimpl.oracle", "replay", str(trace_dir), "--out", str(out),
-                    "--no-compare"] + ([] if steps is None else ["--steps", str(steps)]) \
+                    "--no-compare", "--device", device] \
+                + ([] if steps is None else ["--steps", str(steps)]) \
                 + (["--free-run"] if free_run else [])
             env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
                        REFIMPL_NUM_THREADS="1")
@@ -270,11 +290,11 @@ def replay_and_compare(trace_dir, ranks=1, out_dir=None, rtol=None, atol=None, s
                 tail = (proc.stderr or proc.stdout)[-3000:]
                 raise TraceError(f"the replay on {ranks} ranks failed (mpirun exit "
                                  f"{proc.returncode}):\n{tail}")
-        return compare_replay(trace_dir, out, tmp, rtol, atol, steps, free_run, noise)
+        return compare_replay(trace_dir, out, tmp, rtol, atol, steps, free_run, noise, device)
 
 
 def compare_replay(trace_dir, out, work, rtol=None, atol=None, steps=None, free_run=False,
-                   noise=True):
+                   noise=True, device="cpu"):
     """refimpl's replay in ``out`` against the trace: ``compare_traces``' result.
 
     noise: for a float32 trace, first replay it in float32 (one process,
@@ -284,6 +304,46 @@ def compare_replay(trace_dir, out, work, rtol=None, atol=None, steps=None, free_
     """
     floor = None
     if noise and Trace(trace_dir).hparams["dtype"] == "float32":
-        floor = float32_noise(trace_dir, out, work, steps, free_run)
-    return compare_traces(out, trace_dir, rtol, atol, labels=("refimpl", "yours"),
-                          steps=steps, noise=floor)
+        floor = float32_noise(trace_dir, out, work, steps, free_run, device=device)
+    result = compare_traces(out, trace_dir, rtol, atol, labels=("refimpl", "yours"),
+                            steps=steps, noise=floor)
+    hint = bn_mode_hint(trace_dir, result, work, free_run, device)
+    if hint:  # in place of the section's generic advice
+        generic = f"first divergence ({result['first']['name']}): "
+        result["hints"] = [hint] + [h for h in result["hints"] if not h.startswith(generic)]
+    return result
+
+
+BN_MODES = {"local": "each rank's own statistics", "sync": "the global batch's statistics"}
+
+
+def bn_mode_hint(trace_dir, result, work, free_run=False, device="cpu"):
+    """If the first divergence is z or a BatchNorm buffer, replay that step with the
+    other BatchNorm mode (one process on ``device``, into ``work``): when the trace's
+    z and buffers agree with it, a hint that says the mode is swapped; else None."""
+    first = result["first"]
+    hp = Trace(trace_dir).hparams
+    if first is None or hp["world_size"] == 1 or not (
+            first["name"] == "z" or first["section"] == "BN statistics"):
+        return None
+    declared = hp["bn"]
+    other = "sync" if declared == "local" else "local"
+    i = int(first["where_step"].split()[-1])
+    out = Path(work) / f"refimpl-bn-{other}"
+    replay(trace_dir, out, steps=i + 1, free_run=free_run, bn=other, device=device)
+    alt = compare_traces(out, trace_dir, result["rtol"], result["atol"], steps=i + 1)
+    rows = dict(alt["sections"])[f"step {i}"]
+    checked = [r for r in rows if r["name"] == "z" or r["section"] == "BN statistics"]
+    if not checked or not all(r["ok"] for r in checked):
+        return None
+    why = ("was the SyncBatchNorm conversion forgotten (nn.SyncBatchNorm."
+           "convert_sync_batchnorm; on gloo refimpl.oracle.torch_sync_bn."
+           "convert_sync_batchnorm)? Or declare hparams['bn'] = 'local'"
+           if declared == "sync" else
+           "your BatchNorm is synchronized (SyncBatchNorm), or one process ran the model on "
+           "the whole batch instead of once per rank's b rows; declare hparams['bn'] = "
+           "'sync', or use per-rank BatchNorm")
+    return (f"first divergence ({first['name']}): BN mode swapped: your z and BatchNorm "
+            f"buffers match refimpl's replay with bn = '{other}' ({BN_MODES[other]}), not "
+            f"the trace's bn = '{declared}' ({BN_MODES[declared]}): {why} (docs/oracle.md, "
+            f"Sync vs local BN)")

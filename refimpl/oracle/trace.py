@@ -30,12 +30,14 @@ docs/oracle.md is the user's page.
     forward    z, z_hat                                 (B, D)
                row_max, logsumexp                       (B,)    max_j l_bj, log sum_j exp l_bj
                loss                                     ()
-               <BN buffers> after the forward           (C,), counters () int64
+               <BN buffers> at the step's end           (C,), counters () int64
+                 (the forward's update; local BN: rank 0's)
     backward   grad/classifier.weight                   (N, D)  "full"
                or classifier.rows (R,) int64, grad/classifier.weight@rows (R, D),
                   checksum/grad/classifier.weight (S, 2)        "rows"
                dz                                       (B, D)
-               grad/<param>, the last layer first (the order backward makes them)
+               grad/<param>, the last layer first (the order backward makes them),
+                 summed over ranks, before weight decay
     update     momentum/<param>, <param> (updated), parameter by parameter
                momentum/classifier.weight, classifier.weight     (N, D) "full"
                or ...@rows (R, D) and checksum/... (S, 2)               "rows"
@@ -171,7 +173,8 @@ def order_key(name, params, buffers):
         return (7, clf_update.index(name))
     raise TraceError(f"unknown tensor name {name!r}: not one of the trace format's names "
                      f"(inputs {INPUTS}, forward {FORWARD}, grad/<param>, <param>, "
-                     f"momentum/<param>, BN buffers, {CLF}...; docs/oracle.md)")
+                     f"momentum/<param>, BN buffers, {CLF}...; docs/oracle.md)"
+                     + _prefix_note([name]))
 
 
 def canonical_order(names, params, buffers):
@@ -241,6 +244,15 @@ def check_hparams(hp, where="meta.json"):
     return hp
 
 
+def _prefix_note(names):
+    """What to say when names carry DDP's ``module.`` prefix ('' otherwise)."""
+    if not any(n.split("/")[-1].startswith("module.") for n in names):
+        return ""
+    return ("; its names start with 'module.', DistributedDataParallel's prefix: write the "
+            "state of the module DDP wraps (model.module.state_dict(); refimpl's TraceWriters "
+            "unwrap DDP themselves). init_encoder accepts the prefix; a trace does not")
+
+
 def architecture_of(state):
     """{arch, stem, width, head_hidden, dim} read from a state dict's names and shapes.
 
@@ -254,7 +266,8 @@ def architecture_of(state):
         if key not in state:
             raise TraceError(f"init.npz: no {key!r}: the state must be a torchvision-named "
                              f"ResNet encoder plus the head head.0 (Linear), head.1 "
-                             f"(BatchNorm1d), head.3 (Linear)")
+                             f"(BatchNorm1d), head.3 (Linear) (docs/oracle.md, The architecture)"
+                             + _prefix_note(state))
     def shape(name):
         v = state[name]
         return tuple(v) if isinstance(v, tuple) else tuple(v.shape)

@@ -49,8 +49,9 @@ E is written once and read once, and is not modified by backward. The
 normalized rows W_hat are recomputed block by block in backward instead of
 being kept (an N_r x D array saved). The row maxima and sums of exp are
 combined over blocks like an online softmax: s = sum_k s_k exp(m_k - m).
-Blocks run on ``threads.get_num_threads()`` threads; their partial results
-are combined in block order, so the bits do not depend on the thread count.
+Blocks run on ``threads.get_num_threads()`` threads (on a GPU one after
+another in the calling thread); their partial results are combined in block
+order, so the bits do not depend on the thread count.
 (Reductions run along the contiguous axis: on a GPU a reduction over the
 strided axis of a large block is many times slower.)
 
@@ -325,7 +326,7 @@ def cosine_softmax_forward(z, labels, w, comm, num_classes, tau=0.15, targets=No
         E = xp.empty((B, hi - lo), dtype=z.dtype)
     forward_block = (_forward_block_into if _reuse_buffers(xp) else _forward_block)
     parts = parallel_map(lambda ab: forward_block(Zt, w, E, *ab, inspect),
-                         row_blocks(hi - lo, block))
+                         row_blocks(hi - lo, block), serial=xp is not np)
     m_blocks = xp.stack([m for m, _, _ in parts])                    # (n_blocks, B)
     m_loc = m_blocks.max(axis=0)                                     # (B,) this shard's max
     s_loc = sum(s * xp.exp(m - m_loc) for m, s, _ in parts)          # (B,), in block order
@@ -419,7 +420,8 @@ def cosine_softmax_backward(dout, cache, dw_out=None):
 
     # Each block's (B, D) part is added as soon as it and those before it are
     # done (block order: the same bits on any number of threads).
-    dZ = parallel_sum(block_gradients, enumerate(row_blocks(E.shape[1], cache["block"])))
+    dZ = parallel_sum(block_gradients, enumerate(row_blocks(E.shape[1], cache["block"])),
+                      serial=xp is not np)
     dZ *= inv_tau                                                    # (B, D), this shard's part
     # 7: the adjoint of step 2's all_gather.
     dzhat = cache["comm"].reduce_scatter(dZ)                        # (b, D)

@@ -38,6 +38,7 @@ never damaged by that: saves are published by one rename
 import contextlib
 import os
 import signal
+import sys
 
 import numpy as np
 
@@ -127,3 +128,16 @@ class StopSignals:
         ``failed``. One Allreduce MAX of one float64."""
         mine = float(FAILED if failed else self.signum)
         return int(to_numpy(comm.all_reduce(np.array([mine]), "max"))[0])
+
+
+def run_program(prog, body, *args):
+    """A program's main under stop signals: ``body(signals, *args)`` with
+    ``StopSignals(prog)`` installed first of all; an ``Interrupted`` is one
+    line (rank 0 only, once ``signals.comm`` is set) and exit status 128 + signal."""
+    signals = StopSignals(prog).install()
+    try:
+        return body(signals, *args)
+    except Interrupted as e:
+        if signals.comm is None or signals.comm.rank == 0:
+            print(f"{prog}: interrupted: {e}", file=sys.stderr, flush=True)
+        return 128 + e.signum

@@ -93,17 +93,11 @@ def require_packages(args, cfg=None):
 def main(argv=None):
     # first of all: from here on a stop signal ends the program with 128 + signal
     # and one line, whatever it is doing (refimpl.parallel.signals)
-    from refimpl.parallel.signals import Interrupted, StopSignals
-    signals = StopSignals("refimpl-train").install()
-    try:
-        return _main(argv, signals)
-    except Interrupted as e:
-        if signals.comm is None or signals.comm.rank == 0:
-            print(f"refimpl-train: interrupted: {e}", file=sys.stderr, flush=True)
-        return 128 + e.signum
+    from refimpl.parallel.signals import run_program
+    return run_program("refimpl-train", _main, argv)
 
 
-def _main(argv, signals):
+def _main(signals, argv):
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # key=value before or after the options
     if args.trace_steps < 1:
