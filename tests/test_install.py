@@ -70,7 +70,7 @@ def test_the_wheel_carries_the_packaged_configs_and_the_licence(venv):
     import zipfile
     _, _, wheel, _, _ = venv
     names = zipfile.ZipFile(wheel).namelist()
-    assert "refimpl/train/demo.toml" in names
+    assert "refimpl/train/demo.toml" in names and "refimpl/train/digits.toml" in names
     assert any(n.endswith("licenses/LICENSE") or n.endswith("LICENSE") for n in names), names
 
 
