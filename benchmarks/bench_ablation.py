@@ -316,6 +316,11 @@ def main():
             rows = [r for r in rows if r["dataset"] in args.datasets]
         if args.variants:
             rows = [r for r in rows if r["variant"] in args.variants]
+        for d in {r["dataset"] for r in rows}:  # one table, one epoch count: the shortest
+            E = min(len(r["knn20"]) for r in rows if r["dataset"] == d)
+            for r in (r for r in rows if r["dataset"] == d):
+                for f in ("knn20", "knn200", "head_knn20", "loss", "agreement", "rows"):
+                    r[f] = r[f][:E]
         print(markdown(rows, args.at))
         return
     datasets, variants, seeds, epochs, schedule = SETS[args.set]
