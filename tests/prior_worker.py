@@ -17,6 +17,9 @@ for P = 3, 4) and B = 12 (divisible by every P in 1..4):
 - "local": the same with per-rank BN against ``net.bn.groups = P``; the
   negative control: the same W against the plain-BN reference (must differ
   when P > 1).
+- "variant": a whitened, mixed, scaled prior of the pooled features that keeps
+  the initial BN statistics (every option of the pass that needs the
+  statistics of all N rows or a copy of them) against ``dense_prior``.
 - "doubled", "missing", "both": batches with one id written twice, one id
   never written, or both: the ValueError every rank raises, caught here
   (the error is expected on every rank, so the job ends normally).
@@ -43,25 +46,40 @@ def tiny_net(seed=0):
                        dtype=np.float64, seed=seed)
 
 
-def dense_prior(net, dataset, batches, image_size, transform="eval", seed=0):
+def dense_prior(net, dataset, batches, image_size, transform="eval", seed=0, rows="paper",
+                features="head", W0=None, scale=1.0, mix=1.0):
     """The reference: W (N, D) with W[i] = z_i / ||z_i|| from the batch that writes i.
 
     Each global batch (ids (B,), write (B,)) goes through ``net`` whole, in
     train mode (so BN normalizes with the statistics of the whole batch, or
     of ``net.bn.groups`` parts); rows with write=True are stored by
     indexing. Rows never written stay NaN.
+
+    The variants (method/prior.py), written from their definitions: features
+    "pooled" takes z = net.features(x); rows "centered" normalizes z_i - mean
+    of all N, "whitened" (z_i - mean) C^(-1/2) with C's eigenvalues raised to
+    at least floor * their mean (ZCA); then W = mix * scale * W + (1 - mix) * W0.
     """
-    W = np.full((len(dataset), net.dim), np.nan)
+    from refimpl.method.prior import WHITEN_FLOOR
+    Z = np.full((len(dataset), net.dim if features == "head" else
+                 net.encoder.out_features), np.nan)
     for ids, write in batches:
         images = dataset.read(ids)
         if transform == "eval":
             x = eval_transform(images, image_size, dtype=net.store.dtype)
         else:
             x = augment_batch(images, ids, seed, 0, image_size, dtype=net.store.dtype)
-        z = to_numpy(net.forward(x, train=True)).astype(np.float64)  # (B, D)
-        zhat = z / np.linalg.norm(z, axis=1, keepdims=True)
-        W[ids[write]] = zhat[write]
-    return W
+        z = net.forward(x, train=True) if features == "head" else net.features(x, train=True)
+        Z[ids[write]] = to_numpy(z).astype(np.float64)[write]          # (B, D)
+    if rows == "centered":
+        Z = Z - Z.mean(axis=0)
+    elif rows == "whitened":
+        C = np.cov(Z, rowvar=False, bias=True)                          # (D, D)
+        e, V = np.linalg.eigh(C)
+        e = np.maximum(e, WHITEN_FLOOR * e.mean())
+        Z = (Z - Z.mean(axis=0)) @ V @ np.diag(e ** -0.5) @ V.T
+    W = Z / np.linalg.norm(Z, axis=1, keepdims=True)
+    return W if mix == 1 and scale == 1 else mix * scale * W + (1 - mix) * W0
 
 
 def scaled(a, b):
@@ -108,6 +126,31 @@ def check_prior(comm, bn):
     return out
 
 
+def check_variant(comm):
+    """The variants that need all N rows' statistics (a whitened, mixed, scaled prior
+    of the pooled features, initial BN statistics kept), P ranks vs the reference."""
+    from refimpl.parallel import CosineClassifier, set_batchnorm_mode
+    dataset = SyntheticDataset(N, size=SIZE)
+    net = build_model("resnet18", stem="cifar", width=1, head_hidden=8, dim=D,  # F = D = 8
+                      dtype=np.float64, seed=1)
+    set_batchnorm_mode(net, comm, "sync")
+    clf = CosineClassifier(N, D, comm, dtype=np.float64, seed=0)
+    W0, buffers0 = comm.all_gather_v(clf.weight), net.store.buffer_data.copy()
+    report = contrastive_prior(net, clf, dataset, comm, B, seed=SEED, rows="whitened",
+                               features="pooled", bn_statistics="initial", scale=0.6,
+                               mix=0.7)
+    W = comm.all_gather_v(clf.weight)
+    ref_net = build_model("resnet18", stem="cifar", width=1, head_hidden=8, dim=D,
+                          dtype=np.float64, seed=1)
+    W_ref = dense_prior(ref_net, dataset, prior_batches(N, B, 1, SEED), SIZE, rows="whitened",
+                        features="pooled", W0=W0, scale=0.6, mix=0.7)
+    U = W_ref / np.linalg.norm(W_ref, axis=1, keepdims=True)
+    cos = (U @ U.T)[~np.eye(N, dtype=bool)]                            # every pair i != j
+    return {"W": scaled(W, W_ref), "mean_cosine": report["mean_cosine"],
+            "mean_cosine_ref": float(cos.mean()),
+            "buffers_initial": bool(np.array_equal(net.store.buffer_data, buffers0))}
+
+
 def bad_batches(kind):
     """The default batches with one row doubled, one missing, or both."""
     batches = [(ids.copy(), write.copy()) for ids, write in prior_batches(N, B, 1, SEED)]
@@ -138,7 +181,8 @@ def main():
     # abort_on_error: an unexpected failure on one rank ends the job (no hang);
     # the coverage errors are expected on every rank and caught in check_error.
     with abort_on_error(comm):
-        result = {"sync": check_prior(comm, "sync"), "local": check_prior(comm, "local")}
+        result = {"sync": check_prior(comm, "sync"), "local": check_prior(comm, "local"),
+                  "variant": check_variant(comm)}
         for kind in ("doubled", "missing", "both"):
             result[kind] = check_error(comm, kind)
         write_rank_results(comm, result, sys.argv[1])

@@ -64,6 +64,20 @@ def test_file_errors(tmp_path):
     (dict(lr=float("nan")), 100, 1, "lr must be finite and >= 0"),
     (dict(augment={"crop_scale": [0.5, 0.2]}), 100, 1, "augment: crop_scale must satisfy"),
     (dict(knn_k=[0]), 100, 1, "knn_k must be a list of positive integers"),
+    (dict(prior="zca"), 100, 1,
+     "prior must be one of ['none', 'paper', 'centered', 'whitened'], got 'zca'"),
+    (dict(prior_features="encoder"), 100, 1,
+     "prior_features must be one of ['head', 'pooled'], got 'encoder'"),
+    (dict(prior_bn="eval"), 100, 1, "prior_bn must be one of ['pass', 'initial'], got 'eval'"),
+    (dict(prior_transform="random"), 100, 1, "prior_transform must be one of ['eval', 'train']"),
+    (dict(prior_scale=0.0), 100, 1, "prior_scale must be > 0 (and finite), got 0.0"),
+    (dict(prior_scale=float("inf")), 100, 1, "prior_scale must be > 0 (and finite)"),
+    (dict(prior_mix=0.0), 100, 1, "prior_mix must lie in (0, 1], got 0.0"),
+    (dict(prior_mix=1.5), 100, 1, "prior_mix must lie in (0, 1], got 1.5"),
+    (dict(prior_features="pooled", width=16, dim=64), 100, 1,
+     "prior_features = 'pooled' writes the pooled encoder features (F = 128 for resnet18 "
+     "width 16) into rows of dim = 64: set dim = 128, or prior_features = 'head'"),
+    (dict(prior_features="pooled", arch="resnet50", width=8, dim=128), 100, 1, "(F = 256"),
 ])
 def test_validate_names_each_problem(changes, N, P, message):
     cfg = Config(**{"train": "data/x", "batch_size": 4, **changes})
@@ -81,6 +95,39 @@ def test_validate_reports_all_problems_at_once():
     validate(Config(train="x", batch_size=8), 100, 4)  # a good one passes
 
 
+@pytest.mark.parametrize("prior", ["none", "paper", "centered", "whitened"])
+def test_every_prior_and_its_options_pass(prior):
+    cfg = load_config(None, ["train=x", "batch_size=8", f"prior={prior}", "prior_bn=initial",
+                             "prior_transform=train", "prior_scale=0.577", "prior_mix=0.5",
+                             "prior_features=pooled", "width=16", "dim=128",
+                             "why='a reason'"])
+    assert (cfg.prior, cfg.prior_bn, cfg.prior_scale, cfg.prior_mix) == \
+        (prior, "initial", 0.577, 0.5)
+    validate(cfg, 100, 1)
+    validate(load_config(None, ["train=x", "batch_size=8", "prior_mix=1", "prior_scale=2"]),
+             100, 1)
+
+
+def test_prior_as_a_bool_is_the_older_spelling(tmp_path):
+    """prior = true / false (configs and run directories written before the variants)."""
+    assert load_config(write(tmp_path, 'train = "x"\nprior = true\n')).prior == "paper"
+    assert load_config(None, ["train=x", "prior=false"]).prior == "none"
+    assert load_config(None, ["train=x", "prior=true"]).prior == "paper"
+    with pytest.raises(ConfigError, match="prior must be a string, got 1$"):
+        load_config(write(tmp_path, 'train = "x"\nprior = 1\n'))
+    with pytest.raises(ConfigError, match="prior must be one of .*'whitened'], got 'yes'$"):
+        validate(load_config(None, ["train=x", "batch_size=8", "prior=yes"]), 100, 1)
+
+
+def test_the_shipped_configs_validate():
+    """demo.toml and digits.toml load and pass (their datasets are made by make demo)."""
+    from pathlib import Path
+    for name in ("demo.toml", "digits.toml"):
+        cfg = load_config(Path(__file__).resolve().parents[1] / "refimpl" / "train" / name)
+        validate(cfg, None, 2)
+        assert cfg.why, f"{name} says why it trains with its method"
+
+
 @pytest.mark.parametrize("override,message", [
     ("augment.crop=no", "augment.crop must be true or false, got 'no'"),
     ("augment.crop=1", "augment.crop must be true or false, got 1"),
@@ -93,7 +140,7 @@ def test_validate_reports_all_problems_at_once():
     ("augment.flip_p=half", "augment.flip_p must be a number, got 'half'"),
     ("augment.flip_p=true", "augment.flip_p must be a number, got True"),
     ("augment.jitter_order=1", "augment.jitter_order must be a string, got 1"),
-    ("prior=yes", "prior must be true or false, got 'yes'"),
+    ("prior_mix=half", "prior_mix must be a number, got 'half'"),
     ("epochs=2.5", "epochs must be an integer, got 2.5"),
     ("epochs=true", "epochs must be an integer, got True"),
     ("knn_k=[5, 2.5]", "knn_k must be a list of integers, got [5, 2.5]"),
@@ -115,7 +162,7 @@ def test_values_are_coerced_to_their_declared_types():
     aug = cfg.augment_config()
     assert aug.crop is False and aug.normalize is False and aug.crop_scale == (1.0, 1.0)
     assert isinstance(aug.flip_p, float) and isinstance(cfg.alpha, float) and cfg.alpha == 0
-    assert cfg.knn_k == [7] and cfg.out == "2024" and cfg.prior is True
+    assert cfg.knn_k == [7] and cfg.out == "2024" and cfg.prior == "paper"
 
 
 def test_a_config_path_that_is_a_folder_or_binary_is_one_line(tmp_path):

@@ -70,7 +70,8 @@ def test_the_wheel_carries_the_packaged_configs_and_the_licence(venv):
     import zipfile
     _, _, wheel, _, _ = venv
     names = zipfile.ZipFile(wheel).namelist()
-    assert "refimpl/train/demo.toml" in names and "refimpl/finetune/demo.toml" in names
+    assert all(f"refimpl/{c}.toml" in names for c in ("train/demo", "train/digits",
+                                                       "finetune/demo"))
     assert any(n.endswith("licenses/LICENSE") or n.endswith("LICENSE") for n in names), names
 
 

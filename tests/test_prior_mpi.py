@@ -39,6 +39,16 @@ def test_prior_P_ranks_equals_dense_reference(result, bn):
         assert c["replicas"] is None, c["replicas"]   # equal on every rank
 
 
+def test_whitened_mixed_pooled_prior_P_ranks_equals_dense_reference(result):
+    """The finishing step's statistics come from every shard (one all-reduce)."""
+    for r, rank in enumerate(result["ranks"]):
+        c = rank["variant"]
+        # P ranks against 1 process, then an eigendecomposition of both: INDEPENDENT64
+        assert c["W"] <= INDEPENDENT64, f"rank {r}: W off by {c['W']:.3e}"
+        assert abs(c["mean_cosine"] - c["mean_cosine_ref"]) <= INDEPENDENT64
+        assert c["buffers_initial"]
+
+
 def test_negative_control_local_bn_is_not_plain_bn(result):
     """The comparison can fail: per-rank BN statistics give other rows than plain BN."""
     if result["size"] == 1:

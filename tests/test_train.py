@@ -67,6 +67,8 @@ def test_run_directory_metrics_plot_and_summary(tmp_path):
     out = proc.stdout
     for line in ("kNN raw pixels:", "kNN random init (BN running statistics at their initial "
                  "values", "contrastive prior: 48 rows of W written once each",
+                 "method: prior = paper (head features, pass BN statistics, eval transform); "
+                 "alpha 0.2 over the K = 3 hardest classes from epoch 2\n",
                  "kNN after the prior", "epoch 2/2: loss", "neighbour label agreement",
                  "summary (weighted kNN on the test split, k = 5):", "trained encoder",
                  f"run directory: {run.resolve()}"):
@@ -83,9 +85,28 @@ def test_run_directory_metrics_plot_and_summary(tmp_path):
     assert 0 <= epochs[-1]["agreement"] <= 1
     assert (run / "curves.png").stat().st_size > 10_000
     assert "alpha = 0.2" in (run / "config.toml").read_text()
+    prior = [r for r in records if r["kind"] == "prior"]
+    assert len(prior) == 1 and -1 <= prior[0]["mean_cosine"] <= 1
     replicated, W, momentum, meta = final_checkpoint(run)
     assert W.shape == (48, 8) and meta["state"]["step"] == 12 and meta["world_size"] == 1
     assert "layer1.0.conv1.weight" in replicated and "momentum/head.3.bias" in replicated
+
+
+def test_prior_variant_and_why_are_printed(tmp_path):
+    """A variant of the prior runs end to end; the method line names it and says why."""
+    run = tmp_path / "run"
+    proc = train(*TINY, "epochs=1", "prior=whitened", "prior_bn=initial", "prior_mix=0.5",
+                 "why='it is a test'", f"out={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("method: prior = whitened (head features, initial BN statistics, eval transform, "
+            "mixed 0.5 with the random rows); alpha 0.2 over the K = 3 hardest classes from "
+            "epoch 2. Why: it is a test\n") in proc.stdout
+    assert "kNN after the prior (BN running statistics put back to their initial" in proc.stdout
+    assert 'prior = "whitened"' in (run / "config.toml").read_text()
+    proc = train(*TINY, "epochs=1", "prior=false", f"out={tmp_path / 'none'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "method: no contrastive prior; alpha 0.2" in proc.stdout
+    assert "contrastive prior:" not in proc.stdout and "after the prior" not in proc.stdout
 
 
 @pytest.mark.parametrize("args,message", [
@@ -102,6 +123,25 @@ def test_config_errors_exit_2_with_one_message(tmp_path, args, message):
     assert "refimpl-train: error:" in proc.stderr and message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+@pytest.mark.parametrize("args,message", [
+    (["prior=zca"], "prior must be one of ['none', 'paper', 'centered', 'whitened'], got 'zca'"),
+    (["prior_features=encoder"], "prior_features must be one of ['head', 'pooled']"),
+    (["prior_bn=eval"], "prior_bn must be one of ['pass', 'initial'], got 'eval'"),
+    (["prior_transform=random"], "prior_transform must be one of ['eval', 'train']"),
+    (["prior_scale=0"], "prior_scale must be > 0 (and finite), got 0.0"),
+    (["prior_mix=1.5"], "prior_mix must lie in (0, 1], got 1.5"),
+    (["prior_mix=half"], "prior_mix must be a number, got 'half'"),
+    (["prior_features=pooled"], "prior_features = 'pooled' writes the pooled encoder features"),
+])
+def test_bad_prior_values_exit_2_with_one_line(tmp_path, args, message):
+    """Each new value of the prior, when bad: exit 2, one line naming it, nothing written."""
+    proc = train(*TINY, f"out={tmp_path / 'run'}", *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("refimpl-train: error:") and message in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.mpi

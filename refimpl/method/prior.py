@@ -48,6 +48,34 @@ written 0 times or more than once; if any, every rank raises the SAME
 ValueError naming the first few such ids (gathered with ``all_gather_v``).
 The rows that were written stay written (the error is meant to stop the run).
 
+Variants (the paper leaves these open; ``docs/ablation.md`` measures each):
+
+    rows       "paper"     W[i] = z_hat_i (the reading above)
+               "centered"  W[i] = normalize(z_i - m), m = (1/N) sum_j z_j over ALL N
+               "whitened"  W[i] = normalize(C^(-1/2) (z_i - m)), C the covariance of
+                           the N features (ZCA: the whitening closest to z itself)
+    features   "head"      z = head(encoder(x)) (the paper's; what the classifier sees)
+               "pooled"    z = encoder(x), the pooled encoder output (needs F = D)
+    bn_statistics  "pass"     training starts with the running statistics of the
+                              pass (the paper's reading: BN ran in training mode)
+                   "initial"  they are put back to what they were before the pass
+    scale      the norm of each written row (1: unit rows; nn.Linear's rows have
+               about sqrt(1/3) = 0.577, and a cosine classifier's row turns by
+               an angle of about lr |gradient| / ||w||^2 per step)
+    mix        W[i] = mix * scale * row_i + (1 - mix) * W0[i], W0 the rows the
+               pass found (the random init): 1 writes the features alone
+
+For "centered" and "whitened" the pass routes the raw z_i and writes them; a
+finishing step then needs the statistics of all N rows: one all-reduce of
+D sums ("centered") or of D + D^2 ("whitened", in float64), after which
+every rank transforms its own rows in place. The report's ``mean_cosine`` is
+the mean pairwise cosine of the written rows over all N,
+
+    (1 / (N (N - 1))) sum_{i != j} <w_hat_i, w_hat_j> = (||sum_i w_hat_i||^2 - N) / (N (N - 1)),
+
+from one all-reduce of D sums: near 0 for random directions, near 1 when
+the rows share one direction (random-init features live in such a cone).
+
     batches = prior_batches(len(dataset), 256, comm.size, seed=0)
     report = contrastive_prior(net, clf, dataset, comm, 256, seed=0)
     print(prior_summary(report))
@@ -56,7 +84,7 @@ import time
 
 import numpy as np
 
-from refimpl.backend import get_array_module, rng, synchronize
+from refimpl.backend import get_array_module, rng, synchronize, to_numpy
 from refimpl.checks import check_int
 from refimpl.data.augment import augment_batch, eval_transform
 from refimpl.data.sampler import local_slice
@@ -65,6 +93,13 @@ from refimpl.parallel.data_parallel import broadcast_buffers, check_replicated
 from refimpl.parallel.sharding import shard_owner, shard_range
 
 TRANSFORMS = ("eval", "train")
+ROWS = ("paper", "centered", "whitened")
+FEATURES = ("head", "pooled")
+BN_STATISTICS = ("pass", "initial")
+# "whitened": eigenvalues of the covariance below this fraction of the mean
+# eigenvalue are raised to it, so that directions of almost no variance (a
+# random head's rank deficit) are not blown up into the rows.
+WHITEN_FLOOR = 1e-2
 SHOW_IDS = 10  # ids named in a coverage error, at most, of each kind
 
 
@@ -144,7 +179,8 @@ def _coverage_message(num_classes, n_missing, missing, n_doubled, doubled):
 
 
 def contrastive_prior(net, clf, dataset, comm, batch_size=None, seed=0, image_size=None,
-                      transform="eval", augment_config=None, batches=None, progress=None):
+                      transform="eval", augment_config=None, batches=None, progress=None,
+                      rows="paper", features="head", bn_statistics="pass", scale=1.0, mix=1.0):
     """One no-gradient, train-mode-BN pass: W[i] = z_hat_i for every instance i, in place.
 
     Inputs (this rank):
@@ -167,10 +203,13 @@ def contrastive_prior(net, clf, dataset, comm, batch_size=None, seed=0, image_si
                  (ids (B_t,), write (B_t,)), the same on every rank
       progress   None or a callable, called after each batch with the number
                  of instances that batch wrote (e.g. a tqdm bar's ``update``)
+      rows, features, bn_statistics, scale, mix: the variants (module
+                 docstring); the defaults are the paper's reading
     Output: a dict (the same keys on every rank) with rows (N), batches,
       computed (entries run through the network, padding included), seconds,
       instances_per_second (N / seconds), bytes_sent / bytes_received (this
-      rank's routing traffic, module docstring).
+      rank's routing traffic, module docstring), mean_cosine (of the written
+      rows; nan for N = 1).
     Raises ValueError on every rank when some row was written 0 or > 1 times.
 
     Per batch: z = net.forward(x_r, train=True) (b, D); z_hat = normalize(z);
@@ -186,11 +225,21 @@ def contrastive_prior(net, clf, dataset, comm, batch_size=None, seed=0, image_si
     if len(dataset) != N:
         raise ValueError(f"the dataset has {len(dataset)} instances but the classifier has "
                          f"N = {N} rows: the prior writes row i from instance i")
-    if net.dim != clf.dim:
-        raise ValueError(f"the network's features have dim {net.dim} but the classifier's "
-                         f"rows have {clf.dim}")
-    if transform not in TRANSFORMS:
-        raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+    for name, value, choices in (("transform", transform, TRANSFORMS), ("rows", rows, ROWS),
+                                 ("features", features, FEATURES),
+                                 ("bn_statistics", bn_statistics, BN_STATISTICS)):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    width = net.encoder.out_features if features == "pooled" else net.dim
+    if width != clf.dim:
+        what = ("pooled encoder features" if features == "pooled" else
+                "network's features")
+        raise ValueError(f"the {what} have dim {width} but the classifier's rows have "
+                         f"{clf.dim}")
+    if not 0 < scale < float("inf"):
+        raise ValueError(f"scale must be > 0 and finite, got {scale}")
+    if not 0 < mix <= 1:
+        raise ValueError(f"mix must lie in (0, 1], got {mix}")
     seed = check_int("seed", seed, minimum=0)
     S = min(dataset.image_size) if image_size is None else check_int("image_size", image_size)
     if batches is None:
@@ -205,6 +254,8 @@ def contrastive_prior(net, clf, dataset, comm, batch_size=None, seed=0, image_si
 
     xp = get_array_module(net.store.data)
     device, dtype = net.store.device, net.store.dtype
+    initial_rows = clf.weight.copy() if mix < 1 else None          # (N_r, D) the random init
+    initial_bn = net.store.snapshot_buffers() if bn_statistics == "initial" else None
     writes = np.zeros(clf.hi - clf.lo, dtype=np.int64)              # (N_r,) writes per own row
     sent = received = computed = 0
     start = time.perf_counter()
@@ -220,9 +271,14 @@ def contrastive_prior(net, clf, dataset, comm, batch_size=None, seed=0, image_si
             x = eval_transform(images, S, augment_config, device, dtype)       # (b, 3, S, S)
         else:
             x = augment_batch(images, ids_r, seed, 0, S, augment_config, device, dtype)
-        z = net.forward(x, train=True)                              # (b, D)
-        zhat, _ = l2_normalize_forward(z)                           # (b, D)
+        if features == "head":
+            z = net.forward(x, train=True)                          # (b, D)
+        else:
+            z = net.features(x, train=True)                         # (b, F = D)
         net.drop_caches()                                           # no backward follows
+        if rows == "paper":
+            z, _ = l2_normalize_forward(z)                          # (b, D) z_hat
+        # else the raw z is written; the finishing step transforms it
 
         # What this rank sends: its written rows, grouped by owner rank (a
         # stable sort keeps batch order within each owner).
@@ -233,18 +289,21 @@ def contrastive_prior(net, clf, dataset, comm, batch_size=None, seed=0, image_si
         # batch that it owns, from rank q = position // b, in batch order.
         got = np.nonzero(write & (owner == r))[0]                   # (n_recv,) batch positions
         recv_counts = np.bincount(got // b, minlength=P)            # (P,)
-        # The routing collective: one Alltoallv per batch, z_hat rows to the
-        # owners of their W rows. Sends n_send * D * s bytes, receives n_recv * D * s.
-        rows = comm.all_to_all_v(zhat[xp.asarray(pos)], send_counts, recv_counts)  # (n_recv, D)
-        clf.write_rows(ids[got], rows)                              # in place
+        # The routing collective: one Alltoallv per batch, rows to the owners
+        # of their W rows. Sends n_send * D * s bytes, receives n_recv * D * s.
+        routed = comm.all_to_all_v(z[xp.asarray(pos)], send_counts, recv_counts)  # (n_recv, D)
+        clf.write_rows(ids[got], routed)                            # in place
         np.add.at(writes, ids[got] - clf.lo, 1)
 
-        sent += pos.size * zhat.shape[1] * zhat.itemsize
-        received += rows.nbytes
+        sent += pos.size * z.shape[1] * z.itemsize
+        received += routed.nbytes
         computed += ids.shape[0]
         if progress is not None:
             progress(int(write.sum()))
-    if net.bn.allreduce is None:
+    if initial_bn is not None:
+        # Training starts from the running statistics the network had before.
+        net.store.restore_buffers(initial_bn)
+    elif net.bn.allreduce is None:
         # "local" BN: ranks saw different batches; keep rank 0's statistics.
         broadcast_buffers(net.store, comm)
     synchronize(clf.weight)  # the last writes are part of the pass's time
@@ -261,14 +320,63 @@ def contrastive_prior(net, clf, dataset, comm, batch_size=None, seed=0, image_si
         doubled = comm.all_gather_v(np.stack(
             [doubled[:SHOW_IDS], writes[doubled[:SHOW_IDS] - clf.lo]], axis=1))[:SHOW_IDS]
         raise ValueError(_coverage_message(N, n_missing, missing, n_doubled, doubled))
+
+    if rows != "paper":
+        clf.weight[...] = _standardized_rows(clf.weight, N, comm, rows)
+    if scale != 1 or mix < 1:
+        # mix and scale as Python floats keep W's dtype
+        clf.weight[...] = (mix * scale) * clf.weight if mix == 1 else \
+            (mix * scale) * clf.weight + (1 - mix) * initial_rows
     return {"rows": N, "batches": len(batches), "computed": computed, "seconds": seconds,
             "instances_per_second": N / seconds if seconds > 0 else float("inf"),
-            "bytes_sent": sent, "bytes_received": received}
+            "bytes_sent": sent, "bytes_received": received,
+            "mean_cosine": mean_pairwise_cosine(clf.weight, N, comm)}
+
+
+def _standardized_rows(weight, num_rows, comm, rows):
+    """The own raw rows Z_r (N_r, D), centred or whitened with all N rows' statistics, unit.
+
+    "centered": normalize(z - m); "whitened": normalize((z - m) T), T = V diag(1 /
+    sqrt(max(e, floor))) V^T from the covariance C = V diag(e) V^T of all N rows
+    (ZCA), floor = WHITEN_FLOOR * mean(e). Statistics in float64: one all-reduce of
+    the D sums (and of the D x D products). Every rank computes the same T from
+    the same reduced numbers.
+    """
+    xp = get_array_module(weight)
+    z = weight.astype(xp.float64)                                   # (N_r, D)
+    D = z.shape[1]
+    if rows == "centered":
+        m = comm.all_reduce(z.sum(axis=0), "sum") / num_rows        # (D,)
+        out = z - m
+    else:
+        stats = comm.all_reduce(xp.concatenate([z.sum(axis=0), (z.T @ z).ravel()]), "sum")
+        m = stats[:D] / num_rows                                    # (D,)
+        cov = stats[D:].reshape(D, D) / num_rows - xp.outer(m, m)   # (D, D), biased
+        e, V = xp.linalg.eigh(cov)                                  # ascending eigenvalues
+        e = xp.maximum(e, WHITEN_FLOOR * max(float(e.mean()), 0.0) + 1e-30)
+        out = (z - m) @ ((V / xp.sqrt(e)) @ V.T)                    # (N_r, D) ZCA
+    out, _ = l2_normalize_forward(out)
+    return out.astype(weight.dtype)
+
+
+def mean_pairwise_cosine(weight, num_rows, comm):
+    """Mean of <w_hat_i, w_hat_j> over all pairs i != j of the N rows (sharded), a float.
+
+    = (||sum_i w_hat_i||^2 - N) / (N (N - 1)), from one all-reduce of D sums in
+    float64; nan for N = 1.
+    """
+    if num_rows < 2:
+        return float("nan")
+    xp = get_array_module(weight)
+    unit, _ = l2_normalize_forward(weight.astype(xp.float64))       # (N_r, D)
+    total = to_numpy(comm.all_reduce(unit.sum(axis=0), "sum"))      # (D,)
+    return float((total @ total - num_rows) / (num_rows * (num_rows - 1)))
 
 
 def prior_summary(report):
     """One line for the log: rows, time, throughput and this rank's routed bytes."""
-    return (f"contrastive prior: {report['rows']} rows of W written once each, "
+    return (f"contrastive prior: {report['rows']} rows of W written once each "
+            f"(mean pairwise cosine {report['mean_cosine']:+.3f}), "
             f"{report['batches']} batches ({report['computed']} forward passes incl. "
             f"padding) in {report['seconds']:.2f} s, {report['instances_per_second']:.1f} "
             f"instances/s; routed {report['bytes_sent'] / 2**20:.2f} MiB sent, "

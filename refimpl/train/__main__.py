@@ -151,7 +151,7 @@ def _main(signals, argv):
 
 
 def summary(trainer):
-    """The closing lines: every kNN measured, and where the run directory is."""
+    """The closing lines: every kNN measured, the method's line, and where the run directory is."""
     r = trainer.results
     lines = ["", "summary (weighted kNN on the test split, k = "
              + ", ".join(map(str, trainer.cfg.knn_k)) + "):"]
@@ -166,6 +166,8 @@ def summary(trainer):
             lines.append(f"  {name:31s} {fmt(r[key]['pooled'])}   (head: {fmt(r[key]['head'])})")
     if r.get("linear_probe") is not None:
         lines.append(f"  linear probe (trained encoder)  {100 * r['linear_probe']:.1f}%")
+    from refimpl.train.loop import method_line
+    lines.append(method_line(trainer.cfg))  # which method these numbers are of, and why
     out = trainer.out.resolve()
     lines.append(f"run directory: {out} (metrics.jsonl, curves.png, config.toml, checkpoints)")
     return "\n".join(lines)

@@ -31,6 +31,10 @@ import sys
 from pathlib import Path
 
 from refimpl.data.augment import AugmentConfig
+from refimpl.method.prior import BN_STATISTICS as PRIOR_BN
+from refimpl.method.prior import FEATURES as PRIOR_FEATURES
+from refimpl.method.prior import ROWS as PRIOR_ROWS
+from refimpl.method.prior import TRANSFORMS as PRIOR_TRANSFORMS
 from refimpl.models.resnet import ARCHS, STEMS
 from refimpl.parallel.data_parallel import BN_MODES
 
@@ -64,8 +68,14 @@ class Config:
     alpha: float = 0.2            # smoothing weight on the K hardest classes (0: none)
     k: int = 5                    # K, hardest classes per instance
     smooth_from_epoch: int = 1    # first epoch (0-based) with smoothed targets
-    prior: bool = True            # contrastive prior: W from random-init features
+    # the contrastive prior (method/prior.py; docs/ablation.md measures each value):
+    prior: str = "paper"          # "none", or how the rows are made: "paper" (z_hat),
+                                  # "centered" (minus the mean), "whitened" (ZCA)
+    prior_features: str = "head"  # "head" (z, the paper's) or "pooled" (needs dim = F)
+    prior_bn: str = "pass"        # training's BN running statistics: "pass" or "initial"
     prior_transform: str = "eval"  # "eval" (no randomness) or "train" (augmentation)
+    prior_scale: float = 1.0      # norm of the written rows (nn.Linear's: about 0.577)
+    prior_mix: float = 1.0        # W = mix * scale * rows + (1 - mix) * the random rows
     agreement: bool = True        # neighbour label agreement every epoch (needs labels)
     # ---- optimization
     epochs: int = 30
@@ -80,6 +90,7 @@ class Config:
     warmup_start_factor: float = 0.1  # lr at step 0 = factor * lr (0 would waste step 0)
     final_lr: float = 0.0         # lr at the end of the cosine decay
     # ---- run
+    why: str = ""                 # one line on why this config: printed with its method
     seed: int = 0
     dtype: str = "float32"        # one switch: network, classifier, optimizer state
     device: str = "cpu"           # "cpu" or "gpu" (one GPU per rank)
@@ -115,8 +126,14 @@ AUGMENT_FIELDS = {f.name for f in dataclasses.fields(AugmentConfig)}
 # augment.* keys typed by their defaults: a tuple of n numbers stands for "a list of n numbers"
 AUGMENT_TYPES = {f.name: (("tuple", len(f.default)) if isinstance(f.default, tuple)
                           else type(f.default)) for f in dataclasses.fields(AugmentConfig)}
-CHOICES = {"arch": tuple(ARCHS), "stem": STEMS, "prior_transform": ("eval", "train"),
+PRIORS = ("none",) + PRIOR_ROWS
+CHOICES = {"arch": tuple(ARCHS), "stem": STEMS, "prior": PRIORS,
+           "prior_features": PRIOR_FEATURES, "prior_bn": PRIOR_BN,
+           "prior_transform": PRIOR_TRANSFORMS,
            "dtype": ("float32", "float64"), "device": ("cpu", "gpu"), "bn": BN_MODES}
+# The spelling of older configs (and of run directories' config.toml): a bool, or
+# its text (an override prior=true reaches a str field as the text "true").
+PRIOR_FROM_BOOL = {True: "paper", False: "none", "true": "paper", "false": "none"}
 
 
 def _closest(key, valid):
@@ -215,6 +232,8 @@ def config_from_dict(values, source="config"):
             kwargs[key] = augment
         elif key not in FIELDS:
             problems.append(f"unknown key {key!r}{_closest(key, sorted(FIELDS))}")
+        elif key == "prior" and isinstance(value, (bool, str)) and value in PRIOR_FROM_BOOL:
+            kwargs[key] = PRIOR_FROM_BOOL[value]  # prior = true / false: "paper" / "none"
         else:
             try:
                 kwargs[key] = coerce(FIELDS[key].type, value)
@@ -308,6 +327,16 @@ def validate(cfg, num_instances=None, world_size=1):
         p.append(f"tau must be > 0 (and finite), got {cfg.tau}")
     if not 0 <= cfg.alpha < 1:
         p.append(f"alpha must lie in [0, 1), got {cfg.alpha}")
+    if not 0 < cfg.prior_scale < math.inf:
+        p.append(f"prior_scale must be > 0 (and finite), got {cfg.prior_scale}")
+    if not 0 < cfg.prior_mix <= 1:
+        p.append(f"prior_mix must lie in (0, 1], got {cfg.prior_mix}")
+    if cfg.prior_features == "pooled" and cfg.arch in ARCHS and cfg.width >= 1:
+        pooled = 8 * cfg.width * ARCHS[cfg.arch][0].expansion  # the encoder's output F
+        if cfg.dim != pooled:
+            p.append(f"prior_features = 'pooled' writes the pooled encoder features "
+                     f"(F = {pooled} for {cfg.arch} width {cfg.width}) into rows of "
+                     f"dim = {cfg.dim}: set dim = {pooled}, or prior_features = 'head'")
     for name in ("lr", "momentum", "weight_decay", "final_lr"):
         if not 0 <= getattr(cfg, name) < math.inf:
             p.append(f"{name} must be finite and >= 0, got {getattr(cfg, name)}")

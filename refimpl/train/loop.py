@@ -508,24 +508,32 @@ class Trainer:
             self.log(f"{self.N} instances, {self.steps_per_epoch} steps of B = "
                      f"{cfg.batch_size} per epoch on {self.comm.size} rank(s); "
                      f"image {self.S}x{self.S}; {cfg.arch} width {cfg.width}, D = {cfg.dim}")
+            self.log(method_line(cfg))
             with phase("the kNN monitor"):
                 self.results["raw_pixels"] = self.raw_pixel_knn()
                 self.results["random_init"] = self.knn("random init (BN running statistics at "
                                                        "their initial values: mean 0, var 1)")
             self.write_eval("raw_pixels", {"pooled": self.results["raw_pixels"]})
             self.write_eval("random_init", self.results["random_init"])
-            if cfg.prior:
+            if cfg.prior != "none":
                 with phase("the contrastive prior"):
                     report = contrastive_prior(self.net, self.clf, self.train_set, self.comm,
                                                cfg.batch_size, seed=cfg.seed, image_size=self.S,
                                                transform=cfg.prior_transform,
-                                               augment_config=self.aug)
+                                               augment_config=self.aug, rows=cfg.prior,
+                                               features=cfg.prior_features,
+                                               bn_statistics=cfg.prior_bn,
+                                               scale=cfg.prior_scale, mix=cfg.prior_mix)
                 self.log(prior_summary(report))
+                self.write_metrics({"kind": "prior", "mean_cosine": report["mean_cosine"],
+                                    "seconds": report["seconds"]})
+                bn = ("of the prior pass" if cfg.prior_bn == "pass" else
+                      "put back to their initial values")
                 with phase("the kNN monitor"):
-                    self.results["after_prior"] = self.knn("after the prior (BN running "
-                                                           "statistics of the prior pass)")
+                    self.results["after_prior"] = self.knn(f"after the prior (BN running "
+                                                           f"statistics {bn})")
                 self.write_eval("after_prior", self.results["after_prior"])
-            self.state["prior_done"] = bool(cfg.prior)
+            self.state["prior_done"] = cfg.prior != "none"
         for epoch in range(self.state["epoch"], cfg.epochs):
             self.signals.where = f"epoch {epoch + 1}"
             start = self.state["step_in_epoch"]
@@ -574,6 +582,23 @@ class Trainer:
         acc = linear_probe_accuracy(bank, self.train_set.labels, queries, self.test_set.labels)
         self.log(f"linear probe (frozen pooled encoder features): {100 * acc:.1f}%")
         return acc
+
+
+def method_line(cfg):
+    """One line: the method's settings of this run (prior, smoothing), then cfg.why."""
+    if cfg.prior == "none":
+        prior = "no contrastive prior"
+    else:
+        extra = [f"{cfg.prior_features} features", f"{cfg.prior_bn} BN statistics",
+                 f"{cfg.prior_transform} transform"]
+        if cfg.prior_scale != 1:
+            extra.append(f"rows of norm {cfg.prior_scale:g}")
+        if cfg.prior_mix != 1:
+            extra.append(f"mixed {cfg.prior_mix:g} with the random rows")
+        prior = f"prior = {cfg.prior} ({', '.join(extra)})"
+    smooth = (f"alpha {cfg.alpha:g} over the K = {cfg.k} hardest classes from epoch "
+              f"{cfg.smooth_from_epoch + 1}" if cfg.alpha > 0 else "no label smoothing")
+    return f"method: {prior}; {smooth}" + (f". Why: {cfg.why}" if cfg.why else "")
 
 
 def load_init_encoder(net, path):
