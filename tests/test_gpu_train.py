@@ -180,3 +180,36 @@ def test_trace_recorded_on_the_device_matches_the_cpus(tmp_path):
     result = compare_traces(tmp_path / "trace-cpu", tmp_path / "trace-device", RTOL, ATOL)
     assert result["ok"], format_trace_report(result, mismatches_only=True)[-6000:]
     assert result["count"] > 100 and not result["not_compared"]
+
+
+@pytest.mark.parametrize("variant", [["prior=centered"], ["prior=whitened"],
+                                     ["prior_bn=initial", "prior_transform=train"],
+                                     ["prior_scale=0.5", "prior_mix=0.5"]],
+                         ids=["centered", "whitened", "initial-bn-augmented", "scaled-mixed"])
+def test_prior_variants_on_the_device_equal_the_cpu(variant, tmp_path):
+    """The prior's variants (issue 24: centring, whitening, BN statistics, the
+    pass's augmentation, scale and mix) on the device = one CPU process."""
+    assert_run_matches_cpu([*RUN, "linear_probe=false", *variant], tmp_path)
+
+
+def test_finetune_on_the_device_equals_the_cpu(tmp_path):
+    """refimpl-finetune (issue 23) from a CPU-trained run: 2 epochs on the device =
+    the same on the CPU (float64): every saved tensor and the loss curve within TRAIN64."""
+    from test_finetune_run import FT, final_state, finetune, records
+    from tolerances import TRAIN64
+    pre = tmp_path / "pre"
+    proc = train_on("cpu", *TINY, "epochs=1", "eval_every=0", "dtype=float64", f"out={pre}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    common = [*FT, f"init={pre}", "eval_every=0"]
+    cpu, dev = tmp_path / "cpu", tmp_path / "dev"
+    p1 = finetune(*common, "device=cpu", f"out={cpu}")
+    p2 = finetune(*common, f"device={DEVICE}", f"out={dev}")
+    assert p1.returncode == 0 and p2.returncode == 0, p1.stderr[-2000:] + p2.stderr[-2000:]
+    (a, _), (b, _) = final_state(dev), final_state(cpu)
+    assert sorted(a) == sorted(b)
+    for k in b:
+        if b[k].dtype.kind == "f":
+            scale = max(float(np.abs(b[k]).max()), 1e-300)
+            assert float(np.abs(a[k] - b[k]).max()) <= TRAIN64 * scale, k
+    losses = [[r["loss"] for r in records(d, "step")] for d in (cpu, dev)]
+    assert losses[0] and max(abs(x - y) for x, y in zip(*losses)) <= TRAIN64
