@@ -71,7 +71,7 @@ if not (data / "test" / "manifest.json").is_file():
 # Phase 1: the demo's recipe on the digits, 4 epochs, no labels used.
 demo = tmp / "pretrain"
 phase1 = Config(train=str(data / "train"), test=str(data / "test"), arch="resnet18",
-                stem="cifar", width=16, dim=128, tau=0.15, alpha=0.2, k=5, prior=True,
+                stem="cifar", width=16, dim=128, tau=0.15, alpha=0.2, k=5, prior="paper",
                 epochs=4, batch_size=128, lr=0.3, warmup_epochs=1, bn="sync",
                 augment={"crop_scale": [0.2, 1.0]}, eval_every=0, save_every=0,
                 linear_probe=False, knn_k=[20], log_every=1000, out=str(demo))

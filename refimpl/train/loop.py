@@ -357,8 +357,9 @@ class Trainer:
         self.signals.acting = True  # saving first is not itself stopped
         saved = self.save() if self.save_on_interrupt else None
         raise TrainingInterrupted(
-            f"{signal.Signals(signum).name} at step {self.state['step']} (epoch "
-            f"{self.state['epoch'] + 1}); "
+            f"{signal.Signals(signum).name} at step {self.state['step']} ("
+            + (f"epoch {self.state['epoch'] + 1}" if self.state["step_in_epoch"]
+               else f"the end of epoch {self.state['epoch']}") + "); "
             + (f"checkpoint {saved}" if saved else
                f"the last checkpoint is {checkpoint.latest_checkpoint(self.out)}"), signum)
 
@@ -554,14 +555,20 @@ class Trainer:
                       "img_per_s": seen / seconds if seconds else None,
                       "knn": {kind: {str(k): a for k, a in acc.items()}
                               for kind, acc in knn.items()}}
-            self.write_metrics(record)
-            agree = "" if agreement is None else f", neighbour label agreement {100 * agreement:.1f}%"
-            self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}, instance top-1 "
-                     f"{100 * top1:.1f}%{agree}, {seconds:.1f} s ({seen / seconds:.0f} img/s)")
-            if self.rank0:
-                png = self.out / "curves.png"
-                self._write(png, lambda: plot_curves(self.out / "metrics.jsonl", png))
-            self.check_stop()  # a write that failed this epoch stops every rank here
+            # the epoch's records and plot: short next to the steps but, with few steps
+            # per epoch, where a signal often lands; it is acted on at their end, like
+            # one in the steps (after a checkpoint with --save-on-interrupt)
+            with phase(f"the end of epoch {epoch + 1}", cooperative=True):
+                self.write_metrics(record)
+                agree = ("" if agreement is None
+                         else f", neighbour label agreement {100 * agreement:.1f}%")
+                self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}, instance top-1 "
+                         f"{100 * top1:.1f}%{agree}, {seconds:.1f} s "
+                         f"({seen / seconds:.0f} img/s)")
+                if self.rank0:
+                    png = self.out / "curves.png"
+                    self._write(png, lambda: plot_curves(self.out / "metrics.jsonl", png))
+                self.check_stop()  # a write that failed this epoch stops every rank here
             if last or (cfg.save_every and (epoch + 1) % cfg.save_every == 0):
                 self.save()
             if knn:
