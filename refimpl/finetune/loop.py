@@ -56,9 +56,10 @@ from refimpl.parallel.data_parallel import set_batchnorm_mode
 from refimpl.deps import version_line
 from refimpl.parallel.launch import select_gpu
 from refimpl.parallel.signals import StopSignals
-from refimpl.rundir import RunDirError, RunLock, check_run_dir
+from refimpl.rundir import RunDirError, RunLock
 from refimpl.train.config import ConfigError, config_hash, to_toml
-from refimpl.train.loop import PeerFailed, TrainingInterrupted, TrainingStopped
+from refimpl.train.loop import (PeerFailed, TrainingInterrupted, TrainingStopped, _before,
+                                 _check_out)
 
 PROG = "refimpl-finetune"
 
@@ -414,21 +415,6 @@ class FineTuner:
                 self.results["test"] = test
         self.signals.where = "the end of the run"
         return self.results
-
-
-def _check_out(out):
-    """FineTuneConfig.out must name a folder this process can write (``rundir.check_run_dir``)."""
-    try:
-        check_run_dir(out)
-    except RunDirError as e:
-        raise ConfigError(str(e)) from None
-
-
-def _before(record, state):
-    """Does a metrics record belong to the part of the run a checkpoint holds?"""
-    if record.get("kind") == "step":
-        return record["step"] < state["step"]
-    return record.get("epoch", -1) < state["epoch"]
 
 
 def plot_curves(metrics_path, png_path):
